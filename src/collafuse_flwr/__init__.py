@@ -1,0 +1,1 @@
+"""CollaFuse: collaborative diffusion models split at a cut point, as a Flower app."""

@@ -1,0 +1,183 @@
+"""The run configuration: every knob of `[tool.flwr.app.config]`, typed and validated.
+
+Flower hands the app a flat dict of kebab-case keys (`t-zeta`, `num-server-rounds`, ...).
+`RunConfig.from_flower` turns it into a frozen dataclass and rejects bad values with a
+message that names the key, the value and what is allowed, before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+DATASETS = ("digits",)
+PARTITIONS = ("label-groups", "dirichlet", "iid")
+SAMPLERS = ("ddpm", "ddim")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+NOISE_POLICIES = ("once", "fresh")
+SERVER_LOSS_WEIGHTINGS = ("eps-prime", "full-chain")
+UPLOAD_DTYPES = ("float16", "float32")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All knobs of one CollaFuse run (see the README's table for their meaning)."""
+
+    num_server_rounds: int = 4
+    num_clients: int = 5
+    dataset: str = "digits"
+    data_dir: str = ""
+    image_size: int = 16
+    partition: str = "label-groups"
+    classes_per_client: int = 2
+    dirichlet_alpha: float = 0.5
+    held_out_fraction: float = 0.2
+    seed: int = 0
+    timesteps: int = 1000
+    t_zeta: int = 200
+    beta_schedule: str = "linear"
+    unet_block_channels: str = "32,64,64"
+    unet_layers_per_block: int = 1
+    unet_attention: bool = False
+    batch_size: int = 64
+    client_lr: float = 2e-3
+    server_lr: float = 2e-3
+    client_images_per_round: int = 4096
+    server_images_per_round: int = 8192
+    server_loss_weighting: str = "eps-prime"
+    noise_policy: str = "once"
+    upload_dtype: str = "float16"
+    max_uploads_per_client: int = 100_000
+    sampler: str = "ddim"
+    sampling_steps: int = 50
+    ddim_eta: float = 0.0
+    clip_denoised: bool = True
+    eval_every: int = 0
+    eval_num_samples: int = 64
+    metric_classifier_epochs: int = 15
+    output_dir: str = "results/runs"
+    wait_for_clients_seconds: float = 120.0
+    round_timeout_seconds: float = 3600.0
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's `context.run_config` (kebab-case keys); validate everything."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {unknown}; allowed keys: {sorted(known)}"
+            )
+        values = {}
+        for key, value in run_config.items():
+            field = known[key]
+            values[field.name] = _coerce(key, value, type(getattr(cls(), field.name)))
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_flower(self) -> dict[str, Any]:
+        """The kebab-case dict form (what Flower would pass), e.g. to write `config.json`."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def block_channels(self) -> tuple[int, ...]:
+        """`unet-block-channels` as a tuple of ints, e.g. (32, 64, 64)."""
+        return tuple(int(c) for c in self.unet_block_channels.split(","))
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the key, the value and what is allowed."""
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("partition", self.partition, PARTITIONS)
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("beta-schedule", self.beta_schedule, BETA_SCHEDULES)
+        _choice("noise-policy", self.noise_policy, NOISE_POLICIES)
+        _choice("server-loss-weighting", self.server_loss_weighting, SERVER_LOSS_WEIGHTINGS)
+        _choice("upload-dtype", self.upload_dtype, UPLOAD_DTYPES)
+        for key in (
+            "num-server-rounds",
+            "num-clients",
+            "image-size",
+            "classes-per-client",
+            "timesteps",
+            "unet-layers-per-block",
+            "batch-size",
+            "max-uploads-per-client",
+            "sampling-steps",
+            "eval-num-samples",
+            "metric-classifier-epochs",
+        ):
+            _at_least(key, getattr(self, key.replace("-", "_")), 1)
+        for key in ("client-images-per-round", "server-images-per-round", "eval-every", "seed"):
+            _at_least(key, getattr(self, key.replace("-", "_")), 0)
+        for key in ("client-lr", "server-lr", "dirichlet-alpha"):
+            if not getattr(self, key.replace("-", "_")) > 0:
+                raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r}: must be > 0")
+        if not 0 <= self.t_zeta <= self.timesteps:
+            raise ConfigError(
+                f"t-zeta={self.t_zeta}: the cut point must lie in [0, timesteps={self.timesteps}]"
+            )
+        if not 0 < self.held_out_fraction < 1:
+            raise ConfigError(f"held-out-fraction={self.held_out_fraction}: must lie in (0, 1)")
+        if not 0 <= self.ddim_eta <= 1:
+            raise ConfigError(f"ddim-eta={self.ddim_eta}: must lie in [0, 1]")
+        if self.sampling_steps > self.timesteps or self.timesteps % self.sampling_steps:
+            raise ConfigError(
+                f"sampling-steps={self.sampling_steps}: must divide timesteps={self.timesteps} "
+                "so that the sampler's grid is evenly spaced and reaches t = T"
+            )
+        if self.image_size % 2 ** (len(self._parse_channels()) - 1):
+            raise ConfigError(
+                f"image-size={self.image_size}: must be divisible by "
+                f"2^(number of U-Net blocks - 1) = {2 ** (len(self._parse_channels()) - 1)}"
+            )
+        if self.wait_for_clients_seconds <= 0 or self.round_timeout_seconds <= 0:
+            raise ConfigError("wait-for-clients-seconds and round-timeout-seconds must be > 0")
+
+    def _parse_channels(self) -> tuple[int, ...]:
+        try:
+            channels = self.block_channels
+        except ValueError:
+            channels = ()
+        if not channels or min(channels) < 8 or any(c % 8 for c in channels):
+            raise ConfigError(
+                f"unet-block-channels={self.unet_block_channels!r}: must be comma-separated "
+                "multiples of 8, e.g. '32,64,64'"
+            )
+        return channels
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Convert a TOML/CLI value to the field's type, or raise a `ConfigError`."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: must be true or false")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r}: must be an integer")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r}: must be a string (quote it: {key}='...')")
+    return value
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: unknown; allowed: {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value}: must be >= {low}")

@@ -1,0 +1,56 @@
+"""The two training objectives of the split chain (PROTOCOL.md, "Training, exact version")."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from collafuse_flwr.schedule import CutSchedule
+
+
+def client_loss(
+    net: nn.Module, schedule: CutSchedule, x0: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """DDPM loss restricted to the client's steps t ~ U{1..r}:
+
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   loss = || eps_c(x_t, t) - eps ||^2.
+
+    x0: (n, C, H, W) clean images in [-1, 1]. Returns the scalar mean loss.
+    """
+    t = schedule.client_range.sample(x0.shape[0], generator)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    x_t = schedule.noise_data(x0, t, eps)
+    pred = net(x_t, schedule.net_timestep(t)).sample
+    return (pred - eps).pow(2).mean()
+
+
+def server_loss(
+    net: nn.Module,
+    schedule: CutSchedule,
+    x_r: torch.Tensor,
+    generator: torch.Generator,
+    weighting: str = "eps-prime",
+) -> torch.Tensor:
+    """Denoising score matching relative to the cut-point sample, t ~ U{r+1..T}:
+
+        x_t = sqrt(abar_t / abar_r) x_r + sqrt(1 - abar_t / abar_r) eps',
+        loss = w_t || c_t * net(x_t, t) - eps' ||^2,   c_t = sqrt((1 - abar_t/abar_r) / (1 - abar_t)).
+
+    The network thus learns the full-chain eps-predictor (PROTOCOL.md, option 2), so it is
+    an ordinary diffusers denoiser at sampling time. `weighting` picks w_t:
+    "eps-prime" (w_t = 1, the unweighted eps' loss) or "full-chain" (w_t = 1 / c_t^2, the
+    weighting of the full-chain loss || net - eps ||^2).
+
+    x_r: (n, C, H, W) received cut-point samples. Returns the scalar mean loss.
+    """
+    t = schedule.server_range.sample(x_r.shape[0], generator)
+    eps_prime = torch.randn(x_r.shape, generator=generator, dtype=x_r.dtype)
+    x_t = schedule.noise_from_cut(x_r, t, eps_prime)
+    scale = schedule.server_output_scale(t).to(x_r.dtype).view(-1, 1, 1, 1)
+    pred = net(x_t, schedule.net_timestep(t)).sample
+    per_sample = (scale * pred - eps_prime).pow(2).mean(dim=(1, 2, 3))
+    if weighting == "full-chain":
+        per_sample = per_sample / scale.view(-1).pow(2)
+    elif weighting != "eps-prime":
+        raise ValueError(f"unknown server loss weighting {weighting!r}")
+    return per_sample.mean()

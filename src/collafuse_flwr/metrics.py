@@ -1,0 +1,118 @@
+"""Offline image-quality metrics on a small classifier's features: fd_classifier, kid_classifier.
+
+No pretrained Inception or CLIP weights are available offline, so the features come from a
+small CNN trained to classify the dataset's training images (a stand-in for a public
+pretrained network; it is used for evaluation only). The Fréchet distance and KID are
+torchmetrics' FID and KID computed on these features, so the numbers are NOT comparable
+to Inception FID: they are reported as `fd_classifier` and `kid_classifier`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+
+class FeatureClassifier(nn.Module):
+    """CNN on (n, C, S, S) images in [-1, 1]; `forward` returns (n, num_features) features,
+    `logits` the class scores used to train it."""
+
+    def __init__(self, channels: int, num_classes: int, num_features: int = 64):
+        super().__init__()
+        self.num_features = num_features
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(64 * 16, num_features), nn.GELU(),
+        )
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.float())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def train_classifier(
+    images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int
+) -> FeatureClassifier:
+    """Train a `FeatureClassifier` on images (N, C, S, S) and labels (N,) with Adam."""
+    torch.manual_seed(seed)
+    net = FeatureClassifier(images.shape[1], int(labels.max()) + 1)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(images), generator=generator).split(128):
+            loss = nn.functional.cross_entropy(net.logits(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return net.eval()
+
+
+def cache_classifier(
+    path: Path, images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int
+) -> FeatureClassifier:
+    """The feature network cached at `path` (safetensors); trained on (images, labels) and
+    written atomically first if the file is absent. A file lock serialises concurrent calls."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            trained = train_classifier(images, labels, epochs, seed)
+            tmp = path.with_suffix(".tmp")
+            save_file(trained.state_dict(), str(tmp))
+            os.replace(tmp, path)
+    return load_classifier(path)
+
+
+def load_classifier(path: Path) -> FeatureClassifier:
+    """Load a cached feature network; its sizes are read from the weights' shapes."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no fd_classifier feature network at {path}")
+    state = load_file(str(path))
+    num_classes, num_features = state["head.weight"].shape
+    net = FeatureClassifier(state["body.0.weight"].shape[1], num_classes, num_features)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def classifier_accuracy(net: FeatureClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of the feature network on (images, labels)."""
+    with torch.no_grad():
+        return float((net.logits(images).argmax(1) == labels).float().mean())
+
+
+def frechet_and_kid(
+    extractor: nn.Module, real: torch.Tensor, fake: torch.Tensor
+) -> dict[str, float]:
+    """Fréchet distance and KID (mean, std) between two image sets (n, C, H, W) in [-1, 1]
+    on `extractor`'s features (it needs an int attribute `num_features`).
+
+    FD = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^{1/2}) (Heusel et al. 2017);
+    KID = unbiased MMD^2 with the cubic polynomial kernel (Binkowski et al. 2018), over
+    subsets of min(n_real, n_fake) samples.
+    """
+    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
+    subset = min(len(real), len(fake))
+    kid = KernelInceptionDistance(feature=extractor, subset_size=subset, subsets=50, normalize=True)
+    with torch.no_grad():
+        for metric in (fid, kid):
+            metric.update(real.float(), real=True)
+            metric.update(fake.float(), real=False)
+        kid_mean, kid_std = kid.compute()
+        return {
+            "fd_classifier": float(fid.compute()),
+            "kid_classifier": float(kid_mean),
+            "kid_classifier_std": float(kid_std),
+        }

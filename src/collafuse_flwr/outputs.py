@@ -1,0 +1,71 @@
+"""The self-describing run directory: config, metrics.csv, sample grids, checkpoints, log.
+
+    <output-dir>/00003-digits-collafuse-tz200/
+        config.json              the resolved run config
+        metrics.csv              long format: round, client, metric, value (appended every round)
+        log.txt                  one line per round
+        samples/round-004-client-2.png     a client's generated images
+        samples/round-004-handover.png     the server's handed-over states, one row per client
+        checkpoints/server/      server denoiser (diffusers, safetensors) + optimizer
+        clients/client-2/        a client's private denoiser + optimizer (stays on the client)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+METRICS_HEADER = ("round", "client", "metric", "value")
+
+
+def create_run_dir(output_dir: str, name: str) -> Path:
+    """Make `<output_dir>/<NNNNN>-<name>/` with the next free index; return its absolute path."""
+    root = Path(output_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+    for index in range(max(taken, default=-1) + 1, max(taken, default=-1) + 1000):
+        run_dir = root / f"{index:05d}-{name}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run directory under {root}")
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    """Write the resolved config as `config.json`."""
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def append_metrics(run_dir: Path, rows: list[tuple[int, str, str, float]]) -> None:
+    """Append (round, client, metric, value) rows to `metrics.csv` (header on first write)."""
+    path = run_dir / "metrics.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(METRICS_HEADER)
+        writer.writerows(rows)
+
+
+def append_log(run_dir: Path, line: str) -> None:
+    """Append one line to `log.txt`."""
+    with open(run_dir / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """Save images (n, C, H, W) in [-1, 1] as a PNG grid (values outside are clamped for
+    display only), scaled up so that small images stay visible."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shown = (images.float().clamp(-1, 1) + 1) / 2
+    if shown.shape[-1] < 64:
+        factor = 64 // shown.shape[-1]
+        shown = torch.nn.functional.interpolate(shown, scale_factor=factor, mode="nearest")
+    save_image(shown, path, nrow=nrow, padding=2, pad_value=0.5)

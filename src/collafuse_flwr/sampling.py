@@ -1,0 +1,73 @@
+"""Samplers that run unchanged across the cut (PROTOCOL.md, "Sampling across the cut").
+
+The sampler's grid uses diffusers' "trailing" spacing, so with N steps it visits protocol
+times T, T - T/N, ..., T/N (diffusers indices k = t - 1). A step whose starting protocol
+time t = k + 1 is > t_zeta belongs to the server, the rest to the client: the server runs
+its steps and hands over the state, the client runs the remaining ones. When t_zeta is a
+grid point the handed-over state is exactly x_{t_zeta}; otherwise it is the state at the
+first grid point below t_zeta. The state is never clipped; only the x0-prediction inside a
+step is clipped when `clip_denoised` is set, identically on both sides.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from collafuse_flwr.schedule import CutSchedule
+
+
+def make_sampler(
+    kind: str, schedule: CutSchedule, steps: int, clip_denoised: bool = True
+) -> DDPMScheduler | DDIMScheduler:
+    """A diffusers scheduler for `kind` ("ddpm" ancestral or "ddim") with `steps` steps."""
+    common = dict(
+        schedule.scheduler_config(), clip_sample=clip_denoised, timestep_spacing="trailing"
+    )
+    if kind == "ddpm":
+        sampler = DDPMScheduler(**common)
+    elif kind == "ddim":
+        sampler = DDIMScheduler(**common, set_alpha_to_one=True)
+    else:
+        raise ValueError(f"unknown sampler {kind!r}; allowed: ddpm, ddim")
+    sampler.set_timesteps(steps)
+    return sampler
+
+
+def split_at_cut(sampler, t_zeta: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's diffusers timesteps split into (server steps, client steps).
+
+    A step starting at diffusers index k (protocol time k + 1) is the server's iff
+    k + 1 > t_zeta. Both parts keep the descending order; either may be empty.
+    """
+    timesteps = sampler.timesteps
+    server = timesteps[timesteps + 1 > t_zeta]
+    return server, timesteps[timesteps + 1 <= t_zeta]
+
+
+@torch.no_grad()
+def denoise(
+    net: nn.Module,
+    sampler,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    seed: int,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Run the sampler's steps `timesteps` on state x: (n, C, H, W); return the new state.
+
+    Each step's ancestral noise comes from a generator seeded by (seed, step), so splitting
+    a loop into two calls changes nothing: split sampling equals the single loop exactly.
+    """
+    for k in timesteps:
+        eps = net(x, k.expand(x.shape[0])).sample
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(k))
+        kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
+        x = sampler.step(eps, k, x, generator=generator, **kwargs).prev_sample
+    return x
+
+
+def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """x_T ~ N(0, I) of shape (n, *shape), reproducible from `seed`."""
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,88 @@
+"""The CollaFuse ServerApp: validate the config, make the run directory, run the strategy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.data import client_data, image_shape
+from collafuse_flwr.metrics import cache_classifier, classifier_accuracy
+from collafuse_flwr.models import build_denoiser, make_optimizer
+from collafuse_flwr.outputs import create_run_dir, write_config
+from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
+
+app = ServerApp()
+
+
+def wait_for_clients(grid: Grid, count: int, seconds: float) -> list[int]:
+    """Block until `count` SuperNodes registered; fail with a clear message after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while len(nodes := list(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"num-clients={count} but only {len(nodes)} SuperNode(s) registered within "
+                f"{seconds:.0f}s; run with --federation-config 'num-supernodes={count}'"
+            )
+        time.sleep(0.5)
+    return nodes
+
+
+def feature_network(config: RunConfig) -> tuple[Path, float]:
+    """Train (once, cached) the fd_classifier feature network on the pooled training images of
+    all clients; return its path and its accuracy on the pooled held-out images."""
+    parts = [client_data(config, pid) for pid in range(config.num_clients)]
+    key = json.dumps(
+        [config.dataset, config.image_size, config.num_clients, config.partition,
+         config.classes_per_client, config.dirichlet_alpha, config.held_out_fraction,
+         config.seed, config.metric_classifier_epochs]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = Path(config.output_dir).expanduser().resolve() / ".cache" / f"fd_classifier-{digest}.safetensors"
+    net = cache_classifier(
+        path,
+        torch.cat([p.train for p in parts]),
+        torch.cat([p.train_labels for p in parts]),
+        config.metric_classifier_epochs,
+        config.seed,
+    )
+    accuracy = classifier_accuracy(
+        net, torch.cat([p.held_out for p in parts]), torch.cat([p.held_out_labels for p in parts])
+    )
+    return path, accuracy
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run `num-server-rounds` CollaFuse rounds and write everything into one run directory."""
+    config = RunConfig.from_flower(context.run_config)
+    shape = image_shape(config)
+    run_dir = create_run_dir(config.output_dir, f"{config.dataset}-collafuse-tz{config.t_zeta}")
+    write_config(run_dir, config.to_flower())
+    log(INFO, "CollaFuse run directory: %s", run_dir)
+    classifier_path, accuracy = feature_network(config)
+    log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
+    wait_for_clients(grid, config.num_clients, config.wait_for_clients_seconds)
+    net = build_denoiser(
+        config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
+        config.unet_attention, seed=config.seed,
+    )
+    strategy = CollaFuseStrategy(
+        config, run_dir, net, make_optimizer(net, config.server_lr), shape, classifier_path
+    )
+    start = time.perf_counter()
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout_seconds,
+    )
+    log(INFO, "CollaFuse finished in %.0fs; results in %s", time.perf_counter() - start, run_dir)

@@ -1,0 +1,220 @@
+"""CollaFuseStrategy: the server's side of the split chain, as a Flower Message-API strategy.
+
+Each round:
+  configure_train   -> a train message per client carrying only config (no weights);
+  aggregate_train   -> validate every client's cut-point uploads x_{t_zeta}, pool them and
+                       train the server denoiser on t in (t_zeta, T] by the sub-chain loss;
+  configure_evaluate-> (on evaluation rounds) run the server's half of the sampler from T
+                       down to t_zeta and send each client its handed-over states;
+  aggregate_evaluate-> collect each client's quality metrics.
+The server denoiser, its optimizer and RNG live here and are checkpointed every round.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from collafuse_flwr import wire
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.losses import server_loss
+from collafuse_flwr.models import save_with_optimizer
+from collafuse_flwr.outputs import append_log, append_metrics, save_grid
+from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
+from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.training import train_for_images
+
+
+class CollaFuseStrategy(Strategy):
+    """Trains the shared server denoiser on the pooled cut-point uploads of all clients.
+
+    Args:
+        config: the validated run config.
+        run_dir: the run directory (absolute); clients write their files below it too.
+        net, optimizer: the server denoiser (a diffusers UNet2DModel) and its optimizer.
+        image_shape: (C, H, W) of the dataset's images, for validating uploads.
+        classifier_path: the cached fd_classifier feature network the clients load.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        net: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        image_shape: tuple[int, int, int],
+        classifier_path: Path,
+    ):
+        self.config = config
+        self.run_dir = run_dir
+        self.net = net
+        self.optimizer = optimizer
+        self.image_shape = image_shape
+        self.classifier_path = classifier_path
+        self.schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
+        self.partition_of: dict[int, int] = {}  # node id -> partition id
+
+    def summary(self) -> None:
+        c = self.config
+        log(
+            INFO,
+            "CollaFuse: T=%d, t_zeta=%d (clients t<=%d, server t>%d), %d clients, "
+            "budgets per round: client %d / server %d images",
+            c.timesteps, c.t_zeta, c.t_zeta, c.t_zeta, c.num_clients,
+            c.client_images_per_round, c.server_images_per_round,
+        )
+
+    def _messages(
+        self, grid: Grid, message_type: str, server_round: int, extra: dict | None = None
+    ) -> list[Message]:
+        config = ConfigRecord(
+            {"server-round": server_round, "run-dir": str(self.run_dir), **(extra or {})}
+        )
+        return [
+            Message(RecordDict({"config": config}), dst_node_id=node, message_type=message_type)
+            for node in sorted(grid.get_node_ids())
+        ]
+
+    # ----------------------------------------------------------------- training
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One train message per client; it carries config only, never weights."""
+        return self._messages(grid, "train", server_round)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the uploads, pool them, train the server denoiser for its budget."""
+        rows: list[tuple[int, str, str, float]] = []
+        client_losses, client_seen, uploaded = [], 0, 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "round %d: client on node %d failed: %s", server_round, node, reply.error.reason)
+                rows.append((server_round, f"node-{node}", "failed", 1.0))
+                continue
+            try:
+                x_cut, metrics = wire.unpack_uploads(
+                    reply.content, self.image_shape, self.config.upload_dtype,
+                    self.config.max_uploads_per_client,
+                )
+                pid = self._partition_id(node, metrics)
+            except wire.UploadRejected as err:
+                log(WARNING, "round %d: rejected reply of node %d: %s", server_round, node, err)
+                rows.append((server_round, f"node-{node}", "rejected", 1.0))
+                continue
+            self.uploads[pid] = x_cut
+            nbytes = wire.record_bytes(reply.content.array_records[wire.UPLOADS]) if x_cut.numel() else 0
+            uploaded += nbytes
+            client_seen += int(metrics["images-seen"])
+            if metrics["images-seen"]:
+                client_losses.append(float(metrics["train-loss"]))
+            for key in ("train-loss", "images-seen", "num-examples", "train-seconds"):
+                rows.append((server_round, str(pid), key, float(metrics[key])))
+            rows.append((server_round, str(pid), "bytes-uploaded", float(nbytes)))
+
+        start = time.perf_counter()
+        pool = torch.cat(list(self.uploads.values())) if self.uploads else torch.empty(0)
+        budget = 0 if self.schedule.server_range.is_empty else self.config.server_images_per_round
+        stats = train_for_images(
+            self.net, self.optimizer, pool, budget, self.config.batch_size,
+            lambda n, x_r, g: server_loss(n, self.schedule, x_r, g, self.config.server_loss_weighting),
+            self.generator,
+        )
+        seconds = time.perf_counter() - start
+        save_with_optimizer(self.net, self.optimizer, self.run_dir / "checkpoints" / "server")
+        rows += [
+            (server_round, "server", "train-loss", stats["loss"]),
+            (server_round, "server", "images-seen", float(stats["images-seen"])),
+            (server_round, "server", "pool-size", float(pool.shape[0] if pool.numel() else 0)),
+            (server_round, "server", "train-seconds", seconds),
+            (server_round, "server", "bytes-received", float(uploaded)),
+        ]
+        append_metrics(self.run_dir, rows)
+        client_loss = sum(client_losses) / len(client_losses) if client_losses else float("nan")
+        line = (
+            f"round {server_round}/{self.config.num_server_rounds} | client loss {client_loss:.4f} "
+            f"| server loss {stats['loss']:.4f} | images seen: clients {client_seen}, "
+            f"server {stats['images-seen']} | uploaded {uploaded / 1e6:.2f} MB "
+            f"| server train {seconds:.1f}s"
+        )
+        log(INFO, line)
+        append_log(self.run_dir, line)
+        return None, MetricRecord(
+            {"client-train-loss": client_loss, "server-train-loss": stats["loss"],
+             "bytes-uploaded": uploaded}
+        )
+
+    def _partition_id(self, node: int, metrics: MetricRecord) -> int:
+        pid = metrics.get("partition-id")
+        if not isinstance(pid, int) or not 0 <= pid < self.config.num_clients:
+            raise wire.UploadRejected(f"partition-id {pid!r} outside [0, {self.config.num_clients})")
+        if self.partition_of.setdefault(node, pid) != pid or list(self.partition_of.values()).count(pid) > 1:
+            raise wire.UploadRejected(f"partition-id {pid} claimed by more than one node")
+        return pid
+
+    # --------------------------------------------------------------- evaluation
+    def is_eval_round(self, server_round: int) -> bool:
+        every = self.config.eval_every
+        return server_round == self.config.num_server_rounds or (every and server_round % every == 0)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Run the server's half of the sampler (T down to t_zeta) for every client and send
+        each its handed-over states x_{t_zeta} (float32, never clipped)."""
+        if not self.is_eval_round(server_round):
+            return []
+        c = self.config
+        sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
+        server_steps, _ = split_at_cut(sampler, c.t_zeta)
+        messages, shown = [], []
+        for i, msg in enumerate(self._messages(grid, "evaluate", server_round)):
+            seed = c.seed * 1_000_003 + server_round * 1009 + msg.metadata.dst_node_id % 1_000_003
+            x = initial_noise(c.eval_num_samples, self.image_shape, seed)
+            x = denoise(self.net, sampler, x, server_steps, seed, c.ddim_eta)
+            msg.content.config_records["config"]["sample-seed"] = seed
+            msg.content.config_records["config"]["classifier-path"] = str(self.classifier_path)
+            msg.content[wire.HANDOVER] = wire.pack_handover(x)
+            messages.append(msg)
+            shown.append(x[:8])
+        if shown:
+            save_grid(torch.cat(shown), self.run_dir / "samples" / f"round-{server_round:03d}-handover.png", nrow=8)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Write every client's quality metrics to metrics.csv; return their means."""
+        rows, per_metric = [], {}
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
+                    reply.metadata.src_node_id, reply.error.reason)
+                continue
+            metrics = reply.content.metric_records["metrics"]
+            pid = str(metrics["partition-id"])
+            for key, value in metrics.items():
+                if key != "partition-id":
+                    rows.append((server_round, pid, key, float(value)))
+                    per_metric.setdefault(key, []).append(float(value))
+        if not rows:
+            return None
+        append_metrics(self.run_dir, rows)
+        means = {k: sum(v) / len(v) for k, v in per_metric.items()}
+        fds = sorted((r[1], r[3]) for r in rows if r[2] == "fd_classifier")
+        line = f"round {server_round} evaluation | fd_classifier per client: " + ", ".join(
+            f"{pid}: {fd:.2f}" for pid, fd in fds
+        )
+        log(INFO, line)
+        append_log(self.run_dir, line)
+        return MetricRecord(means)

@@ -1,0 +1,40 @@
+"""A training loop whose length is counted in images seen, not epochs (EDM-style budgets)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def train_for_images(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: torch.Tensor,
+    num_images: int,
+    batch_size: int,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Take optimizer steps on random minibatches of `data` until `num_images` were seen.
+
+    data: (N, C, H, W). Every step draws min(batch_size, remaining) images without
+    replacement within a pass over the data. Returns {"loss": mean loss, "images-seen": n,
+    "steps": s}; nothing happens (loss = nan) when the budget or the data is empty.
+    """
+    seen, steps, total = 0, 0, 0.0
+    order = torch.empty(0, dtype=torch.long)
+    net.train()
+    while data.shape[0] and seen < num_images:
+        if order.numel() == 0:
+            order = torch.randperm(data.shape[0], generator=generator)
+        take = min(batch_size, num_images - seen, order.numel())
+        batch, order = data[order[:take]], order[take:]
+        loss = loss_fn(net, batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen, steps, total = seen + take, steps + 1, total + loss.item()
+    net.eval()
+    return {"loss": total / steps if steps else float("nan"), "images-seen": seen, "steps": steps}

@@ -1,0 +1,120 @@
+"""What crosses the wire, and its validation on arrival (PROTOCOL.md, "What crosses the wire").
+
+client -> server, training:  RecordDict {"uploads": ArrayRecord {"x_cut": (n, C, H, W)},
+                                         "metrics": MetricRecord {partition-id, num-examples, ...}}
+server -> client, sampling:  RecordDict {"handover": ArrayRecord {"x_handover": (n, C, H, W)},
+                                         "config": ConfigRecord {...}}
+
+x_cut holds one cut-point sample x_{t_zeta} per training image and nothing else: no x0,
+eps, t, labels or weights. Everything received is checked before it is used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+UPLOADS = "uploads"
+UPLOAD_KEY = "x_cut"
+HANDOVER = "handover"
+HANDOVER_KEY = "x_handover"
+METRICS = "metrics"
+# Keys a client may report with its uploads: counts, its loss and timing, no data.
+TRAIN_METRIC_KEYS = frozenset(
+    {"partition-id", "num-examples", "train-loss", "images-seen", "train-seconds"}
+)
+# x_t = a x0 + b eps with a^2 + b^2 = 1 and |x0| <= 1: |x_t| > 10 is a >9-sigma event.
+MAX_ABS_VALUE = 10.0
+
+
+class UploadRejected(ValueError):
+    """A reply's content does not follow the protocol; the server drops it."""
+
+
+def pack_uploads(x_cut: torch.Tensor, dtype: str, metrics: dict) -> RecordDict:
+    """A client's training reply: its cut-point samples x_cut (n, C, H, W) as `dtype`
+    (no uploads record when n = 0, i.e. when the server owns no step)."""
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if x_cut.shape[0]:
+        array = Array(x_cut.detach().to(getattr(torch, dtype)).contiguous().cpu().numpy())
+        content[UPLOADS] = ArrayRecord({UPLOAD_KEY: array})
+    return content
+
+
+def unpack_uploads(
+    content: RecordDict, image_shape: tuple[int, int, int], dtype: str, cap: int
+) -> tuple[torch.Tensor, MetricRecord]:
+    """Validate a training reply and return (x_cut as float32 (n, C, H, W), its metrics).
+
+    Rejects (raises `UploadRejected`): any record other than "uploads" and "metrics", any
+    array other than "x_cut", metric keys outside `TRAIN_METRIC_KEYS`, a shape other than
+    (n, *image_shape), a dtype other than `dtype`, n different from the declared
+    "num-examples" or above `cap`, and non-finite or out-of-range values.
+    """
+    extra = set(content.keys()) - {UPLOADS, METRICS}
+    if extra or METRICS not in content.metric_records:
+        raise UploadRejected(f"unexpected records {sorted(extra)} or no metrics record")
+    metrics = content.metric_records[METRICS]
+    if set(metrics) - TRAIN_METRIC_KEYS:
+        raise UploadRejected(f"unexpected metrics {sorted(set(metrics) - TRAIN_METRIC_KEYS)}")
+    declared = metrics.get("num-examples")
+    if not isinstance(declared, int) or declared < 0:
+        raise UploadRejected(f"num-examples={declared!r} is not a count")
+    if declared == 0:
+        if UPLOADS in content.array_records:
+            raise UploadRejected("uploads sent although num-examples is 0")
+        return torch.empty((0, *image_shape)), metrics
+    if UPLOADS not in content.array_records:
+        raise UploadRejected("no uploads record although num-examples > 0")
+    record = content.array_records[UPLOADS]
+    if list(record.keys()) != [UPLOAD_KEY]:
+        raise UploadRejected(f"uploads must hold exactly '{UPLOAD_KEY}', got {list(record.keys())}")
+    array = record[UPLOAD_KEY]
+    if array.dtype != dtype:
+        raise UploadRejected(f"dtype {array.dtype}, expected {dtype}")
+    shape = tuple(array.shape)
+    if len(shape) != 4 or shape[1:] != tuple(image_shape):
+        raise UploadRejected(f"shape {shape}, expected (n, {', '.join(map(str, image_shape))})")
+    if shape[0] != declared or shape[0] > cap:
+        raise UploadRejected(f"{shape[0]} samples; declared {declared}, cap {cap}")
+    values = array.numpy()
+    if not np.isfinite(values).all():
+        raise UploadRejected("non-finite values")
+    peak = float(np.abs(values).max())
+    if peak > MAX_ABS_VALUE:
+        raise UploadRejected(f"|value| up to {peak:.3g} exceeds {MAX_ABS_VALUE}")
+    return torch.from_numpy(values.astype(np.float32)), metrics
+
+
+def pack_handover(x: torch.Tensor) -> ArrayRecord:
+    """The server's half-sampled states x_{t_zeta}: (n, C, H, W) float32 (never clipped)."""
+    return ArrayRecord({HANDOVER_KEY: Array(x.detach().float().contiguous().cpu().numpy())})
+
+
+def unpack_handover(
+    content: RecordDict, image_shape: tuple[int, int, int], max_count: int
+) -> torch.Tensor:
+    """Validate the handed-over states on the client; return (n, C, H, W) float32."""
+    if HANDOVER not in content.array_records:
+        raise UploadRejected("no handover record")
+    record = content.array_records[HANDOVER]
+    if list(record.keys()) != [HANDOVER_KEY]:
+        raise UploadRejected(f"handover must hold exactly '{HANDOVER_KEY}'")
+    array = record[HANDOVER_KEY]
+    shape = tuple(array.shape)
+    if array.dtype != "float32" or len(shape) != 4 or shape[1:] != tuple(image_shape):
+        raise UploadRejected(f"handover of dtype {array.dtype} and shape {shape}")
+    if not 0 < shape[0] <= max_count:
+        raise UploadRejected(f"handover of {shape[0]} states; at most {max_count} allowed")
+    values = array.numpy()
+    if not np.isfinite(values).all():
+        raise UploadRejected("non-finite handover")
+    return torch.from_numpy(values.copy())
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of the arrays in `record` (what dominates a message's size)."""
+    return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values()))
