@@ -7,6 +7,7 @@ tensors (N, C, H, W) in [-1, 1]; labels stay on the client that owns the images.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -99,7 +100,12 @@ def flower_partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: f
         partitioner = IidPartitioner(num_partitions=num_clients)
     partitioner.dataset = table
     try:
-        return [np.sort(np.asarray(partitioner.load_partition(i)["index"])) for i in range(num_clients)]
+        with warnings.catch_warnings():  # its retries warn; the outcome is reported below
+            warnings.simplefilter("ignore", UserWarning)
+            return [
+                np.sort(np.asarray(partitioner.load_partition(i)["index"]))
+                for i in range(num_clients)
+            ]
     except ValueError as err:
         raise ConfigError(
             f"partition='{scheme}' with dirichlet-alpha={alpha} and num-clients={num_clients} "

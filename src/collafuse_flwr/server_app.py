@@ -14,7 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.data import client_data, image_shape
+from collafuse_flwr.data import ClientData, client_data, image_shape
 from collafuse_flwr.metrics import cache_classifier, classifier_accuracy
 from collafuse_flwr.models import build_denoiser, make_optimizer
 from collafuse_flwr.outputs import create_run_dir, write_config
@@ -36,10 +36,9 @@ def wait_for_clients(grid: Grid, count: int, seconds: float) -> list[int]:
     return nodes
 
 
-def feature_network(config: RunConfig) -> tuple[Path, float]:
+def feature_network(config: RunConfig, parts: list[ClientData]) -> tuple[Path, float]:
     """Train (once, cached) the fd_classifier feature network on the pooled training images of
-    all clients; return its path and its accuracy on the pooled held-out images."""
-    parts = [client_data(config, pid) for pid in range(config.num_clients)]
+    all clients `parts`; return its path and its accuracy on the pooled held-out images."""
     key = json.dumps(
         [config.dataset, config.image_size, config.num_clients, config.partition,
          config.classes_per_client, config.dirichlet_alpha, config.held_out_fraction,
@@ -65,10 +64,11 @@ def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` CollaFuse rounds and write everything into one run directory."""
     config = RunConfig.from_flower(context.run_config)
     shape = image_shape(config)
+    parts = [client_data(config, pid) for pid in range(config.num_clients)]  # checks the partition
     run_dir = create_run_dir(config.output_dir, f"{config.dataset}-collafuse-tz{config.t_zeta}")
     write_config(run_dir, config.to_flower())
     log(INFO, "CollaFuse run directory: %s", run_dir)
-    classifier_path, accuracy = feature_network(config)
+    classifier_path, accuracy = feature_network(config, parts)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
     wait_for_clients(grid, config.num_clients, config.wait_for_clients_seconds)
     net = build_denoiser(

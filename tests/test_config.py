@@ -1,0 +1,57 @@
+"""Bad configuration fails with a clear message before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from collafuse_flwr import server_app
+from collafuse_flwr.config import ConfigError, RunConfig
+from collafuse_flwr.data import client_data
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"t-zeta": 1001}, r"t-zeta=1001: the cut point must lie in \[0, timesteps=1000\]"),
+        ({"t-zeta": -1}, r"t-zeta=-1"),
+        ({"dataset": "imagenet"}, r"dataset='imagenet': unknown; allowed: digits"),
+        ({"sampler": "euler"}, r"sampler='euler'"),
+        ({"sampling-steps": 30}, r"sampling-steps=30: must divide timesteps=1000"),
+        ({"unet-block-channels": "32,abc"}, r"unet-block-channels"),
+        ({"t-zeta": "200"}, r"t-zeta='200': must be an integer"),
+        ({"tzeta": 200}, r"unknown run-config key\(s\) \['tzeta'\]"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(override, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_flower(override)
+
+
+def test_too_few_clients_for_the_partition():
+    config = RunConfig.from_flower({"num-clients": 3, "classes-per-client": 2})
+    with pytest.raises(ConfigError, match="covers only 6 of the 10 classes"):
+        client_data(config, 0)
+
+
+def test_dirichlet_that_starves_a_client_is_a_clear_error():
+    config = RunConfig.from_flower(
+        {"num-clients": 50, "partition": "dirichlet", "dirichlet-alpha": 0.001}
+    )
+    with pytest.raises(ConfigError, match="could not give every client"):
+        client_data(config, 0)
+
+
+@pytest.mark.parametrize("override", [{"t-zeta": 5000}, {"num-clients": 2}])
+def test_server_fails_before_writing_or_training(override, tiny_run_config, tmp_path):
+    """The ServerApp rejects the config before it makes a run directory or contacts a client."""
+
+    class NoGrid:
+        def get_node_ids(self):
+            raise AssertionError("the server must not reach the clients with a bad config")
+
+    run_config = dict(tiny_run_config, **override)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(ConfigError):
+        server_app.main(NoGrid(), context)
+    assert not (tmp_path / "runs").exists() or not any(p.name[0].isdigit() for p in (tmp_path / "runs").iterdir())
