@@ -55,3 +55,14 @@ def test_server_fails_before_writing_or_training(override, tiny_run_config, tmp_
     with pytest.raises(ConfigError):
         server_app.main(NoGrid(), context)
     assert not (tmp_path / "runs").exists() or not any(p.name[0].isdigit() for p in (tmp_path / "runs").iterdir())
+
+
+def test_pyproject_defaults_are_the_dataclass_defaults():
+    """Every knob is in [tool.flwr.app.config] and means the same as the code's default."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    table = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(table) == set(RunConfig().to_flower())
+    assert RunConfig.from_flower(table) == RunConfig()

@@ -1,0 +1,106 @@
+"""Launch `flwr run` and report how the run really ended.
+
+`flwr run --stream` exits 0 even when the ServerApp failed, so this wrapper reads the run id
+from its output, asks `flwr ls --run-id ID --format json` for the final status, and exits
+non-zero unless the status is `finished:completed`. It also prints the run directory.
+
+    collafuse-run [PROJECT_DIR] [--run-config "t-zeta=200 ..."] [--num-supernodes 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+RUN_ID = re.compile(r"Successfully started run (\d+)")
+RUN_DIR = re.compile(r"CollaFuse run directory: (\S+)")
+
+
+@dataclass
+class RunOutcome:
+    """What one `flwr run` did: its id, final status, run directory and full log."""
+
+    run_id: str | None
+    status: str
+    run_dir: Path | None
+    log: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def flwr_run(
+    project_dir: Path,
+    run_config: str = "",
+    federation_config: str = "",
+    env: dict | None = None,
+    cwd: Path | None = None,
+    echo: bool = False,
+) -> RunOutcome:
+    """Run `flwr run PROJECT --stream` with the given configs; return its `RunOutcome`."""
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    command = [flwr, "run", str(Path(project_dir).resolve()), "--stream"]
+    if run_config:
+        command += ["--run-config", run_config]
+    if federation_config:
+        command += ["--federation-config", federation_config]
+    env = dict(os.environ if env is None else env)
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # the local SuperLink is started as `flower-superlink` from PATH: use this environment's
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    lines = []
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        for line in process.stdout:
+            lines.append(line)
+            if echo:
+                print(line, end="", flush=True)
+    log = "".join(lines)
+    run_id = m.group(1) if (m := RUN_ID.search(log)) else None
+    run_dir = Path(m.group(1)) if (m := RUN_DIR.search(log)) else None
+    status = run_status(run_id, env, cwd) if run_id else f"not started (flwr exited {process.returncode})"
+    return RunOutcome(run_id, status, run_dir, log)
+
+
+def run_status(run_id: str, env: dict, cwd: Path | None = None) -> str:
+    """The final status of run `run_id` as `flwr ls` reports it, e.g. "finished:completed"."""
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    out = subprocess.run(
+        [flwr, "ls", "--run-id", run_id, "--format", "json"],
+        env=env, cwd=cwd, capture_output=True, text=True, check=False,
+    )
+    try:
+        runs = json.loads(out.stdout)["runs"]
+        return f"{runs[0]['status']} {runs[0].get('status-details', '')}".replace(" N/A", "").strip()
+    except (ValueError, KeyError, IndexError):
+        return f"unknown (flwr ls said: {out.stdout.strip() or out.stderr.strip()})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("project_dir", nargs="?", default=".")
+    parser.add_argument("--run-config", default="", help="passed to flwr run --run-config")
+    parser.add_argument("--num-supernodes", type=int, default=5)
+    parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    federation = (
+        f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client:g} "
+        "client-resources-num-gpus=0"
+    )
+    outcome = flwr_run(Path(args.project_dir), args.run_config, federation, echo=True)
+    print(f"\nrun {outcome.run_id}: {outcome.status}")
+    if outcome.run_dir:
+        print(f"results: {outcome.run_dir}")
+    return 0 if outcome.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Real `flwr run` end to end: a local SuperLink of its own, tiny settings, status checked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from collafuse_flwr.launch import flwr_run
+
+PROJECT = Path(__file__).resolve().parents[1]
+FEDERATION = "num-supernodes=5 client-resources-num-cpus=1 client-resources-num-gpus=0"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_of_superlink(port: int) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(a.endswith(b"flower-superlink") for a in args) and str(port).encode() in args:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def flwr_env(tmp_path_factory):
+    """Own FLWR_HOME and ports, a neutral working directory; stops its SuperLink afterwards."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    port, control = _free_port(), _free_port()
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+        RAY_DEDUP_LOGS="0",
+    )
+    yield env, tmp_path_factory.mktemp("neutral-cwd")
+    for pid in _pids_of_superlink(port):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while _pids_of_superlink(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _pids_of_superlink(port), "the test's SuperLink did not stop"
+
+
+def _run(flwr_env, tmp_path, **overrides):
+    env, cwd = flwr_env
+    values = {
+        "num-server-rounds": 2, "image-size": 8, "timesteps": 100, "t-zeta": 20,
+        "unet-block-channels": "8,16", "client-images-per-round": 64,
+        "server-images-per-round": 64, "sampling-steps": 10, "eval-num-samples": 8,
+        "metric-classifier-epochs": 1, "output-dir": str(tmp_path / "runs"), **overrides,
+    }
+    run_config = " ".join(
+        f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()
+    )
+    outcome = flwr_run(PROJECT, run_config, FEDERATION, env=env, cwd=cwd)
+    assert outcome.ok, outcome.log[-4000:]
+    return outcome
+
+
+def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
+    outcome = _run(flwr_env, tmp_path)
+    run_dir = outcome.run_dir
+    assert run_dir.is_absolute() and run_dir.parent == tmp_path / "runs"
+    assert (run_dir / "config.json").exists()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics.columns) == ["round", "client", "metric", "value"]
+    final = metrics[(metrics["round"] == 2) & (metrics["metric"] == "fd_classifier")]
+    assert sorted(final["client"].astype(str)) == ["0", "1", "2", "3", "4"]
+    assert final["value"].notna().all() and (final["value"] >= 0).all()
+    uploaded = metrics[metrics["metric"] == "bytes-uploaded"]
+    assert (uploaded["value"] > 0).all() and len(uploaded) == 10  # 5 clients x 2 rounds
+    server_seen = metrics[(metrics["client"] == "server") & (metrics["metric"] == "images-seen")]
+    assert (server_seen["value"] == 64).all()
+    for pid in range(5):
+        assert (run_dir / "samples" / f"round-002-client-{pid}.png").stat().st_size > 0
+        assert (run_dir / "clients" / f"client-{pid}" / "model" / "config.json").exists()
+    assert (run_dir / "samples" / "round-002-handover.png").exists()
+    assert (run_dir / "checkpoints" / "server" / "diffusion_pytorch_model.safetensors").exists()
+    assert "round 2/2" in (run_dir / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("t_zeta", [0, 100])
+def test_flwr_run_at_the_ends_of_the_chain(flwr_env, tmp_path, t_zeta):
+    """t_zeta = 0: one global model, clients train nothing; t_zeta = T: clients alone."""
+    outcome = _run(flwr_env, tmp_path, **{"t-zeta": t_zeta, "num-server-rounds": 1})
+    metrics = pd.read_csv(outcome.run_dir / "metrics.csv")
+    value = lambda who, m: metrics[(metrics["client"] == who) & (metrics["metric"] == m)]["value"]
+    clients = metrics[~metrics["client"].isin(["server"])]
+    client_seen = clients[clients["metric"] == "images-seen"]["value"]
+    if t_zeta == 0:
+        assert (client_seen == 0).all() and (value("server", "images-seen") == 64).all()
+        assert (clients[clients["metric"] == "client-sampling-steps"]["value"] == 0).all()
+    else:
+        assert (client_seen == 64).all() and (value("server", "images-seen") == 0).all()
+        assert (clients[clients["metric"] == "bytes-uploaded"]["value"] == 0).all()
+    assert len(clients[clients["metric"] == "fd_classifier"]) == 5
+
+
+def test_failed_run_is_reported_as_failed(flwr_env, tmp_path):
+    env, cwd = flwr_env
+    outcome = flwr_run(PROJECT, "t-zeta=5000", FEDERATION, env=env, cwd=cwd)
+    assert not outcome.ok and outcome.status.startswith("finished:failed")
+    assert "t-zeta=5000" in outcome.log
