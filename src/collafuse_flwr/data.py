@@ -86,7 +86,8 @@ def flower_partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: f
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    table = Dataset.from_dict({"index": np.arange(len(labels)), "label": labels})
+    order = np.random.default_rng(seed).permutation(len(labels))  # IidPartitioner splits in order
+    table = Dataset.from_dict({"index": order, "label": labels[order]})
     if scheme == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_clients,
