@@ -7,7 +7,7 @@ RUN_CONFIG ?=
 export HF_HUB_OFFLINE = 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 
-.PHONY: install run test
+.PHONY: install federation run test
 
 install: $(VENV)/.installed
 
@@ -17,7 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-run: install
+# Make the local simulation federation match num-clients = 5, so that a plain `flwr run .`
+# also gets 5 SuperNodes of 1 CPU each (stored by the local SuperLink in $$FLWR_HOME).
+federation: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/flwr federation simulation-config \
+	    --num-supernodes 5 --client-resources-num-cpus 1
+
+run: install federation
 	$(VENV)/bin/collafuse-run . --run-config "output-dir='$(CURDIR)/results/runs' $(RUN_CONFIG)"
 
 test: install

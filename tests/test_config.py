@@ -66,3 +66,13 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     table = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
     assert set(table) == set(RunConfig().to_flower())
     assert RunConfig.from_flower(table) == RunConfig()
+
+
+def test_every_simulation_overlay_is_a_valid_config():
+    import tomllib
+    from pathlib import Path
+
+    overlays = sorted((Path(__file__).resolve().parents[1] / "simulations").glob("*.toml"))
+    assert overlays
+    for overlay in overlays:
+        RunConfig.from_flower(tomllib.loads(overlay.read_text()))

@@ -23,7 +23,7 @@ from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import ClientData, client_data
 from collafuse_flwr.losses import client_loss
 from collafuse_flwr.metrics import frechet_and_kid, load_classifier
-from collafuse_flwr.models import build_denoiser, load_with_optimizer, make_optimizer, save_with_optimizer
+from collafuse_flwr.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import save_grid
 from collafuse_flwr.sampling import denoise, make_sampler, split_at_cut
 from collafuse_flwr.schedule import CutSchedule
@@ -47,10 +47,10 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, ConfigRecord
     return config, partition_id, round_config, client_dir
 
 
-def _denoiser(config: RunConfig, partition_id: int, client_dir: Path, channels: int):
-    """This client's denoiser and optimizer: from disk if trained before, else fresh."""
-    if (client_dir / "model" / "config.json").exists():
-        return load_with_optimizer(client_dir / "model", config.client_lr)
+def _denoiser(config: RunConfig, partition_id: int, client_dir: Path, channels: int) -> Denoiser:
+    """This client's denoiser, optimizer and EMA: from disk if trained before, else fresh."""
+    if Denoiser.exists(client_dir / "model"):
+        return Denoiser.load(client_dir / "model", config.client_lr, config.ema_decay)
     net = build_denoiser(
         config.image_size,
         channels,
@@ -59,7 +59,7 @@ def _denoiser(config: RunConfig, partition_id: int, client_dir: Path, channels: 
         config.unet_attention,
         seed=config.seed + 1 + partition_id,
     )
-    return net, make_optimizer(net, config.client_lr)
+    return Denoiser(net, config.client_lr, config.ema_decay)
 
 
 def cut_point_uploads(
@@ -91,20 +91,19 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(round_config["server-round"])
     schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
     data = client_data(config, partition_id)
-    net, optimizer = _denoiser(config, partition_id, client_dir, data.train.shape[1])
+    denoiser = _denoiser(config, partition_id, client_dir, data.train.shape[1])
     generator = torch.Generator().manual_seed(_seed_from([config.seed, partition_id, server_round, 1]))
     start = time.perf_counter()
     budget = 0 if schedule.client_range.is_empty else config.client_images_per_round
     stats = train_for_images(
-        net,
-        optimizer,
+        denoiser,
         data.train,
         budget,
         config.batch_size,
         lambda n, x0, g: client_loss(n, schedule, x0, g),
         generator,
     )
-    save_with_optimizer(net, optimizer, client_dir / "model")
+    denoiser.save(client_dir / "model")
     x_cut = cut_point_uploads(schedule, data, config, partition_id, server_round)
     metrics = {
         "partition-id": partition_id,
@@ -128,9 +127,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, client_steps = split_at_cut(sampler, config.t_zeta)
     start = time.perf_counter()
     if len(client_steps):
-        if not (client_dir / "model" / "config.json").exists():
+        if not Denoiser.exists(client_dir / "model"):
             raise RuntimeError(f"client {partition_id} has no trained denoiser in {client_dir}")
-        net, _ = load_with_optimizer(client_dir / "model", config.client_lr)
+        net = Denoiser.load(client_dir / "model", config.client_lr, config.ema_decay).for_sampling()
         x = denoise(net, sampler, x, client_steps, int(round_config["sample-seed"]), config.ddim_eta)
     images = x.clamp(-1, 1)
     sample_seconds = time.perf_counter() - start

@@ -47,8 +47,9 @@ class RunConfig:
     batch_size: int = 64
     client_lr: float = 3e-3
     server_lr: float = 3e-3
-    client_images_per_round: int = 3072
-    server_images_per_round: int = 12288
+    client_images_per_round: int = 2048
+    server_images_per_round: int = 10240
+    ema_decay: float = 0.995
     server_loss_weighting: str = "eps-prime"
     noise_policy: str = "once"
     upload_dtype: str = "float16"
@@ -124,6 +125,8 @@ class RunConfig:
             )
         if not 0 < self.held_out_fraction < 1:
             raise ConfigError(f"held-out-fraction={self.held_out_fraction}: must lie in (0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema-decay={self.ema_decay}: must lie in [0, 1) (0 disables the EMA)")
         if not 0 <= self.ddim_eta <= 1:
             raise ConfigError(f"ddim-eta={self.ddim_eta}: must lie in [0, 1]")
         if self.sampling_steps > self.timesteps or self.timesteps % self.sampling_steps:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.training_utils import EMAModel
 
 
 def build_denoiser(
@@ -39,36 +42,60 @@ def build_denoiser(
     ).eval()
 
 
-def save_with_optimizer(
-    net: UNet2DModel, optimizer: torch.optim.Optimizer, directory: Path
-) -> None:
-    """Write `directory/` as a diffusers model (config.json + safetensors) and the
-    optimizer state, atomically: a crash leaves the previous checkpoint intact."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    net.save_pretrained(tmp, safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if directory.exists():
+class Denoiser:
+    """A party's denoiser under training: the network, its AdamW optimizer and an
+    exponential moving average (EMA) of its weights, which is what sampling uses.
+
+    EMA: theta_ema <- d theta_ema + (1 - d) theta after every step, with the warm-up
+    d = min(decay, (1 + n) / (10 + n)) at step n (diffusers' `EMAModel`); decay 0 disables it.
+    """
+
+    def __init__(self, net: UNet2DModel, lr: float, ema_decay: float):
+        self.net = net
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+        self.ema = EMAModel(net.parameters(), decay=ema_decay) if ema_decay > 0 else None
+
+    def after_step(self) -> None:
+        """Update the EMA after an optimizer step."""
+        if self.ema is not None:
+            self.ema.step(self.net.parameters())
+
+    def for_sampling(self) -> UNet2DModel:
+        """The network with the EMA weights (a copy; the training weights stay untouched)."""
+        if self.ema is None:
+            return self.net.eval()
+        net = copy.deepcopy(self.net).eval()
+        self.ema.copy_to(net.parameters())
+        return net
+
+    def save(self, directory: Path) -> None:
+        """Write `directory/`: the network as a diffusers model (config.json + safetensors),
+        `optimizer.pt` and `ema.pt`. Atomic: a crash leaves the previous checkpoint intact."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.net.save_pretrained(tmp, safe_serialization=True)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        if self.ema is not None:
+            torch.save(self.ema.state_dict(), tmp / "ema.pt")
         old = directory.with_name(directory.name + ".old")
-        directory.rename(old)
+        if directory.exists():
+            directory.rename(old)
         tmp.rename(directory)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(directory)
+        if old.exists():
+            shutil.rmtree(old)
 
+    @classmethod
+    def load(cls, directory: Path, lr: float, ema_decay: float) -> "Denoiser":
+        """Load what `save` wrote."""
+        directory = Path(directory)
+        denoiser = cls(UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=False).eval(), lr, ema_decay)
+        denoiser.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        if denoiser.ema is not None:
+            denoiser.ema.load_state_dict(torch.load(directory / "ema.pt", weights_only=False))
+        return denoiser
 
-def load_with_optimizer(
-    directory: Path, lr: float
-) -> tuple[UNet2DModel, torch.optim.Optimizer]:
-    """Load what `save_with_optimizer` wrote; the optimizer is AdamW at `lr`."""
-    net = UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=False).eval()
-    optimizer = make_optimizer(net, lr)
-    optimizer.load_state_dict(torch.load(Path(directory) / "optimizer.pt", weights_only=True))
-    return net, optimizer
-
-
-def make_optimizer(net: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The optimizer every party uses: AdamW at learning rate `lr`."""
-    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    @staticmethod
+    def exists(directory: Path) -> bool:
+        return (Path(directory) / "config.json").exists()

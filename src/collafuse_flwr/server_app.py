@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import ClientData, client_data, image_shape
 from collafuse_flwr.metrics import cache_classifier, classifier_accuracy
-from collafuse_flwr.models import build_denoiser, make_optimizer
+from collafuse_flwr.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import create_run_dir, write_config
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 
@@ -76,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         config.unet_attention, seed=config.seed,
     )
     strategy = CollaFuseStrategy(
-        config, run_dir, net, make_optimizer(net, config.server_lr), shape, classifier_path
+        config, run_dir, Denoiser(net, config.server_lr, config.ema_decay), shape, classifier_path
     )
     start = time.perf_counter()
     strategy.start(

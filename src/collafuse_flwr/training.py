@@ -7,22 +7,24 @@ from typing import Callable
 import torch
 from torch import nn
 
+from collafuse_flwr.models import Denoiser
+
 
 def train_for_images(
-    net: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    denoiser: Denoiser,
     data: torch.Tensor,
     num_images: int,
     batch_size: int,
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
     generator: torch.Generator,
 ) -> dict[str, float]:
-    """Take optimizer steps on random minibatches of `data` until `num_images` were seen.
+    """Train `denoiser` on random minibatches of `data` until `num_images` were seen.
 
     data: (N, C, H, W). Every step draws min(batch_size, remaining) images without
     replacement within a pass over the data. Returns {"loss": mean loss, "images-seen": n,
     "steps": s}; nothing happens (loss = nan) when the budget or the data is empty.
     """
+    net, optimizer = denoiser.net, denoiser.optimizer
     seen, steps, total = 0, 0, 0.0
     order = torch.empty(0, dtype=torch.long)
     net.train()
@@ -35,6 +37,7 @@ def train_for_images(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        denoiser.after_step()
         seen, steps, total = seen + take, steps + 1, total + loss.item()
     net.eval()
     return {"loss": total / steps if steps else float("nan"), "images-seen": seen, "steps": steps}

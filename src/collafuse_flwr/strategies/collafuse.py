@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.losses import server_loss
-from collafuse_flwr.models import save_with_optimizer
+from collafuse_flwr.models import Denoiser
 from collafuse_flwr.outputs import append_log, append_metrics, save_grid
 from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
 from collafuse_flwr.schedule import CutSchedule
@@ -39,7 +39,7 @@ class CollaFuseStrategy(Strategy):
     Args:
         config: the validated run config.
         run_dir: the run directory (absolute); clients write their files below it too.
-        net, optimizer: the server denoiser (a diffusers UNet2DModel) and its optimizer.
+        denoiser: the server denoiser (a diffusers UNet2DModel) with optimizer and EMA.
         image_shape: (C, H, W) of the dataset's images, for validating uploads.
         classifier_path: the cached fd_classifier feature network the clients load.
     """
@@ -48,15 +48,13 @@ class CollaFuseStrategy(Strategy):
         self,
         config: RunConfig,
         run_dir: Path,
-        net: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        denoiser: Denoiser,
         image_shape: tuple[int, int, int],
         classifier_path: Path,
     ):
         self.config = config
         self.run_dir = run_dir
-        self.net = net
-        self.optimizer = optimizer
+        self.denoiser = denoiser
         self.image_shape = image_shape
         self.classifier_path = classifier_path
         self.schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
@@ -128,12 +126,12 @@ class CollaFuseStrategy(Strategy):
         pool = torch.cat(list(self.uploads.values())) if self.uploads else torch.empty(0)
         budget = 0 if self.schedule.server_range.is_empty else self.config.server_images_per_round
         stats = train_for_images(
-            self.net, self.optimizer, pool, budget, self.config.batch_size,
+            self.denoiser, pool, budget, self.config.batch_size,
             lambda n, x_r, g: server_loss(n, self.schedule, x_r, g, self.config.server_loss_weighting),
             self.generator,
         )
         seconds = time.perf_counter() - start
-        save_with_optimizer(self.net, self.optimizer, self.run_dir / "checkpoints" / "server")
+        self.denoiser.save(self.run_dir / "checkpoints" / "server")
         rows += [
             (server_round, "server", "train-loss", stats["loss"]),
             (server_round, "server", "images-seen", float(stats["images-seen"])),
@@ -179,11 +177,12 @@ class CollaFuseStrategy(Strategy):
         c = self.config
         sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
         server_steps, _ = split_at_cut(sampler, c.t_zeta)
+        net = self.denoiser.for_sampling()
         messages, shown = [], []
         for i, msg in enumerate(self._messages(grid, "evaluate", server_round)):
             seed = c.seed * 1_000_003 + server_round * 1009 + msg.metadata.dst_node_id % 1_000_003
             x = initial_noise(c.eval_num_samples, self.image_shape, seed)
-            x = denoise(self.net, sampler, x, server_steps, seed, c.ddim_eta)
+            x = denoise(net, sampler, x, server_steps, seed, c.ddim_eta)
             msg.content.config_records["config"]["sample-seed"] = seed
             msg.content.config_records["config"]["classifier-path"] = str(self.classifier_path)
             msg.content[wire.HANDOVER] = wire.pack_handover(x)
