@@ -48,7 +48,7 @@ class RunConfig:
     client_lr: float = 3e-3
     server_lr: float = 3e-3
     client_images_per_round: int = 2048
-    server_images_per_round: int = 10240
+    server_images_per_round: int = 8192
     ema_decay: float = 0.995
     server_loss_weighting: str = "eps-prime"
     noise_policy: str = "once"
