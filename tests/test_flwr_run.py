@@ -81,6 +81,8 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
     assert (run_dir / "config.json").exists()
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics.columns) == ["round", "client", "metric", "value"]
+    accuracy = metrics[metrics["metric"] == "feature-network-accuracy"]["value"]
+    assert len(accuracy) == 1 and 0 < accuracy.iloc[0] <= 1
     final = metrics[(metrics["round"] == 2) & (metrics["metric"] == "fd_classifier")]
     assert sorted(final["client"].astype(str)) == ["0", "1", "2", "3", "4"]
     assert final["value"].notna().all() and (final["value"] >= 0).all()

@@ -11,6 +11,7 @@ The denoiser and its optimizer persist on disk between rounds, not in `context.s
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,51 +33,76 @@ from collafuse_flwr.training import train_for_images
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, ConfigRecord, Path]:
-    """Validated run config, partition id, the message's config and this client's folder."""
-    config = RunConfig.from_flower(context.run_config)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config.get("num-partitions", config.num_clients))
-    if num_partitions != config.num_clients:
-        raise ConfigError(
-            f"num-clients={config.num_clients} but the federation has {num_partitions} "
-            "SuperNodes; run with --federation-config 'num-supernodes=<num-clients>'"
+@dataclass(frozen=True)
+class ClientRound:
+    """What a client knows when a message arrives: its validated config, identity, data."""
+
+    config: RunConfig
+    partition_id: int
+    server_round: int
+    message_config: ConfigRecord
+    run_dir: Path
+    schedule: CutSchedule
+    data: ClientData
+
+    @property
+    def model_dir(self) -> Path:
+        """Where this client's private denoiser lives between rounds."""
+        return self.run_dir / "clients" / f"client-{self.partition_id}" / "model"
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> "ClientRound":
+        config = RunConfig.from_flower(context.run_config)
+        partition_id = int(context.node_config["partition-id"])
+        num_partitions = int(context.node_config.get("num-partitions", config.num_clients))
+        if num_partitions != config.num_clients:
+            raise ConfigError(
+                f"num-clients={config.num_clients} but the federation has {num_partitions} "
+                "SuperNodes; run with --federation-config 'num-supernodes=<num-clients>'"
+            )
+        message_config = msg.content.config_records["config"]
+        return cls(
+            config,
+            partition_id,
+            int(message_config["server-round"]),
+            message_config,
+            Path(str(message_config["run-dir"])),
+            CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule),
+            client_data(config, partition_id),
         )
-    round_config = msg.content.config_records["config"]
-    client_dir = Path(str(round_config["run-dir"])) / "clients" / f"client-{partition_id}"
-    return config, partition_id, round_config, client_dir
 
 
-def _denoiser(config: RunConfig, partition_id: int, client_dir: Path, channels: int) -> Denoiser:
+def _denoiser(client: ClientRound) -> Denoiser:
     """This client's denoiser, optimizer and EMA: from disk if trained before, else fresh."""
-    if Denoiser.exists(client_dir / "model"):
-        return Denoiser.load(client_dir / "model", config.client_lr, config.ema_decay)
+    config = client.config
+    if Denoiser.exists(client.model_dir):
+        return Denoiser.load(client.model_dir, config.client_lr, config.ema_decay)
     net = build_denoiser(
         config.image_size,
-        channels,
+        client.data.train.shape[1],
         config.block_channels,
         config.unet_layers_per_block,
         config.unet_attention,
-        seed=config.seed + 1 + partition_id,
+        seed=config.seed + 1 + client.partition_id,
     )
     return Denoiser(net, config.client_lr, config.ema_decay)
 
 
-def cut_point_uploads(
-    schedule: CutSchedule, data: ClientData, config: RunConfig, partition_id: int, server_round: int
-) -> torch.Tensor:
+def cut_point_uploads(client: ClientRound) -> torch.Tensor:
     """x_{t_zeta} for every training image, (n, C, H, W); empty when the server owns no step.
 
     Noise policy "once": eps is drawn from a generator seeded by (seed, client), so an image
     yields the same upload in every round and the server never sees two views of it.
     "fresh": a new eps every round.
     """
-    if schedule.server_range.is_empty:
-        return data.train[:0]
-    key = [config.seed, partition_id] + ([server_round] if config.noise_policy == "fresh" else [])
-    generator = torch.Generator().manual_seed(_seed_from(key))
-    eps = torch.randn(data.train.shape, generator=generator)
-    return schedule.noise_to_cut(data.train, eps)
+    config, train_images = client.config, client.data.train
+    if client.schedule.server_range.is_empty:
+        return train_images[:0]
+    key = [config.seed, client.partition_id]
+    if config.noise_policy == "fresh":
+        key.append(client.server_round)
+    eps = torch.randn(train_images.shape, generator=torch.Generator().manual_seed(_seed_from(key)))
+    return client.schedule.noise_to_cut(train_images, eps)
 
 
 def _seed_from(key: list[int]) -> int:
@@ -87,24 +113,22 @@ def _seed_from(key: list[int]) -> int:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the private denoiser on t in [1, t_zeta]; reply with the cut-point uploads."""
-    config, partition_id, round_config, client_dir = _setup(msg, context)
-    server_round = int(round_config["server-round"])
-    schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
-    data = client_data(config, partition_id)
-    denoiser = _denoiser(config, partition_id, client_dir, data.train.shape[1])
-    generator = torch.Generator().manual_seed(_seed_from([config.seed, partition_id, server_round, 1]))
+    client = ClientRound.from_message(msg, context)
+    config, partition_id, schedule = client.config, client.partition_id, client.schedule
+    denoiser = _denoiser(client)
+    generator = torch.Generator().manual_seed(_seed_from([config.seed, partition_id, client.server_round, 1]))
     start = time.perf_counter()
     budget = 0 if schedule.client_range.is_empty else config.client_images_per_round
     stats = train_for_images(
         denoiser,
-        data.train,
+        client.data.train,
         budget,
         config.batch_size,
         lambda n, x0, g: client_loss(n, schedule, x0, g),
         generator,
     )
-    denoiser.save(client_dir / "model")
-    x_cut = cut_point_uploads(schedule, data, config, partition_id, server_round)
+    denoiser.save(client.model_dir)
+    x_cut = cut_point_uploads(client)
     metrics = {
         "partition-id": partition_id,
         "num-examples": int(x_cut.shape[0]),
@@ -118,25 +142,23 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Finish the server's handed-over states with the private denoiser; report quality."""
-    config, partition_id, round_config, client_dir = _setup(msg, context)
-    server_round = int(round_config["server-round"])
-    schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
-    data = client_data(config, partition_id)
-    x = wire.unpack_handover(msg.content, tuple(data.train.shape[1:]), config.eval_num_samples)
-    sampler = make_sampler(config.sampler, schedule, config.sampling_steps, config.clip_denoised)
+    client = ClientRound.from_message(msg, context)
+    config, partition_id = client.config, client.partition_id
+    x = wire.unpack_handover(msg.content, tuple(client.data.train.shape[1:]), config.eval_num_samples)
+    sampler = make_sampler(config.sampler, client.schedule, config.sampling_steps, config.clip_denoised)
     _, client_steps = split_at_cut(sampler, config.t_zeta)
     start = time.perf_counter()
     if len(client_steps):
-        if not Denoiser.exists(client_dir / "model"):
-            raise RuntimeError(f"client {partition_id} has no trained denoiser in {client_dir}")
-        net = Denoiser.load(client_dir / "model", config.client_lr, config.ema_decay).for_sampling()
-        x = denoise(net, sampler, x, client_steps, int(round_config["sample-seed"]), config.ddim_eta)
+        if not Denoiser.exists(client.model_dir):
+            raise RuntimeError(f"client {partition_id} has no trained denoiser in {client.model_dir}")
+        net = Denoiser.load(client.model_dir, config.client_lr, config.ema_decay).for_sampling()
+        seed = int(client.message_config["sample-seed"])
+        x = denoise(net, sampler, x, client_steps, seed, config.ddim_eta)
     images = x.clamp(-1, 1)
     sample_seconds = time.perf_counter() - start
-    run_dir = Path(str(round_config["run-dir"]))
-    save_grid(images, run_dir / "samples" / f"round-{server_round:03d}-client-{partition_id}.png")
-    extractor = load_classifier(Path(str(round_config["classifier-path"])))
-    quality = frechet_and_kid(extractor, data.held_out, images)
+    save_grid(images, client.run_dir / "samples" / f"round-{client.server_round:03d}-client-{partition_id}.png")
+    extractor = load_classifier(Path(str(client.message_config["classifier-path"])))
+    quality = frechet_and_kid(extractor, client.data.held_out, images)
     metrics = {
         "partition-id": partition_id,
         "num-examples": int(images.shape[0]),

@@ -17,7 +17,7 @@ from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import ClientData, client_data, image_shape
 from collafuse_flwr.metrics import cache_classifier, classifier_accuracy
 from collafuse_flwr.models import Denoiser, build_denoiser
-from collafuse_flwr.outputs import create_run_dir, write_config
+from collafuse_flwr.outputs import append_metrics, create_run_dir, write_config
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 
 app = ServerApp()
@@ -70,6 +70,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "CollaFuse run directory: %s", run_dir)
     classifier_path, accuracy = feature_network(config, parts)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
+    append_metrics(run_dir, [(0, "server", "feature-network-accuracy", accuracy)])
     wait_for_clients(grid, config.num_clients, config.wait_for_clients_seconds)
     net = build_denoiser(
         config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
