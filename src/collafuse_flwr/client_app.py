@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,6 +27,7 @@ from collafuse_flwr.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import save_grid
 from collafuse_flwr.sampling import denoise, make_sampler, split_at_cut
 from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.seeds import derive_seed
 from collafuse_flwr.training import train_for_images
 
 app = ClientApp()
@@ -101,13 +101,8 @@ def cut_point_uploads(client: ClientRound) -> torch.Tensor:
     key = [config.seed, client.partition_id]
     if config.noise_policy == "fresh":
         key.append(client.server_round)
-    eps = torch.randn(train_images.shape, generator=torch.Generator().manual_seed(_seed_from(key)))
+    eps = torch.randn(train_images.shape, generator=torch.Generator().manual_seed(derive_seed(*key)))
     return client.schedule.noise_to_cut(train_images, eps)
-
-
-def _seed_from(key: list[int]) -> int:
-    """A 32-bit seed derived from a list of ints (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 @app.train()
@@ -116,7 +111,9 @@ def train(msg: Message, context: Context) -> Message:
     client = ClientRound.from_message(msg, context)
     config, partition_id, schedule = client.config, client.partition_id, client.schedule
     denoiser = _denoiser(client)
-    generator = torch.Generator().manual_seed(_seed_from([config.seed, partition_id, client.server_round, 1]))
+    generator = torch.Generator().manual_seed(
+        derive_seed(config.seed, partition_id, client.server_round, 1)
+    )
     start = time.perf_counter()
     budget = 0 if schedule.client_range.is_empty else config.client_images_per_round
     stats = train_for_images(

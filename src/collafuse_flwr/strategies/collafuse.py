@@ -30,6 +30,7 @@ from collafuse_flwr.models import Denoiser
 from collafuse_flwr.outputs import append_log, append_metrics, save_grid
 from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
 from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.seeds import derive_seed
 from collafuse_flwr.training import train_for_images
 
 
@@ -179,8 +180,11 @@ class CollaFuseStrategy(Strategy):
         server_steps, _ = split_at_cut(sampler, c.t_zeta)
         net = self.denoiser.for_sampling()
         messages, shown = [], []
-        for i, msg in enumerate(self._messages(grid, "evaluate", server_round)):
-            seed = c.seed * 1_000_003 + server_round * 1009 + msg.metadata.dst_node_id % 1_000_003
+        # seeds and grid rows follow the partition ids the clients reported in training
+        # (node ids change from run to run); a node that never reported keeps its node id
+        order = lambda m: self.partition_of.get(m.metadata.dst_node_id, m.metadata.dst_node_id)
+        for msg in sorted(self._messages(grid, "evaluate", server_round), key=order):
+            seed = derive_seed(c.seed, server_round, order(msg))
             x = initial_noise(c.eval_num_samples, self.image_shape, seed)
             x = denoise(net, sampler, x, server_steps, seed, c.ddim_eta)
             msg.content.config_records["config"]["sample-seed"] = seed
