@@ -124,7 +124,8 @@ class CollaFuseStrategy(Strategy):
             rows.append((server_round, str(pid), "bytes-uploaded", float(nbytes)))
 
         start = time.perf_counter()
-        pool = torch.cat(list(self.uploads.values())) if self.uploads else torch.empty(0)
+        # pool in partition-id order: reply arrival order must not change the training stream
+        pool = torch.cat([self.uploads[k] for k in sorted(self.uploads)]) if self.uploads else torch.empty(0)
         budget = 0 if self.schedule.server_range.is_empty else self.config.server_images_per_round
         stats = train_for_images(
             self.denoiser, pool, budget, self.config.batch_size,
