@@ -120,3 +120,14 @@ def test_failed_run_is_reported_as_failed(flwr_env, tmp_path):
     outcome = flwr_run(PROJECT, "t-zeta=5000", FEDERATION, env=env, cwd=cwd)
     assert not outcome.ok and outcome.status.startswith("finished:failed")
     assert "t-zeta=5000" in outcome.log
+
+
+def test_same_config_gives_the_same_results(flwr_env, tmp_path):
+    """Seeds fix everything: partition, noise, training streams and samples."""
+    runs = [_run(flwr_env, tmp_path / str(i), **{"num-server-rounds": 1}) for i in range(2)]
+    tables = []
+    for outcome in runs:
+        metrics = pd.read_csv(outcome.run_dir / "metrics.csv")
+        keep = metrics[~metrics["metric"].str.endswith("seconds")]
+        tables.append(keep.sort_values(["round", "client", "metric"]).reset_index(drop=True))
+    pd.testing.assert_frame_equal(tables[0], tables[1])
