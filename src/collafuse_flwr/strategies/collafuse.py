@@ -95,8 +95,29 @@ class CollaFuseStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the uploads, pool them, train the server denoiser for its budget."""
-        rows: list[tuple[int, str, str, float]] = []
-        client_losses, client_seen, uploaded = [], 0, 0
+        rows, clients = self._receive_uploads(server_round, replies)
+        server_rows, server = self._train_server(server_round)
+        append_metrics(self.run_dir, rows + server_rows)
+        line = (
+            f"round {server_round}/{self.config.num_server_rounds} "
+            f"| client loss {clients['client-train-loss']:.4f} "
+            f"| server loss {server['loss']:.4f} | images seen: clients "
+            f"{clients['client-images-seen']}, server {server['images-seen']} "
+            f"| uploaded {clients['bytes-uploaded'] / 1e6:.2f} MB "
+            f"| server train {server['seconds']:.1f}s"
+        )
+        log(INFO, line)
+        append_log(self.run_dir, line)
+        return None, MetricRecord({**clients, "server-train-loss": server["loss"]})
+
+    def _receive_uploads(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[tuple], dict]:
+        """Validate every reply; keep each client's latest accepted x_{t_zeta} in the pool.
+
+        Returns metrics.csv rows per client and a summary over the accepted replies.
+        """
+        rows, losses, seen, uploaded = [], [], 0, 0
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -114,54 +135,53 @@ class CollaFuseStrategy(Strategy):
                 rows.append((server_round, f"node-{node}", "rejected", 1.0))
                 continue
             self.uploads[pid] = x_cut
-            nbytes = wire.record_bytes(reply.content.array_records[wire.UPLOADS]) if x_cut.numel() else 0
+            nbytes = wire.record_bytes(reply.content.array_records[wire.UPLOADS]) if len(x_cut) else 0
             uploaded += nbytes
-            client_seen += int(metrics["images-seen"])
+            seen += int(metrics["images-seen"])
             if metrics["images-seen"]:
-                client_losses.append(float(metrics["train-loss"]))
+                losses.append(float(metrics["train-loss"]))
             for key in ("train-loss", "images-seen", "num-examples", "train-seconds"):
                 rows.append((server_round, str(pid), key, float(metrics[key])))
             rows.append((server_round, str(pid), "bytes-uploaded", float(nbytes)))
+        summary = {
+            "client-train-loss": sum(losses) / len(losses) if losses else float("nan"),
+            "client-images-seen": seen,
+            "bytes-uploaded": uploaded,
+        }
+        return rows, summary
 
+    def _train_server(self, server_round: int) -> tuple[list[tuple], dict]:
+        """Train the server denoiser on the pool for its budget; checkpoint it."""
         start = time.perf_counter()
         # pool in partition-id order: reply arrival order must not change the training stream
-        pool = torch.cat([self.uploads[k] for k in sorted(self.uploads)]) if self.uploads else torch.empty(0)
+        pool = [self.uploads[pid] for pid in sorted(self.uploads)]
+        pool = torch.cat(pool) if pool else torch.empty((0, *self.image_shape))
         budget = 0 if self.schedule.server_range.is_empty else self.config.server_images_per_round
+        weighting = self.config.server_loss_weighting
         stats = train_for_images(
             self.denoiser, pool, budget, self.config.batch_size,
-            lambda n, x_r, g: server_loss(n, self.schedule, x_r, g, self.config.server_loss_weighting),
+            lambda net, x_r, g: server_loss(net, self.schedule, x_r, g, weighting),
             self.generator,
         )
-        seconds = time.perf_counter() - start
+        stats["seconds"] = time.perf_counter() - start
         self.denoiser.save(self.run_dir / "checkpoints" / "server")
-        rows += [
+        rows = [
             (server_round, "server", "train-loss", stats["loss"]),
             (server_round, "server", "images-seen", float(stats["images-seen"])),
-            (server_round, "server", "pool-size", float(pool.shape[0] if pool.numel() else 0)),
-            (server_round, "server", "train-seconds", seconds),
-            (server_round, "server", "bytes-received", float(uploaded)),
+            (server_round, "server", "pool-size", float(len(pool))),
+            (server_round, "server", "train-seconds", stats["seconds"]),
         ]
-        append_metrics(self.run_dir, rows)
-        client_loss = sum(client_losses) / len(client_losses) if client_losses else float("nan")
-        line = (
-            f"round {server_round}/{self.config.num_server_rounds} | client loss {client_loss:.4f} "
-            f"| server loss {stats['loss']:.4f} | images seen: clients {client_seen}, "
-            f"server {stats['images-seen']} | uploaded {uploaded / 1e6:.2f} MB "
-            f"| server train {seconds:.1f}s"
-        )
-        log(INFO, line)
-        append_log(self.run_dir, line)
-        return None, MetricRecord(
-            {"client-train-loss": client_loss, "server-train-loss": stats["loss"],
-             "bytes-uploaded": uploaded}
-        )
+        return rows, stats
 
     def _partition_id(self, node: int, metrics: MetricRecord) -> int:
+        """The partition id a reply claims, if valid and not claimed by another node."""
         pid = metrics.get("partition-id")
         if not isinstance(pid, int) or not 0 <= pid < self.config.num_clients:
             raise wire.UploadRejected(f"partition-id {pid!r} outside [0, {self.config.num_clients})")
-        if self.partition_of.setdefault(node, pid) != pid or list(self.partition_of.values()).count(pid) > 1:
+        claimed = {p: n for n, p in self.partition_of.items()}
+        if claimed.get(pid, node) != node or self.partition_of.get(node, pid) != pid:
             raise wire.UploadRejected(f"partition-id {pid} claimed by more than one node")
+        self.partition_of[node] = pid
         return pid
 
     # --------------------------------------------------------------- evaluation
@@ -180,7 +200,7 @@ class CollaFuseStrategy(Strategy):
         sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
         server_steps, _ = split_at_cut(sampler, c.t_zeta)
         net = self.denoiser.for_sampling()
-        messages, shown = [], []
+        messages, shown, sent = [], [], []
         # seeds and grid rows follow the partition ids the clients reported in training
         # (node ids change from run to run); a node that never reported keeps its node id
         order = lambda m: self.partition_of.get(m.metadata.dst_node_id, m.metadata.dst_node_id)
@@ -193,6 +213,9 @@ class CollaFuseStrategy(Strategy):
             msg.content[wire.HANDOVER] = wire.pack_handover(x)
             messages.append(msg)
             shown.append(x[:8])
+            sent.append((server_round, str(order(msg)), "bytes-handed-over",
+                         float(wire.record_bytes(msg.content.array_records[wire.HANDOVER]))))
+        append_metrics(self.run_dir, sent)
         if shown:
             save_grid(torch.cat(shown), self.run_dir / "samples" / f"round-{server_round:03d}-handover.png", nrow=8)
         return messages
