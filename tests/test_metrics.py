@@ -43,3 +43,12 @@ def test_classifier_features_separate_same_from_shifted(tmp_path):
     other = frechet_and_kid(net, digits_0_4, held[labels[1200:] >= 5])
     assert same["fd_classifier"] < 0.5 * other["fd_classifier"]
     assert same["kid_classifier"] < other["kid_classifier"]
+
+
+def test_kid_is_reproducible_whatever_the_global_rng():
+    generator = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(60, 1, 2, 2, generator=generator), torch.randn(50, 1, 2, 2, generator=generator)
+    torch.manual_seed(123)
+    first = frechet_and_kid(Identity(), real, fake)
+    torch.manual_seed(456)
+    assert frechet_and_kid(Identity(), real, fake) == first
