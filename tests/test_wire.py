@@ -106,3 +106,15 @@ def test_server_accepts_a_valid_upload():
     )
     assert x.dtype == torch.float32 and x.shape == (4, 1, 8, 8)
     assert metrics["num-examples"] == 4
+
+
+def test_client_validates_the_handover():
+    good = RecordDict({wire.HANDOVER: wire.pack_handover(torch.zeros(4, 1, 8, 8))})
+    assert wire.unpack_handover(good, (1, 8, 8), max_count=4).shape == (4, 1, 8, 8)
+    with pytest.raises(wire.UploadRejected, match="at most 2"):
+        wire.unpack_handover(good, (1, 8, 8), max_count=2)
+    with pytest.raises(wire.UploadRejected, match="shape"):
+        wire.unpack_handover(good, (3, 8, 8), max_count=4)
+    bad = RecordDict({wire.HANDOVER: wire.pack_handover(torch.full((4, 1, 8, 8), float("inf")))})
+    with pytest.raises(wire.UploadRejected, match="non-finite"):
+        wire.unpack_handover(bad, (1, 8, 8), max_count=4)

@@ -67,22 +67,10 @@ def unpack_uploads(
         if UPLOADS in content.array_records:
             raise UploadRejected("uploads sent although num-examples is 0")
         return torch.empty((0, *image_shape)), metrics
-    if UPLOADS not in content.array_records:
-        raise UploadRejected("no uploads record although num-examples > 0")
-    record = content.array_records[UPLOADS]
-    if list(record.keys()) != [UPLOAD_KEY]:
-        raise UploadRejected(f"uploads must hold exactly '{UPLOAD_KEY}', got {list(record.keys())}")
-    array = record[UPLOAD_KEY]
-    if array.dtype != dtype:
-        raise UploadRejected(f"dtype {array.dtype}, expected {dtype}")
-    shape = tuple(array.shape)
-    if len(shape) != 4 or shape[1:] != tuple(image_shape):
-        raise UploadRejected(f"shape {shape}, expected (n, {', '.join(map(str, image_shape))})")
-    if shape[0] != declared or shape[0] > cap:
-        raise UploadRejected(f"{shape[0]} samples; declared {declared}, cap {cap}")
-    values = array.numpy()
-    if not np.isfinite(values).all():
-        raise UploadRejected("non-finite values")
+    array = _image_batch(content, UPLOADS, UPLOAD_KEY, dtype, image_shape)
+    if array.shape[0] != declared or array.shape[0] > cap:
+        raise UploadRejected(f"{array.shape[0]} samples; declared {declared}, cap {cap}")
+    values = _finite(array)
     peak = float(np.abs(values).max())
     if peak > MAX_ABS_VALUE:
         raise UploadRejected(f"|value| up to {peak:.3g} exceeds {MAX_ABS_VALUE}")
@@ -98,21 +86,38 @@ def unpack_handover(
     content: RecordDict, image_shape: tuple[int, int, int], max_count: int
 ) -> torch.Tensor:
     """Validate the handed-over states on the client; return (n, C, H, W) float32."""
-    if HANDOVER not in content.array_records:
-        raise UploadRejected("no handover record")
-    record = content.array_records[HANDOVER]
-    if list(record.keys()) != [HANDOVER_KEY]:
-        raise UploadRejected(f"handover must hold exactly '{HANDOVER_KEY}'")
-    array = record[HANDOVER_KEY]
+    array = _image_batch(content, HANDOVER, HANDOVER_KEY, "float32", image_shape)
+    if not 0 < array.shape[0] <= max_count:
+        raise UploadRejected(f"handover of {array.shape[0]} states; at most {max_count} allowed")
+    return torch.from_numpy(_finite(array).copy())
+
+
+def _image_batch(
+    content: RecordDict, record: str, key: str, dtype: str, image_shape: tuple[int, int, int]
+) -> Array:
+    """The one array `key` of ArrayRecord `record`, checked to be (n, *image_shape) of `dtype`."""
+    if record not in content.array_records:
+        raise UploadRejected(f"no {record} record")
+    arrays = content.array_records[record]
+    if list(arrays.keys()) != [key]:
+        raise UploadRejected(f"{record} must hold exactly '{key}', got {list(arrays.keys())}")
+    array = arrays[key]
+    if array.dtype != dtype:
+        raise UploadRejected(f"{record}: dtype {array.dtype}, expected {dtype}")
     shape = tuple(array.shape)
-    if array.dtype != "float32" or len(shape) != 4 or shape[1:] != tuple(image_shape):
-        raise UploadRejected(f"handover of dtype {array.dtype} and shape {shape}")
-    if not 0 < shape[0] <= max_count:
-        raise UploadRejected(f"handover of {shape[0]} states; at most {max_count} allowed")
+    if len(shape) != 4 or shape[1:] != tuple(image_shape):
+        raise UploadRejected(
+            f"{record}: shape {shape}, expected (n, {', '.join(map(str, image_shape))})"
+        )
+    return array
+
+
+def _finite(array: Array) -> np.ndarray:
+    """The array's values, rejected if any is NaN or infinite."""
     values = array.numpy()
     if not np.isfinite(values).all():
-        raise UploadRejected("non-finite handover")
-    return torch.from_numpy(values.copy())
+        raise UploadRejected("non-finite values")
+    return values
 
 
 def record_bytes(record: ArrayRecord) -> int:
