@@ -134,15 +134,17 @@ class RunConfig:
                 f"sampling-steps={self.sampling_steps}: must divide timesteps={self.timesteps} "
                 "so that the sampler's grid is evenly spaced and reaches t = T"
             )
-        if self.image_size % 2 ** (len(self._parse_channels()) - 1):
+        downsampling = 2 ** (len(self._parse_channels()) - 1)
+        if self.image_size % downsampling:
             raise ConfigError(
                 f"image-size={self.image_size}: must be divisible by "
-                f"2^(number of U-Net blocks - 1) = {2 ** (len(self._parse_channels()) - 1)}"
+                f"2^(number of U-Net blocks - 1) = {downsampling}"
             )
         if self.wait_for_clients_seconds <= 0 or self.round_timeout_seconds <= 0:
             raise ConfigError("wait-for-clients-seconds and round-timeout-seconds must be > 0")
 
     def _parse_channels(self) -> tuple[int, ...]:
+        """`block_channels`, or a `ConfigError` unless they are multiples of 8."""
         try:
             channels = self.block_channels
         except ValueError:

@@ -45,8 +45,7 @@ def flwr_run(
     echo: bool = False,
 ) -> RunOutcome:
     """Run `flwr run PROJECT --stream` with the given configs; return its `RunOutcome`."""
-    flwr = str(Path(sys.executable).with_name("flwr"))
-    command = [flwr, "run", str(Path(project_dir).resolve()), "--stream"]
+    command = [_flwr(), "run", str(Path(project_dir).resolve()), "--stream"]
     if run_config:
         command += ["--run-config", run_config]
     if federation_config:
@@ -70,11 +69,15 @@ def flwr_run(
     return RunOutcome(run_id, status, run_dir, log)
 
 
+def _flwr() -> str:
+    """The `flwr` command of this Python environment."""
+    return str(Path(sys.executable).with_name("flwr"))
+
+
 def run_status(run_id: str, env: dict, cwd: Path | None = None) -> str:
     """The final status of run `run_id` as `flwr ls` reports it, e.g. "finished:completed"."""
-    flwr = str(Path(sys.executable).with_name("flwr"))
     out = subprocess.run(
-        [flwr, "ls", "--run-id", run_id, "--format", "json"],
+        [_flwr(), "ls", "--run-id", run_id, "--format", "json"],
         env=env, cwd=cwd, capture_output=True, text=True, check=False,
     )
     try:
@@ -89,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("project_dir", nargs="?", default=".")
     parser.add_argument("--run-config", default="", help="passed to flwr run --run-config")
     parser.add_argument("--num-supernodes", type=int, default=5)
-    parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--cpus-per-client", type=int, default=1)
     args = parser.parse_args(argv)
     federation = (
-        f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client:g} "
+        f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client} "
         "client-resources-num-gpus=0"
     )
     outcome = flwr_run(Path(args.project_dir), args.run_config, federation, echo=True)

@@ -73,14 +73,16 @@ class CollaFuseStrategy(Strategy):
             c.client_images_per_round, c.server_images_per_round,
         )
 
-    def _messages(
-        self, grid: Grid, message_type: str, server_round: int, extra: dict | None = None
-    ) -> list[Message]:
-        config = ConfigRecord(
-            {"server-round": server_round, "run-dir": str(self.run_dir), **(extra or {})}
-        )
+    def _messages(self, grid: Grid, message_type: str, server_round: int) -> list[Message]:
+        """One message per node, each with its own config record (round and run directory)."""
         return [
-            Message(RecordDict({"config": config}), dst_node_id=node, message_type=message_type)
+            Message(
+                RecordDict({"config": ConfigRecord(
+                    {"server-round": server_round, "run-dir": str(self.run_dir)}
+                )}),
+                dst_node_id=node,
+                message_type=message_type,
+            )
             for node in sorted(grid.get_node_ids())
         ]
 
