@@ -4,6 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 RUN_CONFIG ?=
+OVERLAY ?=
 OUTPUT_DIR ?= $(CURDIR)/results/runs
 export HF_HUB_OFFLINE = 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
@@ -25,7 +26,8 @@ federation: install
 	    --num-supernodes 5 --client-resources-num-cpus 1
 
 run: install federation
-	$(VENV)/bin/collafuse-run . --run-config "output-dir='$(OUTPUT_DIR)' $(RUN_CONFIG)"
+	$(VENV)/bin/collafuse-run . $(if $(OVERLAY),--run-config $(OVERLAY)) \
+	    --run-config "output-dir='$(OUTPUT_DIR)' $(RUN_CONFIG)"
 
 test: install
 	$(VENV)/bin/python -m pytest tests

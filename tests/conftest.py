@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,15 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real dataset fixtures beside the checkout (../shared/data), or $COLLAFUSE_SHARED_DATA.
+
+    Their terms forbid redistribution, so they are read in place and never copied into the
+    repository."""
+    root = Path(os.environ.get("COLLAFUSE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (root / "cifar10-mini" / "labels.csv").is_file():
+        pytest.fail(f"dataset fixtures not found in {root}; set COLLAFUSE_SHARED_DATA")
+    return root

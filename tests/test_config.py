@@ -15,7 +15,10 @@ from collafuse_flwr.data import client_data
     [
         ({"t-zeta": 1001}, r"t-zeta=1001: the cut point must lie in \[0, timesteps=1000\]"),
         ({"t-zeta": -1}, r"t-zeta=-1"),
-        ({"dataset": "imagenet"}, r"dataset='imagenet': unknown; allowed: digits"),
+        ({"dataset": "imagenet"}, r"dataset='imagenet': unknown; allowed: digits, cifar10, celeba, awa2"),
+        ({"dataset-split": "val"}, r"dataset-split='val': unknown; allowed: , train, valid, test, all"),
+        ({"partition": "labels"}, r"partition='labels': unknown; allowed: .*attribute-groups"),
+        ({"download": "yes"}, r"download='yes': must be true or false"),
         ({"sampler": "euler"}, r"sampler='euler'"),
         ({"sampling-steps": 30}, r"sampling-steps=30: must divide timesteps=1000"),
         ({"unet-block-channels": "32,abc"}, r"unet-block-channels"),
@@ -34,15 +37,20 @@ def test_too_few_clients_for_the_partition():
         client_data(config, 0)
 
 
-def test_dirichlet_that_starves_a_client_is_a_clear_error():
-    config = RunConfig.from_flower(
-        {"num-clients": 50, "partition": "dirichlet", "dirichlet-alpha": 0.001}
-    )
-    with pytest.raises(ConfigError, match="could not give every client"):
-        client_data(config, 0)
+@pytest.mark.parametrize("dataset,size,partition", [
+    ("digits", 16, "label-groups"), ("cifar10", 32, "label-groups"),
+    ("celeba", 64, "attribute-groups"), ("awa2", 64, "attribute-groups"),
+])
+def test_defaults_follow_the_dataset(dataset, size, partition):
+    config = RunConfig.from_flower({"dataset": dataset})
+    assert (config.image_size, config.partition) == (size, partition)
+    assert RunConfig.from_flower({"dataset": dataset, "image-size": 8}).image_size == 8
 
 
-@pytest.mark.parametrize("override", [{"t-zeta": 5000}, {"num-clients": 2}])
+@pytest.mark.parametrize(
+    "override",
+    [{"t-zeta": 5000}, {"num-clients": 2}, {"dataset": "celeba", "partition": "label-groups"}],
+)
 def test_server_fails_before_writing_or_training(override, tiny_run_config, tmp_path):
     """The ServerApp rejects the config before it makes a run directory or contacts a client."""
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from collafuse_flwr.launch import flwr_run
 
@@ -131,3 +134,22 @@ def test_same_config_gives_the_same_results(flwr_env, tmp_path):
         keep = metrics[~metrics["metric"].str.endswith("seconds")]
         tables.append(keep.sort_values(["round", "client", "metric"]).reset_index(drop=True))
     pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+@pytest.mark.parametrize("dataset,folder", [("cifar10", "cifar10-mini"), ("celeba", "celeba-mini")])
+def test_flwr_run_on_a_dataset_fixture(flwr_env, tmp_path, shared_data, dataset, folder):
+    """RGB datasets from the image-folder layout run end to end and leave a partition report."""
+    outcome = _run(flwr_env, tmp_path, **{
+        "dataset": dataset, "data-dir": str(shared_data / folder), "num-server-rounds": 1,
+    })
+    run_dir = outcome.run_dir
+    partition = pd.read_csv(run_dir / "partition.csv")
+    assert partition[partition["kind"] == "images"]["count"].sum() == (2000 if dataset == "cifar10" else 1000)
+    assert (run_dir / "partition.png").stat().st_size > 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["partition"] == ("label-groups" if dataset == "cifar10" else "attribute-groups")
+    for pid in range(5):
+        grid = np.asarray(Image.open(run_dir / "samples" / f"round-001-client-{pid}.png").convert("RGB"))
+        assert (grid[..., 0] != grid[..., 2]).any()  # colour samples, not grey
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert len(metrics[metrics["metric"] == "fd_classifier"]) == 5

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from collafuse_flwr.data import load_dataset
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.data import load_table
 from collafuse_flwr.metrics import cache_classifier, frechet_and_kid, load_classifier
 
 
@@ -32,7 +33,8 @@ def test_frechet_distance_matches_scipy_reference():
 
 
 def test_classifier_features_separate_same_from_shifted(tmp_path):
-    images, labels = load_dataset("digits", 16)
+    table = load_table(RunConfig())
+    images, labels = torch.from_numpy(table.images), torch.from_numpy(table.labels)
     net = cache_classifier(tmp_path / "f.safetensors", images[:1200], labels[:1200], epochs=3, seed=0)
     assert (tmp_path / "f.safetensors").exists()
     again = load_classifier(tmp_path / "f.safetensors")

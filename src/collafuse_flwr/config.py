@@ -11,8 +11,17 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-DATASETS = ("digits",)
-PARTITIONS = ("label-groups", "dirichlet", "iid")
+# Resolution used when image-size = 0: the paper's for CIFAR-10 (32), CelebA and AwA2 (64);
+# the 8x8 digits are upsampled to 16.
+DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "celeba": 64, "awa2": 64}
+DATASETS = tuple(DEFAULT_IMAGE_SIZE)
+LABELLED_DATASETS = ("digits", "cifar10", "awa2")  # class labels: label-groups, dirichlet
+ATTRIBUTE_DATASETS = ("celeba", "awa2")  # binary attributes: attribute-groups
+DATASET_SPLITS = ("", "train", "valid", "test", "all")
+PARTITIONS = ("label-groups", "dirichlet", "iid", "attribute-groups")
+# Partition used when partition = "": classes where the dataset has them, else attributes.
+DEFAULT_PARTITION = {"digits": "label-groups", "cifar10": "label-groups", "celeba": "attribute-groups",
+                     "awa2": "attribute-groups"}
 SAMPLERS = ("ddpm", "ddim")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 NOISE_POLICIES = ("once", "fresh")
@@ -32,10 +41,13 @@ class RunConfig:
     num_clients: int = 5
     dataset: str = "digits"
     data_dir: str = ""
-    image_size: int = 16
-    partition: str = "label-groups"
+    download: bool = True
+    dataset_split: str = ""
+    image_size: int = 0
+    partition: str = ""
     classes_per_client: int = 2
     dirichlet_alpha: float = 0.5
+    attribute_groups: str = ""
     held_out_fraction: float = 0.2
     seed: int = 0
     timesteps: int = 1000
@@ -64,6 +76,13 @@ class RunConfig:
     output_dir: str = "results/runs"
     wait_for_clients_seconds: float = 120.0
     round_timeout_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        """Resolve image-size = 0 and partition = "" to the dataset's defaults."""
+        if self.image_size == 0 and self.dataset in DEFAULT_IMAGE_SIZE:
+            object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZE[self.dataset])
+        if not self.partition and self.dataset in DEFAULT_PARTITION:
+            object.__setattr__(self, "partition", DEFAULT_PARTITION[self.dataset])
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -94,7 +113,19 @@ class RunConfig:
     def validate(self) -> None:
         """Raise `ConfigError` naming the key, the value and what is allowed."""
         _choice("dataset", self.dataset, DATASETS)
+        _choice("dataset-split", self.dataset_split, DATASET_SPLITS)
         _choice("partition", self.partition, PARTITIONS)
+        if self.partition in ("label-groups", "dirichlet") and self.dataset not in LABELLED_DATASETS:
+            raise ConfigError(
+                f"partition={self.partition!r}: dataset={self.dataset!r} has no class labels; "
+                "use partition='attribute-groups' or 'iid'"
+            )
+        if self.partition == "attribute-groups" and self.dataset not in ATTRIBUTE_DATASETS:
+            raise ConfigError(
+                f"partition='attribute-groups': dataset={self.dataset!r} has no attributes; "
+                f"use it with {' or '.join(ATTRIBUTE_DATASETS)}, or partition='label-groups', "
+                "'dirichlet' or 'iid'"
+            )
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("beta-schedule", self.beta_schedule, BETA_SCHEDULES)
         _choice("noise-policy", self.noise_policy, NOISE_POLICIES)

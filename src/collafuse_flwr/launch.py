@@ -1,10 +1,15 @@
 """Launch `flwr run` and report how the run really ended.
 
+`flwr run` takes either one TOML overlay or key=value strings, not both; this wrapper merges
+any number of each (later ones win) into one `--run-config`, so an overlay can be combined
+with, e.g., the data directory of this machine.
+
 `flwr run --stream` exits 0 even when the ServerApp failed, so this wrapper reads the run id
 from its output, asks `flwr ls --run-id ID --format json` for the final status, and exits
 non-zero unless the status is `finished:completed`. It also prints the run directory.
 
-    collafuse-run [PROJECT_DIR] [--run-config "t-zeta=200 ..."] [--num-supernodes 5]
+    collafuse-run [PROJECT_DIR] [--run-config "t-zeta=200 ..."] [--run-config simulations/x.toml]
+                  [--num-supernodes 5] [--cpus-per-client 1]
 """
 
 from __future__ import annotations
@@ -69,6 +74,29 @@ def flwr_run(
     return RunOutcome(run_id, status, run_dir, log)
 
 
+def merge_run_configs(items: list[str]) -> str:
+    """TOML overlay files and "key=value ..." strings merged in order (later keys win), as one
+    "key=value ..." string for `flwr run --run-config`."""
+    from flwr.common.config import parse_config_args
+
+    merged: dict = {}
+    for item in items:
+        merged.update(parse_config_args([item]))
+    return " ".join(f"{key}={_toml_value(key, value)}" for key, value in merged.items())
+
+
+def _toml_value(key: str, value) -> str:
+    """`value` as Flower's run-config parser reads it back (quoted strings, true/false)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if not isinstance(value, str):
+        return repr(value)
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ValueError(f"{key}={value!r}: a run-config string cannot hold both kinds of quotes")
+
+
 def _flwr() -> str:
     """The `flwr` command of this Python environment."""
     return str(Path(sys.executable).with_name("flwr"))
@@ -90,7 +118,10 @@ def run_status(run_id: str, env: dict, cwd: Path | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("project_dir", nargs="?", default=".")
-    parser.add_argument("--run-config", default="", help="passed to flwr run --run-config")
+    parser.add_argument(
+        "--run-config", action="append", default=[],
+        help="passed to flwr run --run-config (repeatable: TOML files and key=value strings)",
+    )
     parser.add_argument("--num-supernodes", type=int, default=5)
     parser.add_argument("--cpus-per-client", type=int, default=1)
     args = parser.parse_args(argv)
@@ -98,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client} "
         "client-resources-num-gpus=0"
     )
-    outcome = flwr_run(Path(args.project_dir), args.run_config, federation, echo=True)
+    outcome = flwr_run(Path(args.project_dir), merge_run_configs(args.run_config), federation, echo=True)
     print(f"\nrun {outcome.run_id}: {outcome.status}")
     if outcome.run_dir:
         print(f"results: {outcome.run_dir}")

@@ -1,7 +1,8 @@
 """Offline image-quality metrics on a small classifier's features: fd_classifier, kid_classifier.
 
 No pretrained Inception or CLIP weights are available offline, so the features come from a
-small CNN trained to classify the dataset's training images (a stand-in for a public
+small CNN trained to classify the dataset's training images, or to predict their binary
+attributes when the dataset has no classes (CelebA) (a stand-in for a public
 pretrained network; it is used for evaluation only). The Fréchet distance and KID are
 torchmetrics' FID and KID computed on these features, so the numbers are NOT comparable
 to Inception FID: they are reported as `fd_classifier` and `kid_classifier`.
@@ -22,7 +23,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 class FeatureClassifier(nn.Module):
     """CNN on (n, C, S, S) images in [-1, 1]; `forward` returns (n, num_features) features,
-    `logits` the class scores used to train it."""
+    `logits` the class (or attribute) scores used to train it."""
 
     def __init__(self, channels: int, num_classes: int, num_features: int = 64):
         super().__init__()
@@ -42,16 +43,20 @@ class FeatureClassifier(nn.Module):
 
 
 def train_classifier(
-    images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int
+    images: torch.Tensor, targets: torch.Tensor, epochs: int, seed: int
 ) -> FeatureClassifier:
-    """Train a `FeatureClassifier` on images (N, C, S, S) and labels (N,) with Adam."""
+    """Train a `FeatureClassifier` with Adam on images (N, C, S, S) and `targets`: class
+    labels (N,) int64 (cross-entropy) or binary attributes (N, A) float (per-attribute
+    logistic loss)."""
     torch.manual_seed(seed)
-    net = FeatureClassifier(images.shape[1], int(labels.max()) + 1)
+    multi_label = targets.ndim == 2
+    net = FeatureClassifier(images.shape[1], targets.shape[1] if multi_label else int(targets.max()) + 1)
+    loss_fn = nn.functional.binary_cross_entropy_with_logits if multi_label else nn.functional.cross_entropy
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for batch in torch.randperm(len(images), generator=generator).split(128):
-            loss = nn.functional.cross_entropy(net.logits(images[batch]), labels[batch])
+            loss = loss_fn(net.logits(images[batch]), targets[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -59,16 +64,16 @@ def train_classifier(
 
 
 def cache_classifier(
-    path: Path, images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int
+    path: Path, images: torch.Tensor, targets: torch.Tensor, epochs: int, seed: int
 ) -> FeatureClassifier:
-    """The feature network cached at `path` (safetensors); trained on (images, labels) and
+    """The feature network cached at `path` (safetensors); trained on (images, targets) and
     written atomically first if the file is absent. A file lock serialises concurrent calls."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            trained = train_classifier(images, labels, epochs, seed)
+            trained = train_classifier(images, targets, epochs, seed)
             tmp = path.with_suffix(".tmp")
             save_file(trained.state_dict(), str(tmp))
             os.replace(tmp, path)
@@ -87,10 +92,12 @@ def load_classifier(path: Path) -> FeatureClassifier:
     return net.eval()
 
 
-def classifier_accuracy(net: FeatureClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of the feature network on (images, labels)."""
+def classifier_accuracy(net: FeatureClassifier, images: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy on class labels (N,), or the mean per-attribute accuracy on (N, A)."""
     with torch.no_grad():
-        return float((net.logits(images).argmax(1) == labels).float().mean())
+        logits = net.logits(images)
+        predicted = (logits > 0).float() if targets.ndim == 2 else logits.argmax(1)
+        return float((predicted == targets).float().mean())
 
 
 def frechet_and_kid(

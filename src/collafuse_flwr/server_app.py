@@ -14,7 +14,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.data import ClientData, client_data, image_shape
+from collafuse_flwr.data import ClientData, client_data, data_root, image_shape, load_table
+from collafuse_flwr.data.report import write_partition_report
 from collafuse_flwr.metrics import cache_classifier, classifier_accuracy
 from collafuse_flwr.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import append_metrics, create_run_dir, write_config
@@ -40,21 +41,22 @@ def feature_network(config: RunConfig, parts: list[ClientData]) -> tuple[Path, f
     """Train (once, cached) the fd_classifier feature network on the pooled training images of
     all clients `parts`; return its path and its accuracy on the pooled held-out images."""
     key = json.dumps(
-        [config.dataset, config.image_size, config.num_clients, config.partition,
-         config.classes_per_client, config.dirichlet_alpha, config.held_out_fraction,
-         config.seed, config.metric_classifier_epochs]
+        [config.dataset, str(data_root(config)), config.dataset_split, config.image_size,
+         config.num_clients, config.partition, config.classes_per_client, config.dirichlet_alpha,
+         config.attribute_groups, config.held_out_fraction, config.seed,
+         config.metric_classifier_epochs]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = Path(config.output_dir).expanduser().resolve() / ".cache" / f"fd_classifier-{digest}.safetensors"
     net = cache_classifier(
         path,
         torch.cat([p.train for p in parts]),
-        torch.cat([p.train_labels for p in parts]),
+        torch.cat([p.train_targets for p in parts]),
         config.metric_classifier_epochs,
         config.seed,
     )
     accuracy = classifier_accuracy(
-        net, torch.cat([p.held_out for p in parts]), torch.cat([p.held_out_labels for p in parts])
+        net, torch.cat([p.held_out for p in parts]), torch.cat([p.held_out_targets for p in parts])
     )
     return path, accuracy
 
@@ -63,10 +65,12 @@ def feature_network(config: RunConfig, parts: list[ClientData]) -> tuple[Path, f
 def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` CollaFuse rounds and write everything into one run directory."""
     config = RunConfig.from_flower(context.run_config)
+    log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
     shape = image_shape(config)
     parts = [client_data(config, pid) for pid in range(config.num_clients)]  # checks the partition
     run_dir = create_run_dir(config.output_dir, f"{config.dataset}-collafuse-tz{config.t_zeta}")
     write_config(run_dir, config.to_flower())
+    write_partition_report(run_dir, config)
     log(INFO, "CollaFuse run directory: %s", run_dir)
     classifier_path, accuracy = feature_network(config, parts)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)

@@ -1,0 +1,107 @@
+"""Load the configured dataset: pick its loader, find its files, cache the decoded images.
+
+Decoding tens of thousands of JPEGs takes minutes and every party (the server and each client
+process) needs the table, so decoded tables are cached below `<output-dir>/.cache/datasets/`
+as .npy files that are memory-mapped on load. The cache key holds the dataset, the resolved
+data directory and the size and time stamps of its top-level files, the split and the size.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.data.awa2 import load_awa2
+from collafuse_flwr.data.celeba import load_celeba
+from collafuse_flwr.data.cifar10 import load_cifar10
+from collafuse_flwr.data.digits import load_digits
+from collafuse_flwr.data.table import DatasetError, ImageTable
+
+LOADERS = {"cifar10": load_cifar10, "celeba": load_celeba, "awa2": load_awa2}
+CACHE_FORMAT = 1
+
+
+def data_root(config: RunConfig) -> Path:
+    """The dataset's directory: `data-dir`, or ~/.cache/collafuse-flwr/datasets/<dataset>."""
+    if config.data_dir:
+        return Path(config.data_dir).expanduser().resolve()
+    return Path.home() / ".cache" / "collafuse-flwr" / "datasets" / config.dataset
+
+
+def load_table(config: RunConfig) -> ImageTable:
+    """The configured dataset split at `image-size` (cached on disk and per process)."""
+    if config.dataset == "digits":
+        return _digits(config.dataset_split, config.image_size)
+    cache = Path(config.output_dir).expanduser().resolve() / ".cache" / "datasets"
+    return _decoded(config.dataset, data_root(config), config.dataset_split, config.image_size,
+                    config.download, cache)
+
+
+@lru_cache(maxsize=2)
+def _digits(split: str, image_size: int) -> ImageTable:
+    return load_digits(split, image_size)
+
+
+@lru_cache(maxsize=4)
+def _decoded(name: str, root: Path, split: str, image_size: int, download: bool, cache: Path) -> ImageTable:
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"data-dir={str(root)!r} is a file, not a directory")
+    entry = _entry(cache, name, root, split, image_size)
+    if not (entry / "table.json").exists():
+        table = LOADERS[name](root, split, image_size, download)
+        entry = _entry(cache, name, root, split, image_size)  # a download changed the stamp
+        _write(entry, table)
+    return _read(entry)
+
+
+def _entry(cache: Path, name: str, root: Path, split: str, image_size: int) -> Path:
+    """The cache directory of one decoded table, named by a digest of what it depends on."""
+    listing = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir()
+        if not p.name.startswith(".")
+    ) if root.is_dir() else []
+    key = json.dumps([CACHE_FORMAT, name, str(root), split, image_size, listing])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache / f"{name}-{split or 'default'}-{image_size}-{digest}"
+
+
+def _write(entry: Path, table: ImageTable) -> None:
+    """Write `table` as `entry/` atomically (a temporary directory renamed into place)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (entry / "table.json").exists():
+            return
+        tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        np.save(tmp / "images.npy", table.images)
+        for field in ("labels", "attributes"):
+            if getattr(table, field) is not None:
+                np.save(tmp / f"{field}.npy", getattr(table, field))
+        meta = {"class_names": table.class_names, "attribute_names": table.attribute_names,
+                "source": table.source}
+        (tmp / "table.json").write_text(json.dumps(meta))
+        os.replace(tmp, entry)
+
+
+def _read(entry: Path) -> ImageTable:
+    meta = json.loads((entry / "table.json").read_text())
+
+    def optional(field: str) -> np.ndarray | None:
+        path = entry / f"{field}.npy"
+        return np.load(path) if path.exists() else None
+
+    return ImageTable(
+        np.load(entry / "images.npy", mmap_mode="r"), optional("labels"),
+        tuple(meta["class_names"]), optional("attributes"), tuple(meta["attribute_names"]),
+        meta["source"],
+    )

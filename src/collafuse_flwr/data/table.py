@@ -1,0 +1,103 @@
+"""The in-memory form of every dataset: images with their class labels and/or attributes.
+
+Images are kept as uint8 (N, C, S, S) (decoded datasets) or float32 in [-1, 1] (the
+embedded digits); `as_model_input` turns either into the float32 [-1, 1] tensors the
+denoisers see. Nothing here knows about clients or partitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2 as transforms
+
+
+class DatasetError(RuntimeError):
+    """Dataset files are missing, unreadable or inconsistent; the message says which and how to fix."""
+
+
+@dataclass(frozen=True)
+class ImageTable:
+    """All images of one dataset split.
+
+    images: (N, C, S, S), uint8 in [0, 255] or float32 in [-1, 1].
+    labels: (N,) int64 class indices into `class_names`, or None (CelebA has no classes).
+    attributes: (N, A) uint8 in {0, 1} named by `attribute_names`, or None (digits, CIFAR-10).
+    source: where the images came from (a path or a package), for logs and reports.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    class_names: tuple[str, ...]
+    attributes: np.ndarray | None
+    attribute_names: tuple[str, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.images.ndim != 4 or self.images.shape[2] != self.images.shape[3]:
+            raise DatasetError(f"{self.source}: images have shape {self.images.shape}, expected (N, C, S, S)")
+        if self.labels is not None and self.labels.shape != (n,):
+            raise DatasetError(f"{self.source}: {len(self.labels)} labels for {n} images")
+        if self.attributes is not None and self.attributes.shape != (n, len(self.attribute_names)):
+            raise DatasetError(
+                f"{self.source}: attributes of shape {self.attributes.shape} for {n} images "
+                f"and {len(self.attribute_names)} attribute names"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def targets(self) -> torch.Tensor:
+        """What the evaluation feature network learns to predict: class labels (N,) int64 when
+        the dataset has classes, else the attributes (N, A) float32 in {0, 1}."""
+        if self.labels is not None:
+            return torch.from_numpy(np.asarray(self.labels, dtype=np.int64))
+        return torch.from_numpy(np.asarray(self.attributes, dtype=np.float32))
+
+
+def as_model_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 [0, 255] or float [-1, 1] images (n, C, S, S) as float32 in [-1, 1]: x / 127.5 - 1."""
+    if images.dtype == np.uint8:
+        return torch.from_numpy(np.asarray(images, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.array(images, dtype=np.float32))
+
+
+def square_resize(image_size: int, crop_fraction: float = 1.0):
+    """A callable on uint8 images (..., C, H, W): centre-crop a square of side
+    round(crop_fraction * min(H, W)), then resize it to `image_size` (bicubic, antialiased).
+    The aspect ratio is never changed; `image_size` equal to the crop is a no-op."""
+
+    def transform(images: torch.Tensor) -> torch.Tensor:
+        side = round(crop_fraction * min(images.shape[-2:]))
+        images = transforms.functional.center_crop(images, [side, side])
+        if side == image_size:
+            return images
+        return transforms.functional.resize(
+            images, [image_size, image_size],
+            interpolation=transforms.InterpolationMode.BICUBIC, antialias=True,
+        )
+
+    return transform
+
+
+def decode_images(paths: list[Path], image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """Decode image files as RGB, centre-crop and resize (`square_resize`): (N, 3, S, S) uint8.
+
+    A missing or undecodable file raises `DatasetError` naming it.
+    """
+    transform = square_resize(image_size, crop_fraction)
+    out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                out[i] = transform(transforms.functional.pil_to_tensor(img.convert("RGB"))).numpy()
+        except FileNotFoundError as err:
+            raise DatasetError(f"image file {path} is missing") from err
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DatasetError(f"image file {path} cannot be decoded ({err})") from err
+    return out
