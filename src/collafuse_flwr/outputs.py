@@ -2,6 +2,7 @@
 
     <output-dir>/00003-digits-collafuse-tz200/
         config.json              the resolved run config
+        partition.csv, .png      who holds what (data/report.py)
         metrics.csv              long format: round, client, metric, value (appended every round)
         log.txt                  one line per round
         samples/round-004-client-2.png     a client's generated images
