@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine with Python 3.11:
 #   make run    create .venv, install, run CollaFuse on the embedded digits (about 5 min on 2 cores)
 #   make test   create .venv, install, run the test suite
+# A dataset overlay with this machine's data directory:
+#   make run OVERLAY=simulations/cifar10-cpu.toml RUN_CONFIG="data-dir='/data/cifar10'"
 PYTHON ?= python3.11
 VENV ?= .venv
 RUN_CONFIG ?=

@@ -25,7 +25,7 @@ from collafuse_flwr.data.table import DatasetError, ImageTable, decode_images
 URL = "https://cvml.ista.ac.at/AwA2/AwA2-data.zip"
 BASE = "Animals_with_Attributes2"
 MANUAL = (
-    f"Download {URL} and unzip it into data-dir (giving {BASE}/), or point data-dir at an "
+    f"Download {URL} and unzip it into {{root}} (giving {BASE}/), or point data-dir at an "
     "image folder with labels.csv (filename,label,label_name) and class_attributes.csv "
     "(label,label_name,<85 predicates as 0/1>)."
 )
@@ -37,15 +37,16 @@ def load_awa2(root: Path, split: str, image_size: int, download: bool) -> ImageT
         raise DatasetError(f"dataset-split={split!r}: AwA2 has no official split; use 'all'")
     if (root / "labels.csv").exists():
         return _load_folder(root, image_size)
+    manual = MANUAL.format(root=root)
     base = root / BASE
     if not (base / "classes.txt").is_file():
         if not download:
-            raise missing("AwA2", root, MANUAL)
+            raise missing("AwA2", root, manual)
         from torchvision.datasets.utils import download_and_extract_archive
 
-        fetch("AwA2", root, lambda: download_and_extract_archive(URL, str(root)), MANUAL)
-    classes = _names(base / "classes.txt")
-    predicates = _names(base / "predicates.txt")
+        fetch("AwA2", root, lambda: download_and_extract_archive(URL, str(root)), manual)
+    classes = _names(base / "classes.txt", manual)
+    predicates = _names(base / "predicates.txt", manual)
     matrix = np.loadtxt(base / "predicate-matrix-binary.txt", dtype=np.uint8, ndmin=2)
     if matrix.shape != (len(classes), len(predicates)):
         raise DatasetError(
@@ -56,7 +57,7 @@ def load_awa2(root: Path, split: str, image_size: int, download: bool) -> ImageT
     for label, name in enumerate(classes):
         found = sorted((base / "JPEGImages" / name).glob("*.jpg"))
         if not found:
-            raise DatasetError(f"{base / 'JPEGImages' / name} has no images. {MANUAL}")
+            raise DatasetError(f"{base / 'JPEGImages' / name} has no images. {manual}")
         files += found
         labels += [label] * len(found)
     labels = np.asarray(labels, dtype=np.int64)
@@ -79,8 +80,8 @@ def _load_folder(root: Path, image_size: int) -> ImageTable:
     )
 
 
-def _names(path: Path) -> tuple[str, ...]:
+def _names(path: Path, manual: str) -> tuple[str, ...]:
     """The names of a numbered list file ("1\\tantelope" per line)."""
     if not path.is_file():
-        raise DatasetError(f"{path} is missing. {MANUAL}")
+        raise DatasetError(f"{path} is missing. {manual}")
     return tuple(line.split()[1] for line in path.read_text().splitlines() if line.strip())

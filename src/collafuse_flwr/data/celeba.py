@@ -25,7 +25,7 @@ FACE_CROP = 140 / 178
 MANUAL = (
     "Put img_align_celeba/ (unzipped img_align_celeba.zip), list_attr_celeba.txt and "
     "list_eval_partition.txt from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html into "
-    "<data-dir>/celeba/, or point data-dir at an image folder with attributes.csv "
+    "{root}/celeba/, or point data-dir at an image folder with attributes.csv "
     "(filename,<40 attributes as 1/-1>[,split])."
 )
 
@@ -36,6 +36,7 @@ def load_celeba(root: Path, split: str, image_size: int, download: bool) -> Imag
 
     if split not in ("", *SPLITS):
         raise DatasetError(f"dataset-split={split!r}: CelebA has the splits {', '.join(SPLITS)}")
+    manual = MANUAL.format(root=root)
     if (root / "attributes.csv").exists():
         path = root / "attributes.csv"
         index = folder.select_split(folder.read_index(path, ("filename",)), split, "train", path)
@@ -47,8 +48,9 @@ def load_celeba(root: Path, split: str, image_size: int, download: bool) -> Imag
     base = root / CelebA.base_folder
     if not (base / "list_attr_celeba.txt").is_file():
         if not download:
-            raise missing("CelebA", root, MANUAL)
-        fetch("CelebA", root, lambda: CelebA(root, split="all", target_type="attr", download=True), MANUAL)
+            raise missing("CelebA", root, manual)
+        fetch("CelebA", root, lambda: CelebA(root, split="all", target_type="attr", download=True),
+              manual)
     attributes = _read_attributes(base / "list_attr_celeba.txt")
     attributes = attributes.loc[_split_files(base, split, attributes.index)]
     return ImageTable(

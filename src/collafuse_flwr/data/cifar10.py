@@ -19,7 +19,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 SPLITS = ("train", "test", "all")
 MANUAL = (
     "Put cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, or its extracted "
-    "folder cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta), into data-dir, "
+    "folder cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta), into {root}, "
     "or point data-dir at an image folder with labels.csv (filename,label,label_name[,split])."
 )
 
@@ -30,6 +30,7 @@ def load_cifar10(root: Path, split: str, image_size: int, download: bool) -> Ima
 
     if split not in ("", *SPLITS):
         raise DatasetError(f"dataset-split={split!r}: CIFAR-10 has the splits {', '.join(SPLITS)}")
+    manual = MANUAL.format(root=root)
     if (root / "labels.csv").exists():
         path = root / "labels.csv"
         index = folder.select_split(folder.read_index(path, ("filename", "label")), split, "train", path)
@@ -40,13 +41,13 @@ def load_cifar10(root: Path, split: str, image_size: int, download: bool) -> Ima
         )
     if not (root / CIFAR10.base_folder).is_dir():
         if not download:
-            raise missing("CIFAR-10", root, MANUAL)
-        fetch("CIFAR-10", root, lambda: CIFAR10(root, train=True, download=True), MANUAL)
+            raise missing("CIFAR-10", root, manual)
+        fetch("CIFAR-10", root, lambda: CIFAR10(root, train=True, download=True), manual)
     try:
         parts = [CIFAR10(root, train=(s == "train"), download=False) for s in ("train", "test")
                  if (split or "train") in (s, "all")]
     except RuntimeError as err:  # a missing or corrupted batch file
-        raise DatasetError(f"{root / CIFAR10.base_folder}: {err} {MANUAL}") from err
+        raise DatasetError(f"{root / CIFAR10.base_folder}: {err} {manual}") from err
     images = torch.from_numpy(np.concatenate([p.data for p in parts])).permute(0, 3, 1, 2)
     labels = np.concatenate([np.asarray(p.targets, dtype=np.int64) for p in parts])
     if tuple(parts[0].classes) != CLASSES:
