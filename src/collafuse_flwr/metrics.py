@@ -20,6 +20,8 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from collafuse_flwr.data.table import as_model_input
+
 
 class FeatureClassifier(nn.Module):
     """CNN on (n, C, S, S) images in [-1, 1]; `forward` returns (n, num_features) features,
@@ -45,9 +47,9 @@ class FeatureClassifier(nn.Module):
 def train_classifier(
     images: torch.Tensor, targets: torch.Tensor, epochs: int, seed: int
 ) -> FeatureClassifier:
-    """Train a `FeatureClassifier` with Adam on images (N, C, S, S) and `targets`: class
-    labels (N,) int64 (cross-entropy) or binary attributes (N, A) float (per-attribute
-    logistic loss)."""
+    """Train a `FeatureClassifier` with Adam on images (N, C, S, S) (uint8, or float in
+    [-1, 1]; converted batch by batch) and `targets`: class labels (N,) int64
+    (cross-entropy) or binary attributes (N, A) float (per-attribute logistic loss)."""
     torch.manual_seed(seed)
     multi_label = targets.ndim == 2
     net = FeatureClassifier(images.shape[1], targets.shape[1] if multi_label else int(targets.max()) + 1)
@@ -56,7 +58,7 @@ def train_classifier(
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for batch in torch.randperm(len(images), generator=generator).split(128):
-            loss = loss_fn(net.logits(images[batch]), targets[batch])
+            loss = loss_fn(net.logits(as_model_input(images[batch])), targets[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -93,11 +95,15 @@ def load_classifier(path: Path) -> FeatureClassifier:
 
 
 def classifier_accuracy(net: FeatureClassifier, images: torch.Tensor, targets: torch.Tensor) -> float:
-    """Top-1 accuracy on class labels (N,), or the mean per-attribute accuracy on (N, A)."""
+    """Top-1 accuracy on class labels (N,), or the mean per-attribute accuracy on (N, A);
+    images as in `train_classifier`."""
+    correct = 0.0
     with torch.no_grad():
-        logits = net.logits(images)
-        predicted = (logits > 0).float() if targets.ndim == 2 else logits.argmax(1)
-        return float((predicted == targets).float().mean())
+        for batch in torch.arange(len(images)).split(512):
+            logits = net.logits(as_model_input(images[batch]))
+            predicted = (logits > 0).float() if targets.ndim == 2 else logits.argmax(1)
+            correct += float((predicted == targets[batch]).float().sum())
+    return correct / targets.numel()
 
 
 def frechet_and_kid(

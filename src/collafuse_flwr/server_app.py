@@ -8,13 +8,14 @@ import time
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.data import ClientData, client_data, data_root, image_shape, load_table
+from collafuse_flwr.data import client_indices, data_root, image_shape, load_table
 from collafuse_flwr.data.report import write_partition_report
 from collafuse_flwr.metrics import cache_classifier, classifier_accuracy
 from collafuse_flwr.models import Denoiser, build_denoiser
@@ -37,9 +38,9 @@ def wait_for_clients(grid: Grid, count: int, seconds: float) -> list[int]:
     return nodes
 
 
-def feature_network(config: RunConfig, parts: list[ClientData]) -> tuple[Path, float]:
+def feature_network(config: RunConfig) -> tuple[Path, float]:
     """Train (once, cached) the fd_classifier feature network on the pooled training images of
-    all clients `parts`; return its path and its accuracy on the pooled held-out images."""
+    all clients; return its path and its accuracy on the pooled held-out images."""
     key = json.dumps(
         [config.dataset, str(data_root(config)), config.dataset_split, config.image_size,
          config.num_clients, config.partition, config.classes_per_client, config.dirichlet_alpha,
@@ -48,17 +49,14 @@ def feature_network(config: RunConfig, parts: list[ClientData]) -> tuple[Path, f
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = Path(config.output_dir).expanduser().resolve() / ".cache" / f"fd_classifier-{digest}.safetensors"
+    table, splits = load_table(config), client_indices(config)
+    train, held = (np.concatenate([s[i] for s in splits]) for i in (0, 1))  # client by client
+    targets = table.targets()
     net = cache_classifier(
-        path,
-        torch.cat([p.train for p in parts]),
-        torch.cat([p.train_targets for p in parts]),
-        config.metric_classifier_epochs,
-        config.seed,
+        path, torch.from_numpy(table.images[train]), targets[train],
+        config.metric_classifier_epochs, config.seed,
     )
-    accuracy = classifier_accuracy(
-        net, torch.cat([p.held_out for p in parts]), torch.cat([p.held_out_targets for p in parts])
-    )
-    return path, accuracy
+    return path, classifier_accuracy(net, torch.from_numpy(table.images[held]), targets[held])
 
 
 @app.main()
@@ -67,12 +65,12 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_flower(context.run_config)
     log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
     shape = image_shape(config)
-    parts = [client_data(config, pid) for pid in range(config.num_clients)]  # checks the partition
+    client_indices(config)  # checks the partition before anything is written
     run_dir = create_run_dir(config.output_dir, f"{config.dataset}-collafuse-tz{config.t_zeta}")
     write_config(run_dir, config.to_flower())
     write_partition_report(run_dir, config)
     log(INFO, "CollaFuse run directory: %s", run_dir)
-    classifier_path, accuracy = feature_network(config, parts)
+    classifier_path, accuracy = feature_network(config)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
     append_metrics(run_dir, [(0, "server", "feature-network-accuracy", accuracy)])
     wait_for_clients(grid, config.num_clients, config.wait_for_clients_seconds)

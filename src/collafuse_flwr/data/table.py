@@ -60,11 +60,13 @@ class ImageTable:
         return torch.from_numpy(np.asarray(self.attributes, dtype=np.float32))
 
 
-def as_model_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 [0, 255] or float [-1, 1] images (n, C, S, S) as float32 in [-1, 1]: x / 127.5 - 1."""
-    if images.dtype == np.uint8:
-        return torch.from_numpy(np.asarray(images, dtype=np.float32) / 127.5 - 1.0)
-    return torch.from_numpy(np.array(images, dtype=np.float32))
+def as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [-1, 1] images (n, C, S, S), numpy or torch, as float32 in
+    [-1, 1]: x / 127.5 - 1 for uint8, unchanged values otherwise."""
+    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1.0
+    return x.float()
 
 
 def square_resize(image_size: int, crop_fraction: float = 1.0):
