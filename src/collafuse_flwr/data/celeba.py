@@ -39,7 +39,7 @@ def load_celeba(root: Path, split: str, image_size: int, download: bool) -> Imag
     manual = MANUAL.format(root=root)
     if (root / "attributes.csv").exists():
         path = root / "attributes.csv"
-        index = folder.select_split(folder.read_index(path, ("filename",)), split, "train", path)
+        index = folder.read_split(path, ("filename",), split, "train")
         names = tuple(c for c in index.columns if c not in folder.NON_ATTRIBUTE_COLUMNS)
         return ImageTable(
             folder.read_images(root, index, image_size), None, (),

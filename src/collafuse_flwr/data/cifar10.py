@@ -33,7 +33,7 @@ def load_cifar10(root: Path, split: str, image_size: int, download: bool) -> Ima
     manual = MANUAL.format(root=root)
     if (root / "labels.csv").exists():
         path = root / "labels.csv"
-        index = folder.select_split(folder.read_index(path, ("filename", "label")), split, "train", path)
+        index = folder.read_split(path, ("filename", "label"), split, "train")
         return ImageTable(
             folder.read_images(root, index, image_size),
             folder.labels_of(index, path, CLASSES),

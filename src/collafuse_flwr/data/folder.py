@@ -36,9 +36,10 @@ def read_index(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     return index
 
 
-def select_split(index: pd.DataFrame, split: str, default: str, path: Path) -> pd.DataFrame:
-    """The rows of `split` ("" means `default`, "all" keeps every row). An index without a
-    `split` column is a single split: only "" and "all" are accepted for it."""
+def read_split(path: Path, required: tuple[str, ...], split: str, default: str) -> pd.DataFrame:
+    """The rows of index CSV `path` in `split` ("" means `default`, "all" keeps every row). An
+    index without a `split` column is a single split: only "" and "all" are accepted for it."""
+    index = read_index(path, required)
     if split == "all":
         return index
     if "split" not in index.columns:
