@@ -53,3 +53,26 @@ def shared_data() -> Path:
     if not (root / "cifar10-mini" / "labels.csv").is_file():
         pytest.fail(f"dataset fixtures not found in {root}; set COLLAFUSE_SHARED_DATA")
     return root
+
+
+@pytest.fixture(scope="session")
+def standin_weights(tmp_path_factory) -> tuple[Path, Path]:
+    """Weights files in the formats users supply, with random values: torch-fidelity's
+    InceptionV3 state dict (.pth) and an open_clip ViT-B/32 image tower (.safetensors, float16).
+    They exercise the FID and FCD code paths; their numbers mean nothing."""
+    from unittest import mock
+
+    import open_clip
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("weights")
+    with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        inception = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(inception.state_dict(), root / "weights-inception-standin.pth")
+    visual = open_clip.create_model("ViT-B-32", force_quick_gelu=True).visual
+    save_file({f"visual.{k}": v.half().contiguous() for k, v in visual.state_dict().items()},
+              str(root / "open_clip_model.safetensors"))
+    return root / "weights-inception-standin.pth", root / "open_clip_model.safetensors"

@@ -51,7 +51,12 @@ def flwr_env(tmp_path_factory):
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         HF_HUB_OFFLINE="1",
         RAY_DEDUP_LOGS="0",
+        # no pretrained weights unless a test passes them: empty caches, no variables
+        TORCH_HOME=str(home / "torch"),
+        HF_HOME=str(home / "hf"),
     )
+    for var in ("COLLAFUSE_FID_WEIGHTS", "COLLAFUSE_FCD_WEIGHTS", "HF_HUB_CACHE"):
+        env.pop(var, None)
     yield env, tmp_path_factory.mktemp("neutral-cwd")
     for pid in _pids_of_superlink(port):
         os.kill(pid, signal.SIGTERM)
@@ -67,7 +72,8 @@ def _run(flwr_env, tmp_path, **overrides):
         "num-server-rounds": 2, "image-size": 8, "timesteps": 100, "t-zeta": 20,
         "unet-block-channels": "8,16", "client-images-per-round": 64,
         "server-images-per-round": 64, "sampling-steps": 10, "eval-num-samples": 8,
-        "metric-classifier-epochs": 1, "output-dir": str(tmp_path / "runs"), **overrides,
+        "metric-classifier-epochs": 1, "disclosure-num-images": 32, "output-dir": str(tmp_path / "runs"),
+        **overrides,
     }
     run_config = " ".join(
         f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()
@@ -89,8 +95,10 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
     final = metrics[(metrics["round"] == 2) & (metrics["metric"] == "fd_classifier")]
     assert sorted(final["client"].astype(str)) == ["0", "1", "2", "3", "4"]
     assert final["value"].notna().all() and (final["value"] >= 0).all()
-    uploaded = metrics[metrics["metric"] == "bytes-uploaded"]
-    assert (uploaded["value"] > 0).all() and len(uploaded) == 10  # 5 clients x 2 rounds
+    uploaded = metrics[metrics["metric"] == "bytes-up-train"]
+    assert len(uploaded) == 10  # 5 clients x 2 rounds
+    upload_count = metrics[metrics["metric"] == "num-examples"]["value"].to_numpy()
+    assert (uploaded["value"].to_numpy() > 2 * 64 * upload_count).all()  # float16 8x8 grey images
     server_seen = metrics[(metrics["client"] == "server") & (metrics["metric"] == "images-seen")]
     assert (server_seen["value"] == 64).all()
     for pid in range(5):
@@ -99,6 +107,44 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
     assert (run_dir / "samples" / "round-002-handover.png").exists()
     assert (run_dir / "checkpoints" / "server" / "diffusion_pytorch_model.safetensors").exists()
     assert "round 2/2" in (run_dir / "log.txt").read_text()
+
+    # the pooled quality row and the disclosure audit, on the evaluation round only
+    pooled = metrics[metrics["client"] == "pooled"]
+    assert {"fd_classifier", "kid_classifier", "num-generated", "server-only-fd_classifier"} <= set(pooled["metric"])
+    assert pooled[pooled["metric"] == "num-generated"]["value"].item() == 5 * 8
+    linkage = metrics[metrics["metric"] == "linkage-top1"]
+    assert len(linkage) == 5 and (linkage["round"] == 2).all()
+    chance = metrics[metrics["metric"] == "linkage-chance"]["value"]
+    assert (chance == 1 / 32).all()
+    for name in ("reconstruction-psnr-wiener", "reconstruction-ssim-tweedie", "upload-fd_classifier"):
+        assert len(metrics[metrics["metric"] == name]) == 5, name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["t_zeta"] == 20
+    assert set(summary["quality"]["clients"]) == {"0", "1", "2", "3", "4"}
+    assert "fd_classifier" in summary["quality"]["pooled"]
+    assert set(summary["notes"]["skipped"]) == {"inception", "clip"}
+    assert "fid" not in set(metrics["metric"]) and "fcd" not in set(metrics["metric"])
+    assert "fid, kid skipped" in summary["notes"]["skipped"]["inception"]
+
+    # the cost counters add up: sampling steps split at the cut, training NFEs = images seen
+    steps = lambda who, m: metrics[(metrics["client"] == who) & (metrics["metric"] == m)]["value"]
+    client_steps = steps("0", "client-sampling-steps").item()
+    assert client_steps == 2  # grid 100, 90, ..., 10: steps starting at t <= t_zeta = 20
+    assert steps("0", "nfe-sample").item() == 8 * client_steps
+    assert steps("server", "nfe-sample").item() == 5 * 8 * (10 - client_steps)
+    assert (steps("0", "nfe-train").to_numpy() == steps("0", "images-seen").to_numpy()).all()
+    assert (steps("0", "flops-train") > 0).all() and (steps("server", "flops-sample") > 0).all()
+    cost = summary["cost"]
+    assert cost["clients"]["0"]["bytes-up"] == steps("0", "bytes-up-train").sum()
+    assert cost["clients"]["0"]["bytes-down"] == (
+        steps("0", "bytes-down-train").sum() + steps("0", "bytes-down-sample").sum())
+    assert cost["server"]["nfe-train"] == 2 * 64
+
+    from collafuse_flwr.plots import plot_run
+
+    figures = plot_run(run_dir)
+    assert [f.name for f in figures] == ["quality.png", "disclosure.png", "cost.png"]
+    assert all(f.stat().st_size > 10_000 for f in figures)
 
 
 @pytest.mark.parametrize("t_zeta", [0, 100])
@@ -112,10 +158,15 @@ def test_flwr_run_at_the_ends_of_the_chain(flwr_env, tmp_path, t_zeta):
     if t_zeta == 0:
         assert (client_seen == 0).all() and (value("server", "images-seen") == 64).all()
         assert (clients[clients["metric"] == "client-sampling-steps"]["value"] == 0).all()
+        # the server holds the images themselves: linkage and reconstruction are exact
+        assert (clients[clients["metric"] == "linkage-top1"]["value"] == 1.0).all()
+        assert (clients[clients["metric"] == "reconstruction-psnr-wiener"]["value"] == 100.0).all()
     else:
         assert (client_seen == 64).all() and (value("server", "images-seen") == 0).all()
-        assert (clients[clients["metric"] == "bytes-uploaded"]["value"] == 0).all()
-    assert len(clients[clients["metric"] == "fd_classifier"]) == 5
+        assert (clients[clients["metric"] == "num-examples"]["value"] == 0).all()
+        assert (clients[clients["metric"] == "bytes-up-train"]["value"] < 1000).all()  # counts only
+        assert not clients["metric"].str.startswith(("linkage", "reconstruction", "upload-")).any()
+    assert len(clients[(clients["metric"] == "fd_classifier") & (clients["client"] != "pooled")]) == 5
 
 
 def test_failed_run_is_reported_as_failed(flwr_env, tmp_path):
@@ -153,3 +204,29 @@ def test_flwr_run_on_a_dataset_fixture(flwr_env, tmp_path, shared_data, dataset,
         assert (grid[..., 0] != grid[..., 2]).any()  # colour samples, not grey
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert len(metrics[metrics["metric"] == "fd_classifier"]) == 5
+
+
+def test_flwr_run_with_weights_files_reports_fid_kid_and_fcd(flwr_env, tmp_path, standin_weights):
+    """Weights files of the right formats (random values) switch the FID/KID/FCD columns on."""
+    inception, clip = standin_weights
+    outcome = _run(flwr_env, tmp_path, **{
+        "num-server-rounds": 1, "fid-weights": str(inception), "fcd-weights": str(clip),
+        "held-out-fraction": 0.05, "disclosure-num-images": 8,
+    })
+    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
+    for name in ("fid", "kid", "fcd", "kid_clip", "server-only-fid", "upload-fcd"):
+        rows = metrics[metrics["metric"] == name]
+        expected = {"0", "1", "2", "3", "4", "pooled"} if not name.startswith("upload-") else {"0", "1", "2", "3", "4"}
+        assert set(rows["client"]) == expected, name
+        assert rows["value"].notna().all(), name
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert "skipped" not in summary["notes"]
+    assert {"fid", "kid", "fcd"} <= set(summary["quality"]["pooled"])
+
+
+def test_a_missing_weights_file_fails_before_any_work(flwr_env, tmp_path):
+    env, cwd = flwr_env
+    outcome = flwr_run(PROJECT, f"fid-weights='{tmp_path}/none.pth' output-dir='{tmp_path}/runs'",
+                       FEDERATION, env=env, cwd=cwd)
+    assert not outcome.ok and "no such file" in outcome.log
+    assert not (tmp_path / "runs").exists()

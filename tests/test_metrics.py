@@ -1,56 +1,103 @@
-"""fd_classifier / kid_classifier on a small feature network."""
+"""Quality metrics: Fréchet distance and KID on features, the feature networks and their cache."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy import linalg
 
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import load_table
-from collafuse_flwr.metrics import cache_classifier, frechet_and_kid, load_classifier
+from collafuse_flwr.metrics.classifier import cache_classifier, load_classifier
+from collafuse_flwr.metrics.distances import feature_distances
+from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
 
 
-class Identity(torch.nn.Module):
-    """Features = the first 4 pixel values, to compare with a reference in closed form."""
-
-    num_features = 4
-
-    def forward(self, x):
-        return x.flatten(1)[:, :4].double()
-
-
-def test_frechet_distance_matches_scipy_reference():
-    generator = torch.Generator().manual_seed(0)
-    real = torch.randn(500, 1, 2, 2, generator=generator)
-    fake = 0.5 * torch.randn(400, 1, 2, 2, generator=generator) + 0.3
-    fd = frechet_and_kid(Identity(), real, fake)["fd_classifier"]
-    a, b = real.flatten(1).double().numpy(), fake.flatten(1).double().numpy()
+def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    reference = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real)
-    assert abs(fd - reference) < 1e-3 * max(1.0, reference)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real))
+
+
+@pytest.mark.parametrize("dim", [4, 64])
+def test_frechet_distance_matches_scipy_sqrtm_reference(dim):
+    g = torch.Generator().manual_seed(dim)
+    mixing = torch.randn(dim, dim, generator=g) / dim**0.5
+    real = torch.randn(500, dim, generator=g) @ mixing
+    fake = 0.7 * torch.randn(400, dim, generator=g) @ mixing.T + 0.2
+    fd = feature_distances(real, fake)["fd"]
+    reference = _scipy_frechet(real.double().numpy(), fake.double().numpy())
+    assert fd == pytest.approx(reference, rel=1e-4, abs=1e-6)
+
+
+def test_identical_sets_give_zero_and_shifted_sets_grow_with_the_shift():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 8, generator=g)
+    same = feature_distances(real, real.clone())
+    small, large = (feature_distances(real, real + shift) for shift in (0.5, 2.0))
+    assert abs(same["fd"]) < 1e-6
+    # the unbiased KID of a set against itself is slightly negative (O(1/n)), ~0 next to a shift
+    assert abs(same["kid"]) < 0.1 * small["kid"]
+    assert 0 < small["fd"] < large["fd"]
+    assert small["fd"] == pytest.approx(8 * 0.25, rel=1e-6)  # a pure shift adds |delta mu|^2
+    assert 0 < small["kid"] < large["kid"]
+
+
+def test_kid_is_reproducible_whatever_the_global_rng():
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(60, 4, generator=g), torch.randn(50, 4, generator=g)
+    torch.manual_seed(123)
+    first = feature_distances(real, fake)
+    torch.manual_seed(456)
+    assert feature_distances(real, fake) == first
+
+
+def test_distances_need_two_samples_and_matching_sizes():
+    with pytest.raises(ValueError, match="at least 2"):
+        feature_distances(torch.zeros(1, 4), torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="equal d"):
+        feature_distances(torch.zeros(5, 4), torch.zeros(5, 3))
 
 
 def test_classifier_features_separate_same_from_shifted(tmp_path):
     table = load_table(RunConfig())
     images, labels = torch.from_numpy(table.images), torch.from_numpy(table.labels)
     net = cache_classifier(tmp_path / "f.safetensors", images[:1200], labels[:1200], epochs=3, seed=0)
-    assert (tmp_path / "f.safetensors").exists()
     again = load_classifier(tmp_path / "f.safetensors")
-    torch.testing.assert_close(again(images[:8]), net(images[:8]))
-    held = images[1200:]
-    same = frechet_and_kid(net, held[:250], held[250:500])
-    digits_0_4 = held[labels[1200:] < 5]
-    other = frechet_and_kid(net, digits_0_4, held[labels[1200:] >= 5])
-    assert same["fd_classifier"] < 0.5 * other["fd_classifier"]
-    assert same["kid_classifier"] < other["kid_classifier"]
+    x = images[:8].float() / 127.5 - 1
+    torch.testing.assert_close(again(x), net(x))
+    held, held_labels = images[1200:].float() / 127.5 - 1, labels[1200:]
+    feats = lambda x: net(x).detach()
+    same = feature_distances(feats(held[:250]), feats(held[250:500]))
+    other = feature_distances(feats(held[held_labels < 5]), feats(held[held_labels >= 5]))
+    assert same["fd"] < 0.5 * other["fd"]
+    assert same["kid"] < other["kid"]
 
 
-def test_kid_is_reproducible_whatever_the_global_rng():
-    generator = torch.Generator().manual_seed(1)
-    real, fake = torch.randn(60, 1, 2, 2, generator=generator), torch.randn(50, 1, 2, 2, generator=generator)
-    torch.manual_seed(123)
-    first = frechet_and_kid(Identity(), real, fake)
-    torch.manual_seed(456)
-    assert frechet_and_kid(Identity(), real, fake) == first
+class Pixels(torch.nn.Module):
+    """A small stand-in extractor: the mean of each channel and 4x4 pooled pixels."""
+
+    num_features = 16
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 4).flatten(1)
+
+
+def test_real_features_are_computed_once_and_keyed_by_network_and_images(tmp_path):
+    module = Pixels()
+    network = FeatureNetwork("pixels", module, "fd_pixels", "kid_pixels", identity="v1")
+    images = torch.rand(40, 1, 8, 8) * 2 - 1
+    first = cached_features(network, images, tmp_path, key="client-0")
+    calls = module.calls
+    torch.testing.assert_close(cached_features(network, images, tmp_path, key="client-0"), first)
+    assert module.calls == calls  # read back from the cache
+    cached_features(network, images, tmp_path, key="client-1")
+    cached_features(FeatureNetwork("pixels", module, "fd_pixels", "kid_pixels", "v2"), images, tmp_path, "client-0")
+    assert len(list(tmp_path.glob("pixels-*.npy"))) == 3
+    assert not list(tmp_path.glob("*.tmp*"))

@@ -49,7 +49,8 @@ def test_train_reply_holds_only_cut_point_uploads(tiny_run_config, tmp_path, tas
     assert abs(residual.std() - 1) < 0.05
     # the private model stays on the client's disk and never enters the reply
     assert (tmp_path / "clients" / "client-0" / "model" / "config.json").exists()
-    assert wire.record_bytes(content.array_records[wire.UPLOADS]) == x_cut.numpy().nbytes
+    # the counted size is the serialised message content: the payload plus a small envelope
+    assert x_cut.numpy().nbytes < wire.content_bytes(content) < x_cut.numpy().nbytes + 1024
 
 
 def test_noise_policy_once_resends_the_same_upload(tiny_run_config, tmp_path, task_identity):

@@ -3,8 +3,9 @@
 train:    train the private denoiser on the client's own images for its budget, then
           reply with one cut-point sample x_{t_zeta} per training image (and counts).
 evaluate: receive the server's handed-over states x_{t_zeta}, finish sampling with the
-          private denoiser, save a grid, and report fd_classifier / kid_classifier against
-          the client's held-out images.
+          private denoiser, save a grid, and report the quality distances (fd_classifier,
+          and fid / kid / fcd when their weights are available) against the client's held-out
+          images, the cost of sampling, and (pooled-metrics) the features for the pooled row.
 The denoiser and its optimizer persist on disk between rounds, not in `context.state`.
 """
 
@@ -20,9 +21,11 @@ from flwr.clientapp import ClientApp
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.data import ClientData, client_data
+from collafuse_flwr.data import ClientData, client_data, partition_key
 from collafuse_flwr.losses import client_loss
-from collafuse_flwr.metrics import frechet_and_kid, load_classifier
+from collafuse_flwr.metrics.cost import sampling_cost, train_cost
+from collafuse_flwr.metrics.distances import named_distances
+from collafuse_flwr.metrics.features import cached_features, load_feature_networks, pretrained_weights
 from collafuse_flwr.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import save_grid
 from collafuse_flwr.sampling import denoise, make_sampler, split_at_cut
@@ -126,12 +129,14 @@ def train(msg: Message, context: Context) -> Message:
     )
     denoiser.save(client.model_dir)
     x_cut = cut_point_uploads(client)
+    seconds = time.perf_counter() - start
     metrics = {
         "partition-id": partition_id,
         "num-examples": int(x_cut.shape[0]),
         "train-loss": float(stats["loss"]) if stats["steps"] else 0.0,
         "images-seen": int(stats["images-seen"]),
-        "train-seconds": time.perf_counter() - start,
+        "train-seconds": seconds,
+        **train_cost(denoiser.net, tuple(client.data.train.shape[1:]), int(stats["images-seen"])),
     }
     return Message(content=wire.pack_uploads(x_cut, config.upload_dtype, metrics), reply_to=msg)
 
@@ -145,6 +150,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     sampler = make_sampler(config.sampler, client.schedule, config.sampling_steps, config.clip_denoised)
     _, client_steps = split_at_cut(sampler, config.t_zeta)
     start = time.perf_counter()
+    net = None
     if len(client_steps):
         if not Denoiser.exists(client.model_dir):
             raise RuntimeError(f"client {partition_id} has no trained denoiser in {client.model_dir}")
@@ -154,13 +160,38 @@ def evaluate(msg: Message, context: Context) -> Message:
     images = x.clamp(-1, 1)
     sample_seconds = time.perf_counter() - start
     save_grid(images, client.run_dir / "samples" / f"round-{client.server_round:03d}-client-{partition_id}.png")
-    extractor = load_classifier(Path(str(client.message_config["classifier-path"])))
-    quality = frechet_and_kid(extractor, client.data.held_out, images)
+    start = time.perf_counter()
+    quality, features = _quality(client, images)
     metrics = {
         "partition-id": partition_id,
-        "num-examples": int(images.shape[0]),
+        "num-generated": int(images.shape[0]),
+        "num-real": int(client.data.held_out.shape[0]),
         "client-sampling-steps": len(client_steps),
         "sample-seconds": sample_seconds,
+        **(sampling_cost(net, tuple(images.shape[1:]), len(images), len(client_steps)) if net is not None
+           else {"nfe-sample": 0.0, "flops-sample": 0.0}),
         **quality,
+        "eval-seconds": time.perf_counter() - start,
     }
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if features:
+        content[wire.FEATURES] = wire.pack_features(features)
+    return Message(content=content, reply_to=msg)
+
+
+def _quality(client: ClientRound, images: torch.Tensor) -> tuple[dict, dict]:
+    """Distances between the generated images and the held-out images on every available
+    feature network (the held-out features are cached), and the features for the pooled row."""
+    config = client.config
+    weights = pretrained_weights(config.fid_weights, config.fcd_weights)
+    networks = load_feature_networks(Path(str(client.message_config["classifier-path"])), weights)
+    cache_dir = client.run_dir.parent / ".cache" / "features"
+    key = f"{partition_key(config)}:client-{client.partition_id}:held-out"
+    quality, features = {}, {}
+    for network in networks:
+        real = cached_features(network, client.data.held_out, cache_dir, key)
+        fake = network.features(images)
+        quality.update(named_distances(network.fd_name, network.kid_name, real, fake))
+        if config.pooled_metrics:
+            features.update({f"{network.name}-real": real, f"{network.name}-generated": fake})
+    return quality, features

@@ -73,6 +73,10 @@ class RunConfig:
     eval_every: int = 0
     eval_num_samples: int = 64
     metric_classifier_epochs: int = 15
+    fid_weights: str = ""
+    fcd_weights: str = ""
+    pooled_metrics: bool = True
+    disclosure_num_images: int = 256
     output_dir: str = "results/runs"
     wait_for_clients_seconds: float = 120.0
     round_timeout_seconds: float = 3600.0
@@ -141,11 +145,11 @@ class RunConfig:
             "batch-size",
             "max-uploads-per-client",
             "sampling-steps",
-            "eval-num-samples",
             "metric-classifier-epochs",
         ):
             _at_least(key, getattr(self, key.replace("-", "_")), 1)
-        for key in ("client-images-per-round", "server-images-per-round", "eval-every", "seed"):
+        for key in ("client-images-per-round", "server-images-per-round", "eval-every", "seed",
+                    "disclosure-num-images"):
             _at_least(key, getattr(self, key.replace("-", "_")), 0)
         for key in ("client-lr", "server-lr", "dirichlet-alpha"):
             if not getattr(self, key.replace("-", "_")) > 0:
@@ -170,6 +174,14 @@ class RunConfig:
             raise ConfigError(
                 f"image-size={self.image_size}: must be divisible by "
                 f"2^(number of U-Net blocks - 1) = {downsampling}"
+            )
+        if self.eval_num_samples < 2:
+            raise ConfigError(
+                f"eval-num-samples={self.eval_num_samples}: must be >= 2 (distances need two samples)"
+            )
+        if 0 < self.disclosure_num_images < 2:
+            raise ConfigError(
+                f"disclosure-num-images={self.disclosure_num_images}: must be 0 (no attacks) or >= 2"
             )
         if self.wait_for_clients_seconds <= 0 or self.round_timeout_seconds <= 0:
             raise ConfigError("wait-for-clients-seconds and round-timeout-seconds must be > 0")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.data import client_indices, data_root, image_shape, load_table
+from collafuse_flwr.data import client_indices, image_shape, load_table, partition_key
 from collafuse_flwr.data.report import write_partition_report
-from collafuse_flwr.metrics import cache_classifier, classifier_accuracy
+from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
+from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
 from collafuse_flwr.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import append_metrics, create_run_dir, write_config
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
@@ -41,12 +41,7 @@ def wait_for_clients(grid: Grid, count: int, seconds: float) -> list[int]:
 def feature_network(config: RunConfig) -> tuple[Path, float]:
     """Train (once, cached) the fd_classifier feature network on the pooled training images of
     all clients; return its path and its accuracy on the pooled held-out images."""
-    key = json.dumps(
-        [config.dataset, str(data_root(config)), config.dataset_split, config.image_size,
-         config.num_clients, config.partition, config.classes_per_client, config.dirichlet_alpha,
-         config.attribute_groups, config.held_out_fraction, config.seed,
-         config.metric_classifier_epochs]
-    )
+    key = f"{partition_key(config)}:{config.metric_classifier_epochs}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = Path(config.output_dir).expanduser().resolve() / ".cache" / f"fd_classifier-{digest}.safetensors"
     table, splits = load_table(config), client_indices(config)
@@ -59,10 +54,32 @@ def feature_network(config: RunConfig) -> tuple[Path, float]:
     return path, classifier_accuracy(net, torch.from_numpy(table.images[held]), targets[held])
 
 
+def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
+    """What summary.json says beside the numbers: skipped metrics and sample sizes."""
+    notes: dict[str, object] = {
+        "samples": (
+            f"quality distances compare eval-num-samples={config.eval_num_samples} generated images "
+            "per client with the client's held-out images (num-generated, num-real); Fréchet "
+            "distances are biased upward at a few hundred samples (the usual FID uses 50,000): "
+            "compare them only at equal sample counts"
+        ),
+        "fd_classifier": "Fréchet distance on the offline classifier's features; not Inception FID",
+    }
+    skipped = {w.backbone.name: w.skip_message() for w in weights.values() if not w.available}
+    if skipped:
+        notes["skipped"] = skipped
+    if config.disclosure_num_images == 0:
+        notes["disclosure"] = "disclosure-num-images = 0: no attacks were run"
+    elif config.t_zeta == config.timesteps:
+        notes["disclosure"] = "t_zeta = T: nothing is uploaded, the server can only guess (linkage = chance)"
+    return notes
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run `num-server-rounds` CollaFuse rounds and write everything into one run directory."""
     config = RunConfig.from_flower(context.run_config)
+    weights = pretrained_weights(config.fid_weights, config.fcd_weights)  # bad paths fail here
     log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
     shape = image_shape(config)
     client_indices(config)  # checks the partition before anything is written
@@ -73,13 +90,20 @@ def main(grid: Grid, context: Context) -> None:
     classifier_path, accuracy = feature_network(config)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
     append_metrics(run_dir, [(0, "server", "feature-network-accuracy", accuracy)])
+    notes = evaluation_notes(config, weights)
+    for w in weights.values():
+        if w.available:
+            log(INFO, "%s weights: %s (from %s)", w.backbone.name, w.path, w.found_in)
+        else:
+            log(WARNING, w.skip_message())
     wait_for_clients(grid, config.num_clients, config.wait_for_clients_seconds)
     net = build_denoiser(
         config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
         config.unet_attention, seed=config.seed,
     )
     strategy = CollaFuseStrategy(
-        config, run_dir, Denoiser(net, config.server_lr, config.ema_decay), shape, classifier_path
+        config, run_dir, Denoiser(net, config.server_lr, config.ema_decay), shape, classifier_path,
+        load_feature_networks(classifier_path, weights), notes,
     )
     start = time.perf_counter()
     strategy.start(

@@ -4,6 +4,10 @@ client -> server, training:  RecordDict {"uploads": ArrayRecord {"x_cut": (n, C,
                                          "metrics": MetricRecord {partition-id, num-examples, ...}}
 server -> client, sampling:  RecordDict {"handover": ArrayRecord {"x_handover": (n, C, H, W)},
                                          "config": ConfigRecord {...}}
+client -> server, evaluation (not part of the protocol; measurement only):
+                             RecordDict {"metrics": MetricRecord {quality and cost figures},
+                                         "features": ArrayRecord {"<network>-real": (m, d),
+                                                                  "<network>-generated": (n, d)}}
 
 x_cut holds one cut-point sample x_{t_zeta} per training image and nothing else: no x0,
 eps, t, labels or weights. Everything received is checked before it is used.
@@ -11,20 +15,21 @@ eps, t, labels or weights. Everything received is checked before it is used.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
 
 UPLOADS = "uploads"
 UPLOAD_KEY = "x_cut"
 HANDOVER = "handover"
 HANDOVER_KEY = "x_handover"
 METRICS = "metrics"
-# Keys a client may report with its uploads: counts, its loss and timing, no data.
+FEATURES = "features"
+# Keys a client may report with its uploads: counts, its loss, timing and compute, no data.
 TRAIN_METRIC_KEYS = frozenset(
-    {"partition-id", "num-examples", "train-loss", "images-seen", "train-seconds"}
+    {"partition-id", "num-examples", "train-loss", "images-seen", "train-seconds", "nfe-train",
+     "flops-train"}
 )
 # x_t = a x0 + b eps with a^2 + b^2 = 1 and |x0| <= 1: |x_t| > 10 is a >9-sigma event.
 MAX_ABS_VALUE = 10.0
@@ -120,6 +125,40 @@ def _finite(array: Array) -> np.ndarray:
     return values
 
 
-def record_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of the arrays in `record` (what dominates a message's size)."""
-    return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values()))
+def pack_features(features: dict[str, torch.Tensor]) -> ArrayRecord:
+    """An evaluation reply's feature arrays, {"<network>-real"|"<network>-generated": (n, d)}, float32."""
+    return ArrayRecord({k: Array(v.detach().float().contiguous().cpu().numpy()) for k, v in features.items()})
+
+
+def unpack_features(
+    content: RecordDict, networks: dict[str, int], max_generated: int, max_real: int
+) -> dict[str, torch.Tensor]:
+    """Validate an evaluation reply's features against `networks` ({name: feature size});
+    return {"<network>-real"|"<network>-generated": (n, d) float32}. An absent record gives {}.
+
+    Rejects keys of unknown networks or without their pair, dtype other than float32, shape
+    other than (n, d) with 2 <= n <= the cap (`max_generated`, `max_real`), non-finite values.
+    """
+    if FEATURES not in content.array_records:
+        return {}
+    arrays = content.array_records[FEATURES]
+    expected = {f"{name}-{kind}" for name in networks for kind in ("real", "generated")}
+    names = {key.rsplit("-", 1)[0] for key in arrays.keys()}
+    wanted = {f"{name}-{kind}" for name in names for kind in ("real", "generated")}
+    if set(arrays.keys()) - expected or wanted != set(arrays.keys()):
+        raise UploadRejected(f"features {sorted(arrays.keys())}: allowed are pairs of {sorted(expected)}")
+    out = {}
+    for key, array in arrays.items():
+        name, kind = key.rsplit("-", 1)
+        cap = max_generated if kind == "generated" else max_real
+        if array.dtype != "float32" or len(array.shape) != 2 or array.shape[1] != networks[name]:
+            raise UploadRejected(f"{key}: {array.dtype} {tuple(array.shape)}, expected float32 (n, {networks[name]})")
+        if not 2 <= array.shape[0] <= cap:
+            raise UploadRejected(f"{key}: {array.shape[0]} rows, allowed 2..{cap}")
+        out[key] = torch.from_numpy(_finite(array).copy())
+    return out
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Size in bytes of a message's content as Flower serialises it (protobuf)."""
+    return int(recorddict_to_proto(content).ByteSize())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.data.loaders import load_table
+from collafuse_flwr.data.loaders import data_root, load_table
 from collafuse_flwr.data.partitions import partition
 from collafuse_flwr.data.table import as_model_input
 
@@ -52,6 +53,22 @@ def client_data(config: RunConfig, partition_id: int) -> ClientData:
     return ClientData(
         as_model_input(table.images[train]), targets[train],
         as_model_input(table.images[held]), targets[held],
+    )
+
+
+def training_images(config: RunConfig, partition_id: int, limit: int) -> torch.Tensor:
+    """The first `limit` training images of client `partition_id`, (n, C, S, S) float32 in
+    [-1, 1], in the order of `client_data(...).train` (and of the client's uploads)."""
+    train, _ = client_indices(config)[partition_id]
+    return as_model_input(load_table(config).images[train[:limit]])
+
+
+def partition_key(config: RunConfig) -> str:
+    """A string that changes whenever the images or the partition of any client can change."""
+    return json.dumps(
+        [config.dataset, str(data_root(config)), config.dataset_split, config.image_size,
+         config.num_clients, config.partition, config.classes_per_client, config.dirichlet_alpha,
+         config.attribute_groups, config.held_out_fraction, config.seed]
     )
 
 

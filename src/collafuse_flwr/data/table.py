@@ -63,7 +63,9 @@ class ImageTable:
 def as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] or float [-1, 1] images (n, C, S, S), numpy or torch, as float32 in
     [-1, 1]: x / 127.5 - 1 for uint8, unchanged values otherwise."""
-    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if isinstance(images, np.ndarray):  # a read-only memmap view is copied, not aliased
+        images = np.ascontiguousarray(images) if images.flags.writeable else np.array(images)
+    x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
     if x.dtype == torch.uint8:
         return x.float() / 127.5 - 1.0
     return x.float()

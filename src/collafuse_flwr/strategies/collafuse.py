@@ -6,7 +6,11 @@ Each round:
                        train the server denoiser on t in (t_zeta, T] by the sub-chain loss;
   configure_evaluate-> (on evaluation rounds) run the server's half of the sampler from T
                        down to t_zeta and send each client its handed-over states;
-  aggregate_evaluate-> collect each client's quality metrics.
+  aggregate_evaluate-> collect each client's quality and cost figures, compute the pooled
+                       quality row from the clients' features, run the disclosure audit
+                       (audit.py) and rewrite summary.json.
+Every round also records what each party computed (NFEs, FLOPs, seconds) and the bytes of
+every message each way (metrics.csv, long format).
 The server denoiser, its optimizer and RNG live here and are checkpointed every round.
 """
 
@@ -24,10 +28,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from collafuse_flwr import wire
+from collafuse_flwr.audit import DisclosureAudit
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.losses import server_loss
+from collafuse_flwr.metrics.cost import sampling_cost, train_cost
+from collafuse_flwr.metrics.distances import named_distances
+from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.models import Denoiser
 from collafuse_flwr.outputs import append_log, append_metrics, save_grid
+from collafuse_flwr.summary import write_summary
 from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
 from collafuse_flwr.schedule import CutSchedule
 from collafuse_flwr.seeds import derive_seed
@@ -43,6 +52,8 @@ class CollaFuseStrategy(Strategy):
         denoiser: the server denoiser (a diffusers UNet2DModel) with optimizer and EMA.
         image_shape: (C, H, W) of the dataset's images, for validating uploads.
         classifier_path: the cached fd_classifier feature network the clients load.
+        networks: the feature networks available here (the pooled row and the audit).
+        notes: what summary.json says beside the numbers (e.g. skipped metrics).
     """
 
     def __init__(
@@ -52,16 +63,22 @@ class CollaFuseStrategy(Strategy):
         denoiser: Denoiser,
         image_shape: tuple[int, int, int],
         classifier_path: Path,
+        networks: list[FeatureNetwork],
+        notes: dict[str, object],
     ):
         self.config = config
         self.run_dir = run_dir
         self.denoiser = denoiser
         self.image_shape = image_shape
         self.classifier_path = classifier_path
+        self.networks = networks
+        self.notes = notes
         self.schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
         self.partition_of: dict[int, int] = {}  # node id -> partition id
+        self.audit = DisclosureAudit(config, self.schedule, networks, run_dir.parent / ".cache" / "features")
+        self.sent: list[tuple] = []  # (round, node id or party, metric, value) of the current phase
 
     def summary(self) -> None:
         c = self.config
@@ -72,6 +89,22 @@ class CollaFuseStrategy(Strategy):
             c.timesteps, c.t_zeta, c.t_zeta, c.t_zeta, c.num_clients,
             c.client_images_per_round, c.server_images_per_round,
         )
+
+    def _node_label(self, node: int) -> str:
+        """The partition id a node reported in training, else "node-<id>"."""
+        return str(self.partition_of[node]) if node in self.partition_of else f"node-{node}"
+
+    def _count_sent(self, server_round: int, messages: list[Message], metric: str) -> None:
+        """Remember the size of every outgoing message as (round, node id, metric, bytes)."""
+        self.sent = [
+            (server_round, m.metadata.dst_node_id, metric, float(wire.content_bytes(m.content))) for m in messages
+        ]
+
+    def _sent_rows(self) -> list[tuple]:
+        """The remembered message sizes as metrics.csv rows, nodes named by partition id."""
+        rows = [(r, self._node_label(node) if isinstance(node, int) else node, m, v) for r, node, m, v in self.sent]
+        self.sent = []
+        return rows
 
     def _messages(self, grid: Grid, message_type: str, server_round: int) -> list[Message]:
         """One message per node, each with its own config record (round and run directory)."""
@@ -91,7 +124,9 @@ class CollaFuseStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per client; it carries config only, never weights."""
-        return self._messages(grid, "train", server_round)
+        messages = self._messages(grid, "train", server_round)
+        self._count_sent(server_round, messages, "bytes-down-train")
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -99,7 +134,7 @@ class CollaFuseStrategy(Strategy):
         """Validate the uploads, pool them, train the server denoiser for its budget."""
         rows, clients = self._receive_uploads(server_round, replies)
         server_rows, server = self._train_server(server_round)
-        append_metrics(self.run_dir, rows + server_rows)
+        append_metrics(self.run_dir, self._sent_rows() + rows + server_rows)
         line = (
             f"round {server_round}/{self.config.num_server_rounds} "
             f"| client loss {clients['client-train-loss']:.4f} "
@@ -137,14 +172,15 @@ class CollaFuseStrategy(Strategy):
                 rows.append((server_round, f"node-{node}", "rejected", 1.0))
                 continue
             self.uploads[pid] = x_cut
-            nbytes = wire.record_bytes(reply.content.array_records[wire.UPLOADS]) if len(x_cut) else 0
+            self.audit.record(pid, x_cut)
+            nbytes = wire.content_bytes(reply.content)
             uploaded += nbytes
             seen += int(metrics["images-seen"])
             if metrics["images-seen"]:
                 losses.append(float(metrics["train-loss"]))
-            for key in ("train-loss", "images-seen", "num-examples", "train-seconds"):
-                rows.append((server_round, str(pid), key, float(metrics[key])))
-            rows.append((server_round, str(pid), "bytes-uploaded", float(nbytes)))
+            for key in sorted(wire.TRAIN_METRIC_KEYS - {"partition-id"}):
+                rows.append((server_round, str(pid), key, float(metrics.get(key, float("nan")))))
+            rows.append((server_round, str(pid), "bytes-up-train", float(nbytes)))
         summary = {
             "client-train-loss": sum(losses) / len(losses) if losses else float("nan"),
             "client-images-seen": seen,
@@ -167,12 +203,13 @@ class CollaFuseStrategy(Strategy):
         )
         stats["seconds"] = time.perf_counter() - start
         self.denoiser.save(self.run_dir / "checkpoints" / "server")
+        cost = train_cost(self.denoiser.net, self.image_shape, int(stats["images-seen"]))
         rows = [
             (server_round, "server", "train-loss", stats["loss"]),
             (server_round, "server", "images-seen", float(stats["images-seen"])),
             (server_round, "server", "pool-size", float(len(pool))),
             (server_round, "server", "train-seconds", stats["seconds"]),
-        ]
+        ] + [(server_round, "server", k, v) for k, v in cost.items()]
         return rows, stats
 
     def _partition_id(self, node: int, metrics: MetricRecord) -> int:
@@ -202,7 +239,8 @@ class CollaFuseStrategy(Strategy):
         sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
         server_steps, _ = split_at_cut(sampler, c.t_zeta)
         net = self.denoiser.for_sampling()
-        messages, shown, sent = [], [], []
+        messages, shown = [], []
+        start = time.perf_counter()
         # seeds and grid rows follow the partition ids the clients reported in training
         # (node ids change from run to run); a node that never reported keeps its node id
         order = lambda m: self.partition_of.get(m.metadata.dst_node_id, m.metadata.dst_node_id)
@@ -215,35 +253,87 @@ class CollaFuseStrategy(Strategy):
             msg.content[wire.HANDOVER] = wire.pack_handover(x)
             messages.append(msg)
             shown.append(x[:8])
-            sent.append((server_round, str(order(msg)), "bytes-handed-over",
-                         float(wire.record_bytes(msg.content.array_records[wire.HANDOVER]))))
-        append_metrics(self.run_dir, sent)
+        cost = sampling_cost(net, self.image_shape, c.eval_num_samples * len(messages), len(server_steps))
+        self._count_sent(server_round, messages, "bytes-down-sample")
+        self.sent += [(server_round, "server", k, v) for k, v in cost.items()]
+        self.sent.append((server_round, "server", "sample-seconds", time.perf_counter() - start))
         if shown:
             save_grid(torch.cat(shown), self.run_dir / "samples" / f"round-{server_round:03d}-handover.png", nrow=8)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Write every client's quality metrics to metrics.csv; return their means."""
-        rows, per_metric = [], {}
+        """Write every client's quality and cost figures, the pooled quality row and the
+        disclosure audit to metrics.csv; rewrite summary.json; return the clients' means."""
+        rows, per_metric, features = self._sent_rows(), {}, []
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
-                    reply.metadata.src_node_id, reply.error.reason)
+                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round, node, reply.error.reason)
+                rows.append((server_round, self._node_label(node), "evaluation-failed", 1.0))
                 continue
-            metrics = reply.content.metric_records["metrics"]
-            pid = str(metrics["partition-id"])
+            try:
+                metrics, pid, received = self._evaluation_reply(reply)
+            except (wire.UploadRejected, KeyError, TypeError) as err:
+                log(WARNING, "round %d: rejected evaluation reply of node %d: %s", server_round, node, err)
+                rows.append((server_round, self._node_label(node), "evaluation-rejected", 1.0))
+                continue
+            features.append(received)
+            rows.append((server_round, pid, "bytes-up-evaluation", float(wire.content_bytes(reply.content))))
             for key, value in metrics.items():
                 if key != "partition-id":
                     rows.append((server_round, pid, key, float(value)))
                     per_metric.setdefault(key, []).append(float(value))
-        if not rows:
-            return None
+        if per_metric:
+            rows += [(server_round, "pooled", k, v) for k, v in self._pooled(features).items()]
+            rows += self._audit(server_round)
+            fds = sorted((r[1], r[3]) for r in rows if r[2] == "fd_classifier" and r[1] != "pooled")
+            line = f"round {server_round} evaluation | fd_classifier per client: " + ", ".join(
+                f"{pid}: {fd:.2f}" for pid, fd in fds
+            )
+            log(INFO, line)
+            append_log(self.run_dir, line)
         append_metrics(self.run_dir, rows)
-        means = {k: sum(v) / len(v) for k, v in per_metric.items()}
-        fds = sorted((r[1], r[3]) for r in rows if r[2] == "fd_classifier")
-        line = f"round {server_round} evaluation | fd_classifier per client: " + ", ".join(
-            f"{pid}: {fd:.2f}" for pid, fd in fds
+        write_summary(self.run_dir, self.config, self.notes)
+        return MetricRecord({k: sum(v) / len(v) for k, v in per_metric.items()}) if per_metric else None
+
+    def _evaluation_reply(self, reply: Message) -> tuple[MetricRecord, str, dict]:
+        """The validated metrics, partition id and features of one evaluation reply."""
+        content = reply.content
+        extra = set(content.keys()) - {wire.METRICS, wire.FEATURES}
+        if extra:
+            raise wire.UploadRejected(f"unexpected records {sorted(extra)}")
+        metrics = content.metric_records[wire.METRICS]
+        pid = metrics["partition-id"]
+        if self.partition_of.get(reply.metadata.src_node_id) != pid:
+            raise wire.UploadRejected(f"partition-id {pid!r} is not the one this node reported in training")
+        networks = {n.name: n.module.num_features for n in self.networks}
+        received = wire.unpack_features(
+            content, networks, self.config.eval_num_samples, self.config.max_uploads_per_client
         )
-        log(INFO, line)
-        append_log(self.run_dir, line)
-        return MetricRecord(means)
+        return metrics, str(pid), received
+
+    def _pooled(self, features: list[dict]) -> dict[str, float]:
+        """Quality over all clients: generated vs held-out features, pooled (empty without features)."""
+        pooled = {}
+        for network in self.networks:
+            real = [f[f"{network.name}-real"] for f in features if f"{network.name}-real" in f]
+            fake = [f[f"{network.name}-generated"] for f in features if f"{network.name}-generated" in f]
+            if real:
+                pooled.update(named_distances(network.fd_name, network.kid_name, torch.cat(real), torch.cat(fake)))
+                pooled["num-generated"], pooled["num-real"] = float(sum(map(len, fake))), float(sum(map(len, real)))
+        return pooled
+
+    def _audit(self, server_round: int) -> list[tuple]:
+        """The disclosure audit's rows; the server's own samples for it run the whole chain."""
+        if not self.audit.enabled:
+            return []
+        start = time.perf_counter()
+        c = self.config
+        sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
+        net = self.denoiser.for_sampling()
+        seed = derive_seed(c.seed, server_round, 2**20)
+        x = initial_noise(c.eval_num_samples, self.image_shape, seed)
+        server_only = denoise(net, sampler, x, sampler.timesteps, seed, c.ddim_eta).clamp(-1, 1)
+        save_grid(server_only, self.run_dir / "samples" / f"round-{server_round:03d}-server-only.png")
+        rows = [(server_round, client, metric, value) for client, metric, value in self.audit.measure(net, server_only)]
+        return rows + [(server_round, "server", "disclosure-seconds", time.perf_counter() - start)]

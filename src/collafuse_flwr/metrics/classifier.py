@@ -1,11 +1,9 @@
-"""Offline image-quality metrics on a small classifier's features: fd_classifier, kid_classifier.
+"""The offline feature network behind `fd_classifier` and `kid_classifier`.
 
-No pretrained Inception or CLIP weights are available offline, so the features come from a
-small CNN trained to classify the dataset's training images, or to predict their binary
-attributes when the dataset has no classes (CelebA) (a stand-in for a public
-pretrained network; it is used for evaluation only). The Fréchet distance and KID are
-torchmetrics' FID and KID computed on these features, so the numbers are NOT comparable
-to Inception FID: they are reported as `fd_classifier` and `kid_classifier`.
+A small CNN trained to classify the dataset's training images, or to predict their binary
+attributes when the dataset has no classes (CelebA). It needs no downloaded weights, so it is
+always available; its distances are NOT comparable to Inception FID and carry their own names.
+It is used for evaluation only.
 """
 
 from __future__ import annotations
@@ -17,8 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from collafuse_flwr.data.table import as_model_input
 
@@ -104,30 +100,3 @@ def classifier_accuracy(net: FeatureClassifier, images: torch.Tensor, targets: t
             predicted = (logits > 0).float() if targets.ndim == 2 else logits.argmax(1)
             correct += float((predicted == targets[batch]).float().sum())
     return correct / targets.numel()
-
-
-def frechet_and_kid(
-    extractor: nn.Module, real: torch.Tensor, fake: torch.Tensor
-) -> dict[str, float]:
-    """Fréchet distance and KID (mean, std) between two image sets (n, C, H, W) in [-1, 1]
-    on `extractor`'s features (it needs an int attribute `num_features`).
-
-    FD = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^{1/2}) (Heusel et al. 2017);
-    KID = unbiased MMD^2 with the cubic polynomial kernel (Binkowski et al. 2018), over
-    50 subsets of min(n_real, n_fake) samples, drawn from a fixed seed so that equal inputs
-    give equal numbers.
-    """
-    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
-    subset = min(len(real), len(fake))
-    kid = KernelInceptionDistance(feature=extractor, subset_size=subset, subsets=50, normalize=True)
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(0)  # torchmetrics draws KID's subsets from the global generator
-        for metric in (fid, kid):
-            metric.update(real.float(), real=True)
-            metric.update(fake.float(), real=False)
-        kid_mean, kid_std = kid.compute()
-        return {
-            "fd_classifier": float(fid.compute()),
-            "kid_classifier": float(kid_mean),
-            "kid_classifier_std": float(kid_std),
-        }

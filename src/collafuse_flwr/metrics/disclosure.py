@@ -1,0 +1,94 @@
+"""What the server can learn about a client's images from its cut-point uploads
+(PROTOCOL.md, "Information disclosure, measured").
+
+The server received, for every training image x0_i of a client, K views
+v_i^(k) = a x0_i + b eps_i^(k) with a = sqrt(abar_r), b = sqrt(1 - abar_r), r = t_zeta
+(K = 1 under the `once` noise policy, which re-sends one view; K = rounds under `fresh`). An
+attacker who links the views of one image averages them: v_i = a x0_i + (b / sqrt(K)) eps_i,
+signal-to-noise ratio SNR = K a^2 / b^2. Attacks on v (all images (n, C, H, W) in [-1, 1]):
+- reconstruction: estimate x0 by Tweedie's formula with the server's own denoiser, or by the
+  Wiener filter with a per-pixel Gaussian prior fitted to the uploads; score by PSNR and SSIM;
+- linkage: match each v_i to its source among the client's images; top-1 accuracy
+  (chance 1 / n).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from collafuse_flwr.schedule import CutSchedule
+
+PSNR_CAP = 100.0  # dB: exact reconstructions (t_zeta = 0) report the cap instead of infinity
+
+
+def view_noise(schedule: CutSchedule, views: int) -> tuple[float, float]:
+    """(a, sigma) of the averaged view v = a x0 + sigma eps after `views` views at the cut:
+    a = sqrt(abar_r), sigma = sqrt((1 - abar_r) / K)."""
+    abar = float(schedule.alpha_bar[schedule.t_zeta])
+    return math.sqrt(abar), math.sqrt((1 - abar) / views)
+
+
+def effective_snr(schedule: CutSchedule, views: int) -> float:
+    """K abar_r / (1 - abar_r): the SNR of an image's K averaged views (inf at t_zeta = 0)."""
+    a, sigma = view_noise(schedule, views)
+    return a * a / (sigma * sigma) if sigma > 0 else math.inf
+
+
+def linkage_top1(views: torch.Tensor, candidates: torch.Tensor, a: float) -> float:
+    """Top-1 accuracy of matching view i to candidate i, views (n, ...) and candidates (n, ...)
+    in the same order. The match is argmin_j |v_i - a x0_j|^2, the maximum-likelihood source
+    under Gaussian noise. Ties count as failures unless the true source is the unique minimum."""
+    v, c = views.flatten(1).double(), a * candidates.flatten(1).double()
+    distances = torch.cdist(v, c)
+    own = distances.diagonal()
+    wins = (distances < own[:, None]).sum(1) == 0
+    unique = (distances == own[:, None]).sum(1) == 1
+    return float((wins & unique).double().mean())
+
+
+def wiener_estimate(views: torch.Tensor, a: float, sigma: float) -> torch.Tensor:
+    """E[x0 | v] under a per-pixel Gaussian prior x0 ~ N(mu, s^2) fitted to the views
+    themselves (mu = E[v] / a, s^2 = max(Var[v] - sigma^2, 0) / a^2):
+    x0_hat = mu + a s^2 / (a^2 s^2 + sigma^2) (v - a mu), clamped to [-1, 1]."""
+    if sigma == 0:
+        return views.clamp(-1, 1)
+    mu = views.mean(0) / a
+    s2 = (views.var(0) - sigma**2).clamp(min=0) / a**2
+    gain = a * s2 / (a**2 * s2 + sigma**2)
+    return (mu + gain * (views - a * mu)).clamp(-1, 1)
+
+
+@torch.no_grad()
+def tweedie_estimate(net: nn.Module, schedule: CutSchedule, views: torch.Tensor, count: int) -> torch.Tensor:
+    """Tweedie's formula with the server's eps-predictor: the averaged view is rescaled to the
+    marginal of the protocol time t whose SNR is closest to `effective_snr`, then
+    x0_hat = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t), clamped to [-1, 1]
+    (t = r for a single view; the network was trained on t > r only, so t <= r extrapolates)."""
+    a, sigma = view_noise(schedule, count)
+    if sigma == 0:
+        return views.clamp(-1, 1)
+    abar = schedule.alpha_bar[1:]
+    t = int(torch.argmin((torch.log(abar / (1 - abar)) - math.log(a * a / sigma**2)).abs())) + 1
+    abar_t = float(schedule.alpha_bar[t])
+    x_t = views * (math.sqrt(abar_t) / a)
+    k = schedule.net_timestep(torch.full((len(views),), t))
+    estimates = [
+        (x - math.sqrt(1 - abar_t) * net(x, kk).sample) / math.sqrt(abar_t)
+        for x, kk in zip(x_t.split(64), k.split(64))
+    ]
+    return torch.cat(estimates).clamp(-1, 1)
+
+
+def reconstruction_scores(estimate: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Mean per-image PSNR (dB, each capped at PSNR_CAP) and mean SSIM of estimates against the
+    true images, both (n, C, H, W) in [-1, 1] (data range 2)."""
+    per_image = peak_signal_noise_ratio(
+        estimate.float(), truth.float(), data_range=2.0, dim=(1, 2, 3), reduction="none"
+    )
+    psnr = float(per_image.clamp(max=PSNR_CAP).mean())
+    ssim = float(structural_similarity_index_measure(estimate.float(), truth.float(), data_range=2.0))
+    return {"psnr": psnr, "ssim": ssim}

@@ -1,0 +1,108 @@
+"""Where the pretrained feature networks' weights come from, and what is skipped without them.
+
+FID and KID need InceptionV3 (the TensorFlow FID network, as converted by torch-fidelity); FCD
+needs OpenAI's CLIP ViT-B/32. Nothing is downloaded: a run looks, in this order, at
+1. the run-config key (`fid-weights`, `fcd-weights`), then the environment variable
+   (`COLLAFUSE_FID_WEIGHTS`, `COLLAFUSE_FCD_WEIGHTS`): a path given there must exist;
+2. the standard cache locations: `$TORCH_HOME/hub/checkpoints/<torch-fidelity's file>` for
+   InceptionV3 (where torchmetrics and torch-fidelity download it) and the Hugging Face hub
+   cache of `timm/vit_base_patch32_clip_224.openai` for CLIP (where open_clip downloads it).
+Without weights, the metrics are skipped with a message saying how to supply them; no other
+network is ever substituted under their names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from collafuse_flwr.config import ConfigError
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+CLIP_REPO = "timm/vit_base_patch32_clip_224.openai"
+CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A pretrained feature network: the metrics it enables and where its weights are looked up."""
+
+    name: str
+    metrics: tuple[str, ...]
+    config_key: str
+    env_var: str
+    how_to_get: str
+
+
+BACKBONES = {
+    "inception": Backbone(
+        "inception", ("fid", "kid"), "fid-weights", "COLLAFUSE_FID_WEIGHTS",
+        f"download {INCEPTION_URL} and either put it at $TORCH_HOME/hub/checkpoints/{INCEPTION_FILE} "
+        "(TORCH_HOME defaults to ~/.cache/torch), or pass its path as fid-weights='/path/file.pth' "
+        "or COLLAFUSE_FID_WEIGHTS=/path/file.pth",
+    ),
+    "clip": Backbone(
+        "clip", ("fcd", "kid_clip"), "fcd-weights", "COLLAFUSE_FCD_WEIGHTS",
+        f"download {CLIP_FILES[0]} of https://huggingface.co/{CLIP_REPO} (OpenAI's ViT-B/32 in "
+        "open_clip format) and pass its path as fcd-weights='/path/file' or "
+        "COLLAFUSE_FCD_WEIGHTS=/path/file, or fetch it into the Hugging Face cache with "
+        f"`huggingface-cli download {CLIP_REPO} {CLIP_FILES[0]}`",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The resolved weights of one backbone: a file and where it was found, or why not."""
+
+    backbone: Backbone
+    path: Path | None
+    found_in: str
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None
+
+    def skip_message(self) -> str:
+        """Which metrics are skipped and how to supply the weights."""
+        return (
+            f"{', '.join(self.backbone.metrics)} skipped: no {self.backbone.name} weights "
+            f"({self.found_in}). To compute them, {self.backbone.how_to_get}."
+        )
+
+
+def resolve_weights(name: str, configured: str = "") -> Weights:
+    """The weights of backbone `name` ("inception" or "clip"); `configured` is the run-config
+    value. A path given in the run config or environment that is not a file is a `ConfigError`."""
+    backbone = BACKBONES[name]
+    for source, value in ((backbone.config_key, configured), (backbone.env_var, os.environ.get(backbone.env_var, ""))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"{source}={value!r}: no such file; {backbone.how_to_get}")
+            return Weights(backbone, path.resolve(), source)
+    cached = _cached_inception() if name == "inception" else _cached_clip()
+    if cached is not None:
+        return Weights(backbone, cached, "cache")
+    return Weights(backbone, None, f"neither {backbone.config_key} nor {backbone.env_var} is set "
+                   "and the standard cache holds none")
+
+
+def _cached_inception() -> Path | None:
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return path if path.is_file() else None
+
+
+def _cached_clip() -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+    for filename in CLIP_FILES:
+        found = try_to_load_from_cache(CLIP_REPO, filename, cache_dir=hub)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None

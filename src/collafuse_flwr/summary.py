@@ -1,0 +1,105 @@
+"""summary.json: a run's latest quality and disclosure figures and its cumulative cost per party.
+
+Built from metrics.csv (long format: round, client, metric, value) after every round:
+
+    {"run", "dataset", "t_zeta", "timesteps", "noise_policy", "rounds_completed",
+     "notes": {...: why a metric is missing, how many samples a distance used},
+     "quality":    {"round": r, "clients": {"0": {"fd_classifier": ...}}, "pooled": {...}},
+     "disclosure": {"round": r, "clients": {...}, "pooled": {...}},
+     "cost": {"server": {...}, "clients": {"0": {...}}, "clients_mean": {...}}}
+
+Cost entries are sums over all rounds: nfe-/flops-train, nfe-/flops-sample, seconds per phase,
+and bytes: "bytes-up" (client -> server protocol messages), "bytes-down" (server -> client),
+"bytes-up-evaluation" (the evaluation replies, measurement only). Non-finite values are null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from collafuse_flwr.config import RunConfig
+
+QUALITY = ("fd_classifier", "kid_classifier", "kid_classifier_std", "fid", "kid", "kid_std", "fcd",
+           "kid_clip", "kid_clip_std", "num-generated", "num-real")
+DISCLOSURE_PREFIXES = ("upload-", "server-only-", "reconstruction-", "linkage-")
+DISCLOSURE = ("views-per-image", "effective-snr")
+COST_SUMS = {
+    "nfe-train": ("nfe-train",), "flops-train": ("flops-train",), "nfe-sample": ("nfe-sample",),
+    "flops-sample": ("flops-sample",), "train-seconds": ("train-seconds",),
+    "sample-seconds": ("sample-seconds",), "eval-seconds": ("eval-seconds",),
+    "disclosure-seconds": ("disclosure-seconds",), "bytes-up": ("bytes-up-train",),
+    "bytes-down": ("bytes-down-train", "bytes-down-sample"),
+    "bytes-up-evaluation": ("bytes-up-evaluation",),
+}
+
+
+def is_disclosure(metric: str) -> bool:
+    return metric.startswith(DISCLOSURE_PREFIXES) or metric in DISCLOSURE
+
+
+def read_metrics(run_dir: Path) -> pd.DataFrame:
+    """metrics.csv as a DataFrame with columns round, client (str), metric, value."""
+    return pd.read_csv(Path(run_dir) / "metrics.csv", dtype={"client": str})
+
+
+def summarise(metrics: pd.DataFrame, config: RunConfig, notes: dict) -> dict:
+    """The summary.json content for a metrics table."""
+    return {
+        "run": None,
+        "dataset": config.dataset,
+        "t_zeta": config.t_zeta,
+        "timesteps": config.timesteps,
+        "noise_policy": config.noise_policy,
+        "rounds_completed": int(metrics["round"].max()) if len(metrics) else 0,
+        "notes": notes,
+        "quality": _latest(metrics[metrics.metric.isin(QUALITY)]),
+        "disclosure": _latest(metrics[metrics.metric.map(is_disclosure)]),
+        "cost": _cost(metrics),
+    }
+
+
+def write_summary(run_dir: Path, config: RunConfig, notes: dict) -> None:
+    """Rewrite `run_dir/summary.json` from `run_dir/metrics.csv` (atomically)."""
+    summary = summarise(read_metrics(run_dir), config, notes)
+    summary["run"] = Path(run_dir).name
+    tmp = Path(run_dir) / "summary.json.tmp"
+    tmp.write_text(json.dumps(_finite(summary), indent=2) + "\n")
+    os.replace(tmp, Path(run_dir) / "summary.json")
+
+
+def _latest(rows: pd.DataFrame) -> dict:
+    """The latest round's values, per client and pooled."""
+    if rows.empty:
+        return {}
+    last = rows[rows["round"] == rows["round"].max()]
+    table = {client: dict(zip(g.metric, g.value)) for client, g in last.groupby("client")}
+    pooled = table.pop("pooled", {})
+    return {"round": int(last["round"].iloc[0]), "clients": table, "pooled": pooled}
+
+
+def _cost(metrics: pd.DataFrame) -> dict:
+    """Per party, the sums over rounds of the COST_SUMS metrics."""
+    parties = {}
+    for party, rows in metrics[metrics.client != "pooled"].groupby("client"):
+        totals = {name: float(rows[rows.metric.isin(parts)].value.sum()) for name, parts in COST_SUMS.items()
+                  if rows.metric.isin(parts).any()}
+        if totals:
+            parties[party] = totals
+    server = parties.pop("server", {})
+    clients = {k: v for k, v in parties.items() if not k.startswith("node-")}
+    mean = pd.DataFrame(clients.values()).mean().to_dict() if clients else {}
+    return {"server": server, "clients": clients, "clients_mean": mean}
+
+
+def _finite(value):
+    """`value` with NaN and infinities replaced by None (JSON has neither)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
