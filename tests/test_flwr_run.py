@@ -88,12 +88,12 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
     run_dir = outcome.run_dir
     assert run_dir.is_absolute() and run_dir.parent == tmp_path / "runs"
     assert (run_dir / "config.json").exists()
-    metrics = pd.read_csv(run_dir / "metrics.csv")
+    metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"client": str})
     assert list(metrics.columns) == ["round", "client", "metric", "value"]
     accuracy = metrics[metrics["metric"] == "feature-network-accuracy"]["value"]
     assert len(accuracy) == 1 and 0 < accuracy.iloc[0] <= 1
     final = metrics[(metrics["round"] == 2) & (metrics["metric"] == "fd_classifier")]
-    assert sorted(final["client"].astype(str)) == ["0", "1", "2", "3", "4"]
+    assert sorted(final["client"].astype(str)) == ["0", "1", "2", "3", "4", "pooled"]
     assert final["value"].notna().all() and (final["value"] >= 0).all()
     uploaded = metrics[metrics["metric"] == "bytes-up-train"]
     assert len(uploaded) == 10  # 5 clients x 2 rounds
@@ -151,7 +151,7 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
 def test_flwr_run_at_the_ends_of_the_chain(flwr_env, tmp_path, t_zeta):
     """t_zeta = 0: one global model, clients train nothing; t_zeta = T: clients alone."""
     outcome = _run(flwr_env, tmp_path, **{"t-zeta": t_zeta, "num-server-rounds": 1})
-    metrics = pd.read_csv(outcome.run_dir / "metrics.csv")
+    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
     value = lambda who, m: metrics[(metrics["client"] == who) & (metrics["metric"] == m)]["value"]
     clients = metrics[~metrics["client"].isin(["server"])]
     client_seen = clients[clients["metric"] == "images-seen"]["value"]
@@ -181,7 +181,7 @@ def test_same_config_gives_the_same_results(flwr_env, tmp_path):
     runs = [_run(flwr_env, tmp_path / str(i), **{"num-server-rounds": 1}) for i in range(2)]
     tables = []
     for outcome in runs:
-        metrics = pd.read_csv(outcome.run_dir / "metrics.csv")
+        metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
         keep = metrics[~metrics["metric"].str.endswith("seconds")]
         tables.append(keep.sort_values(["round", "client", "metric"]).reset_index(drop=True))
     pd.testing.assert_frame_equal(tables[0], tables[1])
@@ -202,8 +202,8 @@ def test_flwr_run_on_a_dataset_fixture(flwr_env, tmp_path, shared_data, dataset,
     for pid in range(5):
         grid = np.asarray(Image.open(run_dir / "samples" / f"round-001-client-{pid}.png").convert("RGB"))
         assert (grid[..., 0] != grid[..., 2]).any()  # colour samples, not grey
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert len(metrics[metrics["metric"] == "fd_classifier"]) == 5
+    metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"client": str})
+    assert len(metrics[(metrics["metric"] == "fd_classifier") & (metrics["client"] != "pooled")]) == 5
 
 
 def test_flwr_run_with_weights_files_reports_fid_kid_and_fcd(flwr_env, tmp_path, standin_weights):

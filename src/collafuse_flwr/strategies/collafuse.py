@@ -277,14 +277,16 @@ class CollaFuseStrategy(Strategy):
                 log(WARNING, "round %d: rejected evaluation reply of node %d: %s", server_round, node, err)
                 rows.append((server_round, self._node_label(node), "evaluation-rejected", 1.0))
                 continue
-            features.append(received)
+            features.append((int(pid), received))
             rows.append((server_round, pid, "bytes-up-evaluation", float(wire.content_bytes(reply.content))))
             for key, value in metrics.items():
                 if key != "partition-id":
                     rows.append((server_round, pid, key, float(value)))
                     per_metric.setdefault(key, []).append(float(value))
         if per_metric:
-            rows += [(server_round, "pooled", k, v) for k, v in self._pooled(features).items()]
+            # in partition-id order: reply arrival order must not change KID's subsets
+            pooled = self._pooled([f for _, f in sorted(features, key=lambda item: item[0])])
+            rows += [(server_round, "pooled", k, v) for k, v in pooled.items()]
             rows += self._audit(server_round)
             fds = sorted((r[1], r[3]) for r in rows if r[2] == "fd_classifier" and r[1] != "pooled")
             line = f"round {server_round} evaluation | fd_classifier per client: " + ", ".join(
