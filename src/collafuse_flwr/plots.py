@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from collafuse_flwr.summary import COST_SUMS, QUALITY, is_disclosure, read_metrics  # noqa: E402
@@ -60,13 +61,15 @@ def plot_disclosure(metrics: pd.DataFrame, path: Path) -> bool:
     if rows.empty:
         return False
     rows = rows[rows["round"] == rows["round"].max()]
-    names = [m for m in dict.fromkeys(rows.metric) if not m.endswith("_std")]
+    chance = rows[rows.metric == "linkage-chance"].value
+    # infinite SNR (t_zeta = 0) has no bar; chance is drawn as a line in the linkage panel
+    shown = rows[np.isfinite(rows.value) & (rows.metric != "linkage-chance")]
+    names = [m for m in dict.fromkeys(shown.metric) if not m.endswith("_std")]
     fig, axes = _grid(len(names))
     for ax, name in zip(axes, names):
-        g = rows[rows.metric == name]
+        g = shown[shown.metric == name]
         ax.bar(g.client, g.value, color=["black" if c == "pooled" else "tab:blue" for c in g.client])
         if name == "linkage-top1":
-            chance = rows[rows.metric == "linkage-chance"].value
             if len(chance):
                 ax.axhline(chance.mean(), color="tab:red", linestyle="--", label="chance")
                 ax.legend(fontsize=7)
