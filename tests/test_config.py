@@ -76,11 +76,19 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     assert RunConfig.from_flower(table) == RunConfig()
 
 
-def test_every_simulation_overlay_is_a_valid_config():
+def test_every_simulation_overlay_and_sweep_is_valid(tmp_path, monkeypatch):
     import tomllib
     from pathlib import Path
 
-    overlays = sorted((Path(__file__).resolve().parents[1] / "simulations").glob("*.toml"))
-    assert overlays
+    from collafuse_flwr.sweep import load_sweep
+
+    project = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(project)  # sweeps name data directories relative to the project
+    overlays = sorted((project / "simulations").glob("*.toml"))
+    sweeps = [o for o in overlays if "sweep" in tomllib.loads(o.read_text())]
+    assert sweeps and len(sweeps) < len(overlays)
     for overlay in overlays:
-        RunConfig.from_flower(tomllib.loads(overlay.read_text()))
+        if overlay in sweeps:
+            assert load_sweep(overlay, tmp_path)[0]
+        else:
+            RunConfig.from_flower(tomllib.loads(overlay.read_text()))

@@ -230,3 +230,53 @@ def test_a_missing_weights_file_fails_before_any_work(flwr_env, tmp_path):
                        FEDERATION, env=env, cwd=cwd)
     assert not outcome.ok and "no such file" in outcome.log
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_resumes_and_reports_a_failing_run_as_failed(flwr_env, tmp_path):
+    """Two real runs: digits completes; CIFAR-10 from an empty folder without download fails.
+    The relaunch skips the finished run and retries the failed one; the table says which is which."""
+    from collafuse_flwr.sweep import load_sweep, run_sweep, summary_table
+    from collafuse_flwr.sweep_plots import plot_sweep
+
+    env, _ = flwr_env
+    (tmp_path / "empty").mkdir()
+    sweep = tmp_path / "toy.toml"
+    sweep.write_text(f'''
+[sweep]
+datasets = ["digits", "cifar10"]
+strategies = ["collafuse"]
+t-zeta = [20]
+seeds = [0]
+
+[run-config]
+num-server-rounds = 1
+image-size = 8
+timesteps = 100
+unet-block-channels = "8,16"
+client-images-per-round = 64
+server-images-per-round = 64
+sampling-steps = 10
+eval-num-samples = 8
+metric-classifier-epochs = 1
+disclosure-num-images = 16
+
+[dataset.cifar10]
+data-dir = "{tmp_path / 'empty'}"
+download = false
+''')
+    runs, supernodes = load_sweep(sweep, tmp_path / "out")
+    first = run_sweep(runs, PROJECT, supernodes, env=env, echo=lambda line: None)
+    assert [s["status"] for s in first][0] == "finished:completed"
+    assert first[1]["status"].startswith("finished:failed")
+    said = []
+    again = run_sweep(runs, PROJECT, supernodes, env=env, echo=said.append)
+    assert said[0].endswith("already completed, skipped") and again[0]["run_id"] == first[0]["run_id"]
+    assert again[1]["run_id"] != first[1]["run_id"]  # the failed run was tried again
+    table = summary_table(runs)
+    failed = table[table["dataset"] == "cifar10"]
+    assert len(failed) == 1 and failed["metric"].item() == "status" and failed["value"].isna().all()
+    done = table[table["dataset"] == "digits"].set_index(["party", "metric"])["value"]
+    assert done["pooled", "fd_classifier"] > 0 and 0 <= done["client-mean", "linkage-top1"] <= 1
+    assert done["client-mean", "nfe-sample"] == 8 * 2 and done["server", "nfe-train"] == 64
+    figures = plot_sweep(table, tmp_path / "figures")
+    assert [f.name for f in figures] == ["quality.png", "disclosure.png", "cost.png"]

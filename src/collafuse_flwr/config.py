@@ -22,6 +22,7 @@ PARTITIONS = ("label-groups", "dirichlet", "iid", "attribute-groups")
 # Partition used when partition = "": classes where the dataset has them, else attributes.
 DEFAULT_PARTITION = {"digits": "label-groups", "cifar10": "label-groups", "celeba": "attribute-groups",
                      "awa2": "attribute-groups"}
+STRATEGIES = ("collafuse",)
 SAMPLERS = ("ddpm", "ddim")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 NOISE_POLICIES = ("once", "fresh")
@@ -39,6 +40,7 @@ class RunConfig:
 
     num_server_rounds: int = 4
     num_clients: int = 5
+    strategy: str = "collafuse"
     dataset: str = "digits"
     data_dir: str = ""
     download: bool = True
@@ -116,6 +118,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the key, the value and what is allowed."""
+        _choice("strategy", self.strategy, STRATEGIES)
         _choice("dataset", self.dataset, DATASETS)
         _choice("dataset-split", self.dataset_split, DATASET_SPLITS)
         _choice("partition", self.partition, PARTITIONS)

@@ -82,7 +82,12 @@ def merge_run_configs(items: list[str]) -> str:
     merged: dict = {}
     for item in items:
         merged.update(parse_config_args([item]))
-    return " ".join(f"{key}={_toml_value(key, value)}" for key, value in merged.items())
+    return format_run_config(merged)
+
+
+def format_run_config(config: dict) -> str:
+    """A run config dict as one "key=value ..." string for `flwr run --run-config`."""
+    return " ".join(f"{key}={_toml_value(key, value)}" for key, value in config.items())
 
 
 def _toml_value(key: str, value) -> str:

@@ -83,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
     shape = image_shape(config)
     client_indices(config)  # checks the partition before anything is written
-    run_dir = create_run_dir(config.output_dir, f"{config.dataset}-collafuse-tz{config.t_zeta}")
+    run_dir = create_run_dir(config.output_dir, f"{config.dataset}-{config.strategy}-tz{config.t_zeta}")
     write_config(run_dir, config.to_flower())
     write_partition_report(run_dir, config)
     log(INFO, "CollaFuse run directory: %s", run_dir)

@@ -1,0 +1,207 @@
+"""Sweeps: datasets x strategies x t_zeta x seeds, each a real `flwr run`, then one table.
+
+    collafuse-sweep simulations/sweep-digits.toml [--out DIR] [--project .]
+
+A sweep file (TOML):
+
+    [sweep]
+    datasets = ["digits"]              # one run per dataset ...
+    strategies = ["collafuse"]         # ... strategy ...
+    t-zeta = [0, 200, 1000]            # ... cut point ...
+    seeds = [0, 1]                     # ... and seed
+    num-supernodes = 5                 # the simulation federation (= num-clients)
+
+    [run-config]                       # run config of every run
+    num-server-rounds = 4
+
+    [dataset.cifar10]                  # run config of one dataset's runs (e.g. its data-dir)
+    data-dir = "../shared/data/cifar10-mini"
+
+Every run's config is validated before the first run starts. Run `<name>` writes into
+`<out>/runs/<name>/` and, when it ends, `status.json` there with the final status `flwr ls`
+reports (`flwr run` exits 0 even when the run failed). A relaunch skips runs whose status is
+`finished:completed` for the same run config and retries the others. Afterwards
+`<out>/summary.csv` holds one row per run and metric (quality pooled and averaged over clients,
+disclosure averaged over clients, cost per party) and `<out>/figures/` the figures against
+t_zeta, with the t_zeta = 0 (global) and t_zeta = T (local) runs as reference levels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from collafuse_flwr.config import ConfigError, RunConfig
+from collafuse_flwr.launch import flwr_run, format_run_config
+
+SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes"}
+SECTIONS = {"sweep", "run-config", "dataset"}
+PATH_KEYS = ("data-dir", "fid-weights", "fcd-weights")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep: its name, full run config and where it writes."""
+
+    name: str
+    dataset: str
+    strategy: str
+    t_zeta: int
+    seed: int
+    run_config: dict
+    out_dir: Path
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.run_config, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def status_path(self) -> Path:
+        return self.out_dir / "status.json"
+
+    def completed(self) -> bool:
+        """Finished earlier with the same run config, and its run directory is still there."""
+        if not self.status_path.exists():
+            return False
+        status = json.loads(self.status_path.read_text())
+        run_dir = status.get("run_dir")
+        return (status.get("status") == "finished:completed" and status.get("config_hash") == self.config_hash
+                and run_dir is not None and (Path(run_dir) / "summary.json").exists())
+
+
+def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
+    """The runs of sweep file `path` writing below `out`, and the number of SuperNodes;
+    raises `ConfigError` for any unknown key or invalid run config, before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    spec = tomllib.loads(path.read_text())
+    if set(spec) - SECTIONS or "sweep" not in spec:
+        raise ConfigError(f"{path}: sections must be [sweep] (required), [run-config], [dataset.<name>]; "
+                          f"got {sorted(spec)}")
+    sweep = spec["sweep"]
+    if set(sweep) - SWEEP_KEYS or not {"datasets", "strategies", "t-zeta", "seeds"} <= set(sweep):
+        raise ConfigError(f"{path}: [sweep] needs datasets, strategies, t-zeta, seeds (and may set "
+                          f"num-supernodes); got {sorted(sweep)}")
+    for key in ("datasets", "strategies", "t-zeta", "seeds"):
+        if not isinstance(sweep[key], list) or not sweep[key]:
+            raise ConfigError(f"{path}: [sweep] {key} must be a non-empty list")
+    unknown = set(spec.get("dataset", {})) - set(sweep["datasets"])
+    if unknown:
+        raise ConfigError(f"{path}: [dataset.{sorted(unknown)[0]}] is not one of the sweep's datasets")
+    runs = []
+    for dataset, strategy, t_zeta, seed in itertools.product(
+        sweep["datasets"], sweep["strategies"], sweep["t-zeta"], sweep["seeds"]
+    ):
+        name = f"{dataset}-{strategy}-tz{t_zeta}-seed{seed}"
+        run_out = (out / "runs" / name).resolve()
+        config = {**spec.get("run-config", {}), **spec.get("dataset", {}).get(dataset, {}),
+                  "dataset": dataset, "strategy": strategy, "t-zeta": t_zeta, "seed": seed,
+                  "output-dir": str(run_out)}
+        for key in PATH_KEYS:  # runs start elsewhere: relative paths are resolved here
+            if config.get(key):
+                config[key] = str(Path(config[key]).expanduser().resolve())
+        try:
+            RunConfig.from_flower(config)
+        except ConfigError as err:
+            raise ConfigError(f"{path}, run {name}: {err}") from err
+        runs.append(SweepRun(name, dataset, strategy, t_zeta, seed, config, run_out))
+    supernodes = int(sweep.get("num-supernodes", RunConfig().num_clients))
+    mismatched = [r.name for r in runs if RunConfig.from_flower(r.run_config).num_clients != supernodes]
+    if mismatched:
+        raise ConfigError(f"{path}: num-clients differs from num-supernodes={supernodes} in {mismatched[0]}")
+    return runs, supernodes
+
+
+def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | None = None,
+              echo=print) -> list[dict]:
+    """Run every run not completed before; return their statuses (in sweep order)."""
+    federation = f"num-supernodes={supernodes} client-resources-num-cpus=1 client-resources-num-gpus=0"
+    statuses = []
+    for i, run in enumerate(runs, 1):
+        if run.completed():
+            echo(f"[{i}/{len(runs)}] {run.name}: already completed, skipped")
+            statuses.append(json.loads(run.status_path.read_text()))
+            continue
+        echo(f"[{i}/{len(runs)}] {run.name}: running")
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        outcome = flwr_run(project, format_run_config(run.run_config), federation, env=env)
+        status = {"name": run.name, "status": outcome.status, "run_id": outcome.run_id,
+                  "run_dir": str(outcome.run_dir) if outcome.run_dir else None,
+                  "config_hash": run.config_hash, "run_config": run.run_config}
+        (run.out_dir / "flwr.log").write_text(outcome.log)
+        tmp = run.status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status, indent=2) + "\n")
+        os.replace(tmp, run.status_path)
+        echo(f"[{i}/{len(runs)}] {run.name}: {outcome.status}")
+        statuses.append(status)
+    return statuses
+
+
+def summary_table(runs: list[SweepRun]) -> pd.DataFrame:
+    """One row per run and metric: quality (`pooled`, `client-mean`), disclosure
+    (`client-mean`, `pooled`), cost (`server`, `client-mean`); a failed or missing run gives
+    one row with metric "status" and no value."""
+    rows = []
+    for run in runs:
+        base = {"run": run.name, "dataset": run.dataset, "strategy": run.strategy, "t_zeta": run.t_zeta,
+                "seed": run.seed}
+        status = json.loads(run.status_path.read_text()) if run.status_path.exists() else {"status": "not run"}
+        summary_path = Path(status["run_dir"]) / "summary.json" if status.get("run_dir") else None
+        if status["status"] != "finished:completed" or not summary_path or not summary_path.exists():
+            rows.append({**base, "status": status["status"], "party": "", "metric": "status", "value": None})
+            continue
+        summary = json.loads(summary_path.read_text())
+        base.update(status="finished:completed", timesteps=summary["timesteps"])
+        for section in ("quality", "disclosure"):
+            block = summary[section]
+            for metric, value in block.get("pooled", {}).items():
+                rows.append({**base, "party": "pooled", "metric": metric, "value": value})
+            for metric, value in _mean_over(block.get("clients", {})).items():
+                rows.append({**base, "party": "client-mean", "metric": metric, "value": value})
+        for party, values in (("server", summary["cost"]["server"]), ("client-mean", summary["cost"]["clients_mean"])):
+            rows += [{**base, "party": party, "metric": m, "value": v} for m, v in values.items()]
+    return pd.DataFrame(rows)
+
+
+def _mean_over(clients: dict) -> dict[str, float]:
+    table = pd.DataFrame.from_dict(clients, orient="index").apply(pd.to_numeric, errors="coerce")
+    return table.mean().dropna().to_dict() if len(table) else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_file", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="default: results/sweeps/<sweep file name>")
+    parser.add_argument("--project", type=Path, default=Path("."))
+    args = parser.parse_args(argv)
+    out = (args.out or Path("results") / "sweeps" / args.sweep_file.stem).resolve()
+    try:
+        runs, supernodes = load_sweep(args.sweep_file, out)
+    except ConfigError as err:
+        parser.error(str(err))
+    statuses = run_sweep(runs, args.project, supernodes)
+    table = summary_table(runs)
+    table.to_csv(out / "summary.csv", index=False)
+    from collafuse_flwr.sweep_plots import plot_sweep
+
+    for figure in plot_sweep(table, out / "figures"):
+        print(figure)
+    failed = [s["name"] for s in statuses if s["status"] != "finished:completed"]
+    print(f"{len(runs) - len(failed)}/{len(runs)} runs completed; summary: {out / 'summary.csv'}")
+    if failed:
+        print("failed: " + ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Figures of a sweep's summary table against t_zeta (mean and spread over seeds).
+
+quality.png     pooled quality distances; the t_zeta = 0 run (global model), the t_zeta = T run
+                (local models) and any FedAvg run drawn as reference levels
+disclosure.png  linkage, reconstruction and distances of what the server holds or can generate
+cost.png        compute and bytes per client (mean over clients) and of the server
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+QUALITY = (("pooled", "fd_classifier"), ("pooled", "fid"), ("pooled", "fcd"), ("pooled", "kid"))
+DISCLOSURE = (("client-mean", "linkage-top1"), ("client-mean", "reconstruction-psnr-tweedie"),
+              ("client-mean", "reconstruction-psnr-wiener"), ("client-mean", "upload-fd_classifier"),
+              ("pooled", "server-only-fd_classifier"))
+COST = (("client-mean", "flops-train"), ("client-mean", "flops-sample"), ("client-mean", "bytes-up"),
+        ("server", "flops-train"), ("server", "flops-sample"), ("client-mean", "bytes-down"))
+REFERENCE_STYLE = {"global (t_zeta = 0)": "tab:green", "local (t_zeta = T)": "tab:red", "fedavg": "tab:purple"}
+
+
+def _references(rows: pd.DataFrame) -> dict[str, float]:
+    """Reference levels of one dataset and metric: global, local and FedAvg means over seeds."""
+    collafuse = rows[rows.strategy == "collafuse"]
+    levels = {
+        "global (t_zeta = 0)": collafuse[collafuse.t_zeta == 0].value.mean(),
+        "local (t_zeta = T)": collafuse[collafuse.t_zeta == collafuse.timesteps].value.mean(),
+        "fedavg": rows[rows.strategy == "fedavg"].value.mean(),
+    }
+    return {k: v for k, v in levels.items() if not math.isnan(v)}
+
+
+def _figure(table: pd.DataFrame, specs, path: Path, references: bool) -> Path | None:
+    panels = [(d, party, metric) for d in sorted(table.dataset.unique()) for party, metric in specs
+              if ((table.dataset == d) & (table.party == party) & (table.metric == metric)).any()]
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4.4 * cols, 3.3 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (dataset, party, metric) in zip(axes.flat, panels):
+        rows = table[(table.dataset == dataset) & (table.party == party) & (table.metric == metric)]
+        for strategy, g in rows.groupby("strategy"):
+            stats = g.groupby("t_zeta").value.agg(["mean", "std", "count"]).reset_index()
+            if len(stats) > 1 or strategy != "fedavg":
+                ax.errorbar(stats.t_zeta, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                            label=strategy)
+        if references:
+            for label, level in _references(rows).items():
+                ax.axhline(level, linestyle="--", color=REFERENCE_STYLE[label], label=label)
+        ax.set(title=f"{dataset}: {metric} ({party})", xlabel="t_zeta")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(table: pd.DataFrame, out: Path) -> list[Path]:
+    """Write the sweep's figures into `out`; return the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = table[table.status == "finished:completed"].dropna(subset=["value"])
+    written = [
+        _figure(ok, QUALITY, out / "quality.png", references=True),
+        _figure(ok, DISCLOSURE, out / "disclosure.png", references=False),
+        _figure(ok, COST, out / "cost.png", references=False),
+    ]
+    return [p for p in written if p is not None]

@@ -1,0 +1,64 @@
+"""Sweep files: expansion and validation before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from collafuse_flwr.config import ConfigError
+from collafuse_flwr.sweep import load_sweep
+
+TINY = '''
+[run-config]
+num-server-rounds = 1
+timesteps = 100
+image-size = 8
+'''
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_sweep_expands_to_one_run_per_combination(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, '''
+[sweep]
+datasets = ["digits", "cifar10"]
+strategies = ["collafuse"]
+t-zeta = [0, 20, 100]
+seeds = [0, 1]
+''' + TINY + '''
+[dataset.cifar10]
+data-dir = "data/cifar"
+''')
+    runs, supernodes = load_sweep(path, tmp_path / "out")
+    assert supernodes == 5 and len(runs) == 2 * 3 * 2
+    names = [r.name for r in runs]
+    assert len(set(names)) == 12 and "cifar10-collafuse-tz20-seed1" in names
+    cifar = next(r for r in runs if r.dataset == "cifar10")
+    assert cifar.run_config["data-dir"] == str(tmp_path / "data" / "cifar")  # resolved: runs start elsewhere
+    assert cifar.run_config["output-dir"] == str(tmp_path / "out" / "runs" / cifar.name)
+    assert "data-dir" not in runs[0].run_config
+    assert len({r.config_hash for r in runs}) == 12
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [500]\nseeds = [0]\n' + TINY,
+     "run digits-collafuse-tz500-seed0: t-zeta=500"),
+    ('[sweep]\ndatasets = ["digits"]\nstrategies = ["fedprox"]\nt-zeta = [0]\nseeds = [0]\n' + TINY,
+     "strategy='fedprox': unknown"),
+    ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\n' + TINY, "needs datasets"),
+    ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = []\nseeds = [0]\n', "non-empty"),
+    ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n[runconfig]\n',
+     "sections must be"),
+    ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n'
+     'num-supernodes = 3\n', "num-clients differs"),
+    ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n'
+     '[dataset.celeba]\ndata-dir = "x"\n', "not one of the sweep's datasets"),
+])
+def test_bad_sweep_files_fail_before_any_run(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_sweep(_write(tmp_path, text), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
