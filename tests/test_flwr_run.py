@@ -280,3 +280,16 @@ download = false
     assert done["client-mean", "nfe-sample"] == 8 * 2 and done["server", "nfe-train"] == 64
     figures = plot_sweep(table, tmp_path / "figures")
     assert [f.name for f in figures] == ["quality.png", "disclosure.png", "cost.png"]
+
+
+def test_flwr_run_of_the_published_variant(flwr_env, tmp_path):
+    """strategy="published" (T = 100, t_zeta = 20): the client starts at T rho (2 - rho) = 36,
+    i.e. runs the grid steps 30, 20, 10 of 100, 90, ..., 10; the handed-over states are clamped."""
+    outcome = _run(flwr_env, tmp_path, **{"strategy": "published", "num-server-rounds": 1})
+    assert outcome.run_dir.name.endswith("digits-published-tz20")
+    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
+    steps = metrics[metrics["metric"] == "client-sampling-steps"]["value"]
+    assert len(steps) == 5 and (steps == 3).all()
+    server = metrics[(metrics["client"] == "server") & (metrics["metric"] == "nfe-sample")]["value"]
+    assert server.item() == 5 * 8 * 7
+    assert json.loads((outcome.run_dir / "config.json").read_text())["strategy"] == "published"

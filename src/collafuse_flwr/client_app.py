@@ -28,6 +28,7 @@ from collafuse_flwr.metrics.distances import named_distances
 from collafuse_flwr.metrics.features import cached_features, load_feature_networks, pretrained_weights
 from collafuse_flwr.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import save_grid
+from collafuse_flwr.protocols import handover_time
 from collafuse_flwr.sampling import denoise, make_sampler, split_at_cut
 from collafuse_flwr.schedule import CutSchedule
 from collafuse_flwr.seeds import derive_seed
@@ -148,7 +149,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, partition_id = client.config, client.partition_id
     x = wire.unpack_handover(msg.content, tuple(client.data.train.shape[1:]), config.eval_num_samples)
     sampler = make_sampler(config.sampler, client.schedule, config.sampling_steps, config.clip_denoised)
-    _, client_steps = split_at_cut(sampler, config.t_zeta)
+    _, client_steps = split_at_cut(sampler, handover_time(config))
     start = time.perf_counter()
     net = None
     if len(client_steps):

@@ -22,7 +22,7 @@ PARTITIONS = ("label-groups", "dirichlet", "iid", "attribute-groups")
 # Partition used when partition = "": classes where the dataset has them, else attributes.
 DEFAULT_PARTITION = {"digits": "label-groups", "cifar10": "label-groups", "celeba": "attribute-groups",
                      "awa2": "attribute-groups"}
-STRATEGIES = ("collafuse",)
+STRATEGIES = ("collafuse", "published")
 SAMPLERS = ("ddpm", "ddim")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 NOISE_POLICIES = ("once", "fresh")

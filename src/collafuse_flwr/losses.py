@@ -54,3 +54,20 @@ def server_loss(
     elif weighting != "eps-prime":
         raise ValueError(f"unknown server loss weighting {weighting!r}")
     return per_sample.mean()
+
+
+def published_server_loss(
+    net: nn.Module, schedule: CutSchedule, x_r: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The authors' server objective, for comparison only (strategy "published"): the received
+    x_r is treated as clean data and noised again with the full-chain marginal,
+
+        x_t = sqrt(abar_t) x_r + sqrt(1 - abar_t) eps',  t ~ U{r+1..T},  loss = || net(x_t, t) - eps' ||^2,
+
+    so x_t does not have the marginal q(x_t | x0) of the chain (double noising).
+    x_r: (n, C, H, W). Returns the scalar mean loss.
+    """
+    t = schedule.server_range.sample(x_r.shape[0], generator)
+    eps_prime = torch.randn(x_r.shape, generator=generator, dtype=x_r.dtype)
+    x_t = schedule.noise_data(x_r, t, eps_prime)
+    return (net(x_t, schedule.net_timestep(t)).sample - eps_prime).pow(2).mean()

@@ -30,12 +30,12 @@ from flwr.serverapp.strategy import Strategy
 from collafuse_flwr import wire
 from collafuse_flwr.audit import DisclosureAudit
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.losses import server_loss
 from collafuse_flwr.metrics.cost import sampling_cost, train_cost
 from collafuse_flwr.metrics.distances import named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.models import Denoiser
 from collafuse_flwr.outputs import append_log, append_metrics, save_grid
+from collafuse_flwr.protocols import clamps_handover, handover_time, server_objective
 from collafuse_flwr.summary import write_summary
 from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
 from collafuse_flwr.schedule import CutSchedule
@@ -195,11 +195,9 @@ class CollaFuseStrategy(Strategy):
         pool = [self.uploads[pid] for pid in sorted(self.uploads)]
         pool = torch.cat(pool) if pool else torch.empty((0, *self.image_shape))
         budget = 0 if self.schedule.server_range.is_empty else self.config.server_images_per_round
-        weighting = self.config.server_loss_weighting
         stats = train_for_images(
             self.denoiser, pool, budget, self.config.batch_size,
-            lambda net, x_r, g: server_loss(net, self.schedule, x_r, g, weighting),
-            self.generator,
+            server_objective(self.config, self.schedule), self.generator,
         )
         stats["seconds"] = time.perf_counter() - start
         self.denoiser.save(self.run_dir / "checkpoints" / "server")
@@ -231,13 +229,14 @@ class CollaFuseStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Run the server's half of the sampler (T down to t_zeta) for every client and send
-        each its handed-over states x_{t_zeta} (float32, never clipped)."""
+        """Run the server's half of the sampler (T down to the handover time: t_zeta, or
+        T rho (2 - rho) for "published") for every client and send each its handed-over states
+        (float32; clamped to [-1, 1] only for "published")."""
         if not self.is_eval_round(server_round):
             return []
         c = self.config
         sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
-        server_steps, _ = split_at_cut(sampler, c.t_zeta)
+        server_steps, _ = split_at_cut(sampler, handover_time(c))
         net = self.denoiser.for_sampling()
         messages, shown = [], []
         start = time.perf_counter()
@@ -248,6 +247,8 @@ class CollaFuseStrategy(Strategy):
             seed = derive_seed(c.seed, server_round, order(msg))
             x = initial_noise(c.eval_num_samples, self.image_shape, seed)
             x = denoise(net, sampler, x, server_steps, seed, c.ddim_eta)
+            if clamps_handover(c):
+                x = x.clamp(-1, 1)
             msg.content.config_records["config"]["sample-seed"] = seed
             msg.content.config_records["config"]["classifier-path"] = str(self.classifier_path)
             msg.content[wire.HANDOVER] = wire.pack_handover(x)
