@@ -1,6 +1,6 @@
 """Figures of a sweep's summary table against t_zeta (mean and spread over seeds).
 
-quality.png     pooled quality distances; the t_zeta = 0 run (global model), the t_zeta = T run
+quality.png     quality distances, pooled and averaged over clients; the t_zeta = 0 run (global model), the t_zeta = T run
                 (local models) and any FedAvg run drawn as reference levels
 disclosure.png  linkage, reconstruction and distances of what the server holds or can generate
 cost.png        compute and bytes per client (mean over clients) and of the server
@@ -17,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-QUALITY = (("pooled", "fd_classifier"), ("pooled", "fid"), ("pooled", "fcd"), ("pooled", "kid"))
+QUALITY = (("pooled", "fd_classifier"), ("client-mean", "fd_classifier"), ("pooled", "fid"),
+           ("client-mean", "fid"), ("pooled", "fcd"), ("client-mean", "fcd"))
 DISCLOSURE = (("client-mean", "linkage-top1"), ("client-mean", "reconstruction-psnr-tweedie"),
               ("client-mean", "reconstruction-psnr-wiener"), ("client-mean", "upload-fd_classifier"),
               ("pooled", "server-only-fd_classifier"))
