@@ -61,8 +61,7 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"{weights} is not torch-fidelity's InceptionV3 FID weights: {err}") from err
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        return self.net(((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        return self.net(((_rgb(x).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
 
 
 class ClipFeatures(nn.Module):
@@ -88,11 +87,15 @@ class ClipFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         size = self.visual.image_size
-        resized = TF.resize(((rgb + 1) / 2).clamp(0, 1), list(size), antialias=True,
+        resized = TF.resize(((_rgb(x) + 1) / 2).clamp(0, 1), list(size), antialias=True,
                             interpolation=TF.InterpolationMode.BICUBIC)
         return self.visual((resized.clamp(0, 1) - self.mean) / self.std)
+
+
+def _rgb(x: torch.Tensor) -> torch.Tensor:
+    """Images (n, C, H, W) with C = 1 repeated to 3 channels; RGB unchanged."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
