@@ -62,7 +62,10 @@ class SweepRun:
 
     @property
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.run_config, sort_keys=True).encode()).hexdigest()[:16]
+        """Identity of the run's configuration; where it writes is not part of it, so a moved
+        results directory is still recognised as complete."""
+        config = {k: v for k, v in self.run_config.items() if k != "output-dir"}
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def status_path(self) -> Path:
@@ -73,9 +76,13 @@ class SweepRun:
         if not self.status_path.exists():
             return False
         status = json.loads(self.status_path.read_text())
-        run_dir = status.get("run_dir")
+        run_dir = self.run_dir(status)
         return (status.get("status") == "finished:completed" and status.get("config_hash") == self.config_hash
-                and run_dir is not None and (Path(run_dir) / "summary.json").exists())
+                and run_dir is not None and (run_dir / "summary.json").exists())
+
+    def run_dir(self, status: dict) -> Path | None:
+        """The run directory a status names (stored relative to `out_dir`)."""
+        return self.out_dir / status["run_dir"] if status.get("run_dir") else None
 
 
 def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
@@ -136,7 +143,7 @@ def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | 
         run.out_dir.mkdir(parents=True, exist_ok=True)
         outcome = flwr_run(project, format_run_config(run.run_config), federation, env=env)
         status = {"name": run.name, "status": outcome.status, "run_id": outcome.run_id,
-                  "run_dir": str(outcome.run_dir) if outcome.run_dir else None,
+                  "run_dir": os.path.relpath(outcome.run_dir, run.out_dir) if outcome.run_dir else None,
                   "config_hash": run.config_hash, "run_config": run.run_config}
         (run.out_dir / "flwr.log").write_text(outcome.log)
         tmp = run.status_path.with_suffix(".tmp")
@@ -156,7 +163,8 @@ def summary_table(runs: list[SweepRun]) -> pd.DataFrame:
         base = {"run": run.name, "dataset": run.dataset, "strategy": run.strategy, "t_zeta": run.t_zeta,
                 "seed": run.seed}
         status = json.loads(run.status_path.read_text()) if run.status_path.exists() else {"status": "not run"}
-        summary_path = Path(status["run_dir"]) / "summary.json" if status.get("run_dir") else None
+        run_dir = run.run_dir(status)
+        summary_path = run_dir / "summary.json" if run_dir else None
         if status["status"] != "finished:completed" or not summary_path or not summary_path.exists():
             rows.append({**base, "status": status["status"], "party": "", "metric": "status", "value": None})
             continue
