@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from collafuse_flwr.config import RunConfig
 from collafuse_flwr.launch import flwr_run
+from collafuse_flwr.models import build_denoiser
 
 PROJECT = Path(__file__).resolve().parents[1]
 FEDERATION = "num-supernodes=5 client-resources-num-cpus=1 client-resources-num-gpus=0"
@@ -293,3 +295,30 @@ def test_flwr_run_of_the_published_variant(flwr_env, tmp_path):
     server = metrics[(metrics["client"] == "server") & (metrics["metric"] == "nfe-sample")]["value"]
     assert server.item() == 5 * 8 * 7
     assert json.loads((outcome.run_dir / "config.json").read_text())["strategy"] == "published"
+
+
+def test_flwr_run_of_fedavg(flwr_env, tmp_path):
+    """strategy="fedavg": every client trains the full chain for its budget, the server averages;
+    weights (and their EMA) cross the wire both ways, the EMA alone for sampling; each client
+    samples all 10 steps."""
+    outcome = _run(flwr_env, tmp_path, strategy="fedavg")
+    assert outcome.run_dir.name.endswith("digits-fedavg")
+    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
+    value = lambda metric: metrics[metrics["metric"] == metric].set_index(["round", "client"])["value"]
+    config = RunConfig.from_flower(json.loads((outcome.run_dir / "config.json").read_text()))
+    tensors = list(build_denoiser(8, 1, config.block_channels).parameters())
+    params = sum(p.numel() for p in tensors)
+    # float32 payload plus Flower's per-array envelope (name, shape, .npy header): < 512 B each
+    for metric, copies, rows in (("bytes-down-train", 2, 10), ("bytes-up-train", 2, 10), ("bytes-down-sample", 1, 5)):
+        sizes = value(metric)
+        payload = 4 * params * copies
+        assert len(sizes) == rows and ((sizes > payload) & (sizes < payload + 512 * copies * len(tensors))).all(), metric
+    assert (value("images-seen") == 64).all() and len(value("images-seen")) == 10
+    assert (value("nfe-sample") == 8 * 10).all() and (value("client-sampling-steps") == 10).all()
+    final = value("fd_classifier").loc[2]
+    assert sorted(final.index) == ["0", "1", "2", "3", "4", "pooled"] and final.notna().all()
+    assert not metrics["metric"].str.startswith(("linkage", "upload-", "reconstruction-")).any()
+    assert (outcome.run_dir / "checkpoints" / "global" / "ema.pt").exists()
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert summary["strategy"] == "fedavg" and "weights" in summary["notes"]["disclosure"]
+    assert summary["cost"]["server"].get("flops-train", 0) == 0

@@ -42,3 +42,17 @@ def test_save_and_load_round_trip(tmp_path):
     state = loaded.optimizer.state_dict()["state"]
     assert state and all(int(s["step"]) == 2 for s in state.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_fedavg_state_round_trips_weights_and_ema():
+    a = Denoiser(build_denoiser(8, 1, (8, 16), seed=0), 1e-3, 0.99)
+    b = Denoiser(build_denoiser(8, 1, (8, 16), seed=1), 1e-3, 0.99)
+    with torch.no_grad():
+        for shadow in a.ema.shadow_params:
+            shadow.mul_(0.5)
+    b.load_state(a.state())
+    for (name, value), other in zip(a.state().items(), b.state().values()):
+        assert torch.equal(value, other), name
+    sampled = b.sampling_state()
+    names = [n for n, _ in b.net.named_parameters()]
+    assert all(torch.equal(sampled[f"net.{n}"], a.state()[f"ema.{n}"]) for n in names)

@@ -59,7 +59,7 @@ class Pixels(torch.nn.Module):
 def test_evaluation_replies_are_validated_and_pooled(tiny_run_config, tmp_path, task_identity):
     network = FeatureNetwork("pixels", Pixels(), "fd_pixels", "kid_pixels", "v1")
     strategy = _strategy(dict(tiny_run_config, **{"disclosure-num-images": 0}), tmp_path, [network])
-    strategy.partition_of = {10: 0, 11: 1, 12: 2, 13: 3}
+    strategy.parties.partition_of = {10: 0, 11: 1, 12: 2, 13: 3}
     g = torch.Generator().manual_seed(0)
     feats = lambda n, d=16: torch.randn(n, d, generator=g)
 

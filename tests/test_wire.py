@@ -119,3 +119,64 @@ def test_client_validates_the_handover():
     bad = RecordDict({wire.HANDOVER: wire.pack_handover(torch.full((4, 1, 8, 8), float("inf")))})
     with pytest.raises(wire.UploadRejected, match="non-finite"):
         wire.unpack_handover(bad, (1, 8, 8), max_count=4)
+
+
+def test_fedavg_client_replies_with_its_trained_weights_only(tiny_run_config, tmp_path, task_identity):
+    from collafuse_flwr.models import Denoiser, build_denoiser
+
+    run_config = dict(tiny_run_config, strategy="fedavg")
+    config = RunConfig.from_flower(run_config)
+    sent = wire.pack_weights(Denoiser(build_denoiser(config.image_size, 1, config.block_channels), 1e-3,
+                                      config.ema_decay).state())
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
+                      node_config={"partition-id": 2, "num-partitions": config.num_clients})
+
+    def message(arrays):
+        return Message(RecordDict({wire.WEIGHTS: arrays, "config": ConfigRecord(
+            {"server-round": 1, "run-dir": str(tmp_path)})}), dst_node_id=1, message_type="train")
+
+    content = client_app.train(message(sent), context).content
+    received, metrics = wire.unpack_weights(content, sent, config.max_uploads_per_client)
+    assert set(content.keys()) == {wire.WEIGHTS, wire.METRICS} and not content.config_records
+    assert metrics["num-examples"] == client_data(config, 2).train.shape[0]
+    assert metrics["images-seen"] == config.client_images_per_round
+    changed = [k for k in sent.keys() if not np.array_equal(sent[k].numpy(), received[k].numpy())]
+    assert len(changed) > len(sent) // 2
+    # what arrives on the client is checked before it is loaded
+    key = next(iter(sent.keys()))
+    for bad in (np.zeros((2,), np.float32), np.full(sent[key].shape, np.inf, np.float32),
+                sent[key].numpy().astype(np.float16)):
+        tampered = ArrayRecord({k: (Array(bad) if k == key else v) for k, v in sent.items()})
+        with pytest.raises(wire.UploadRejected):
+            client_app.train(message(tampered), context)
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "shape", "dtype", "nan", "huge", "count", "record"])
+def test_fedavg_replies_are_checked_against_the_sent_weights(change):
+    sent = ArrayRecord({"net.a": Array(np.zeros((3, 2), np.float32)), "ema.a": Array(np.zeros((3, 2), np.float32))})
+    arrays = {k: v.numpy().copy() for k, v in sent.items()}
+    declared, extra_record = 4, False
+    if change == "missing":
+        arrays.pop("ema.a")
+    elif change == "extra":
+        arrays["eps"] = np.zeros((3, 2), np.float32)
+    elif change == "shape":
+        arrays["net.a"] = np.zeros((2, 3), np.float32)
+    elif change == "dtype":
+        arrays["net.a"] = np.zeros((3, 2), np.float64)
+    elif change == "nan":
+        arrays["net.a"][0, 0] = np.nan
+    elif change == "huge":
+        arrays["net.a"][0, 0] = 2 * wire.MAX_ABS_WEIGHT
+    elif change == "count":
+        declared = 0
+    else:
+        extra_record = True
+    content = RecordDict({wire.WEIGHTS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          wire.METRICS: MetricRecord({"partition-id": 0, "num-examples": declared})})
+    if extra_record:
+        content["labels"] = ArrayRecord({"y": Array(np.zeros(4, np.int64))})
+    with pytest.raises(wire.UploadRejected):
+        wire.unpack_weights(content, sent, cap=100)
+    ok = RecordDict({wire.WEIGHTS: sent, wire.METRICS: MetricRecord({"partition-id": 0, "num-examples": 4})})
+    wire.unpack_weights(ok, sent, cap=100)

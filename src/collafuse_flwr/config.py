@@ -22,7 +22,9 @@ PARTITIONS = ("label-groups", "dirichlet", "iid", "attribute-groups")
 # Partition used when partition = "": classes where the dataset has them, else attributes.
 DEFAULT_PARTITION = {"digits": "label-groups", "cifar10": "label-groups", "celeba": "attribute-groups",
                      "awa2": "attribute-groups"}
-STRATEGIES = ("collafuse", "published")
+# collafuse: the exact protocol; published: the authors' variant (protocols.py);
+# fedavg: the FedAvg baseline, full-chain client denoisers averaged by the server (t-zeta unused)
+STRATEGIES = ("collafuse", "published", "fedavg")
 SAMPLERS = ("ddpm", "ddim")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 NOISE_POLICIES = ("once", "fresh")
@@ -115,6 +117,11 @@ class RunConfig:
     def block_channels(self) -> tuple[int, ...]:
         """`unet-block-channels` as a tuple of ints, e.g. (32, 64, 64)."""
         return tuple(int(c) for c in self.unet_block_channels.split(","))
+
+    def is_eval_round(self, server_round: int) -> bool:
+        """Evaluate after every `eval-every`-th round (if > 0) and after the last one."""
+        every = self.eval_every
+        return server_round == self.num_server_rounds or bool(every and server_round % every == 0)
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the key, the value and what is allowed."""

@@ -68,6 +68,30 @@ class Denoiser:
         self.ema.copy_to(net.parameters())
         return net
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The weights FedAvg exchanges: "net.<name>" for the network's state dict and, with
+        an EMA, "ema.<name>" for the EMA of every parameter (averaged like the weights; the
+        EMA is linear, so the average of the clients' EMAs is the EMA of the averaged steps)."""
+        state = {f"net.{k}": v.detach() for k, v in self.net.state_dict().items()}
+        if self.ema is not None:
+            names = [name for name, _ in self.net.named_parameters()]
+            state.update({f"ema.{n}": p.detach() for n, p in zip(names, self.ema.shadow_params, strict=True)})
+        return state
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the weights (and EMA) from `state` (keys as `state()` writes them); the
+        optimizer's moments and the EMA's step count stay this party's own."""
+        self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+        if self.ema is not None:
+            names = [name for name, _ in self.net.named_parameters()]
+            with torch.no_grad():
+                for name, shadow in zip(names, self.ema.shadow_params, strict=True):
+                    shadow.copy_(state[f"ema.{name}"])
+
+    def sampling_state(self) -> dict[str, torch.Tensor]:
+        """The state dict of `for_sampling()`, keyed "net.<name>": what a sampler needs."""
+        return {f"net.{k}": v.detach() for k, v in self.for_sampling().state_dict().items()}
+
     def save(self, directory: Path) -> None:
         """Write `directory/`: the network as a diffusers model (config.json + safetensors),
         `optimizer.pt` and `ema.pt`. Atomic: a crash leaves the previous checkpoint intact."""

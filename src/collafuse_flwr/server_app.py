@@ -21,6 +21,7 @@ from collafuse_flwr.metrics.features import load_feature_networks, pretrained_we
 from collafuse_flwr.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import append_metrics, create_run_dir, write_config
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
+from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
 
 app = ServerApp()
 
@@ -68,22 +69,31 @@ def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
     skipped = {w.backbone.name: w.skip_message() for w in weights.values() if not w.available}
     if skipped:
         notes["skipped"] = skipped
-    if config.disclosure_num_images == 0:
+    if config.strategy == "fedavg":
+        notes["disclosure"] = "fedavg: clients send weights, never images; the image attacks do not apply"
+    elif config.disclosure_num_images == 0:
         notes["disclosure"] = "disclosure-num-images = 0: no attacks were run"
     elif config.t_zeta == config.timesteps:
         notes["disclosure"] = "t_zeta = T: nothing is uploaded, the server can only guess (linkage = chance)"
     return notes
 
 
+def run_name(config: RunConfig) -> str:
+    """The run directory's name: dataset, strategy and (except for FedAvg) the cut point."""
+    cut = "" if config.strategy == "fedavg" else f"-tz{config.t_zeta}"
+    return f"{config.dataset}-{config.strategy}{cut}"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run `num-server-rounds` CollaFuse rounds and write everything into one run directory."""
+    """Run `num-server-rounds` rounds of the configured strategy (CollaFuse, the published
+    variant or FedAvg) and write everything into one run directory."""
     config = RunConfig.from_flower(context.run_config)
     weights = pretrained_weights(config.fid_weights, config.fcd_weights)  # bad paths fail here
     log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
     shape = image_shape(config)
     client_indices(config)  # checks the partition before anything is written
-    run_dir = create_run_dir(config.output_dir, f"{config.dataset}-{config.strategy}-tz{config.t_zeta}")
+    run_dir = create_run_dir(config.output_dir, run_name(config))
     write_config(run_dir, config.to_flower())
     write_partition_report(run_dir, config)
     log(INFO, "CollaFuse run directory: %s", run_dir)
@@ -101,15 +111,17 @@ def main(grid: Grid, context: Context) -> None:
         config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
         config.unet_attention, seed=config.seed,
     )
-    strategy = CollaFuseStrategy(
-        config, run_dir, Denoiser(net, config.server_lr, config.ema_decay), shape, classifier_path,
-        load_feature_networks(classifier_path, weights), notes,
-    )
+    model, networks = Denoiser(net, config.server_lr, config.ema_decay), load_feature_networks(classifier_path, weights)
+    if config.strategy == "fedavg":
+        strategy = FedAvgDiffusion(config, run_dir, model, classifier_path, networks, notes)
+        initial = strategy.initial_arrays()
+    else:
+        strategy, initial = CollaFuseStrategy(config, run_dir, model, shape, classifier_path, networks, notes), ArrayRecord()
     start = time.perf_counter()
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(),
+        initial_arrays=initial,
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout_seconds,
     )
-    log(INFO, "CollaFuse finished in %.0fs; results in %s", time.perf_counter() - start, run_dir)
+    log(INFO, "%s finished in %.0fs; results in %s", config.strategy, time.perf_counter() - start, run_dir)

@@ -2,7 +2,7 @@
 
 Built from metrics.csv (long format: round, client, metric, value) after every round:
 
-    {"run", "dataset", "t_zeta", "timesteps", "noise_policy", "rounds_completed",
+    {"run", "dataset", "strategy", "t_zeta", "timesteps", "noise_policy", "rounds_completed",
      "notes": {...: why a metric is missing, how many samples a distance used},
      "quality":    {"round": r, "clients": {"0": {"fd_classifier": ...}}, "pooled": {...}},
      "disclosure": {"round": r, "clients": {...}, "pooled": {...}},
@@ -32,7 +32,8 @@ COST_SUMS = {
     "nfe-train": ("nfe-train",), "flops-train": ("flops-train",), "nfe-sample": ("nfe-sample",),
     "flops-sample": ("flops-sample",), "train-seconds": ("train-seconds",),
     "sample-seconds": ("sample-seconds",), "eval-seconds": ("eval-seconds",),
-    "disclosure-seconds": ("disclosure-seconds",), "bytes-up": ("bytes-up-train",),
+    "disclosure-seconds": ("disclosure-seconds",), "aggregate-seconds": ("aggregate-seconds",),
+    "bytes-up": ("bytes-up-train",),
     "bytes-down": ("bytes-down-train", "bytes-down-sample"),
     "bytes-up-evaluation": ("bytes-up-evaluation",),
 }
@@ -52,6 +53,7 @@ def summarise(metrics: pd.DataFrame, config: RunConfig, notes: dict) -> dict:
     return {
         "run": None,
         "dataset": config.dataset,
+        "strategy": config.strategy,
         "t_zeta": config.t_zeta,
         "timesteps": config.timesteps,
         "noise_policy": config.noise_policy,

@@ -4,6 +4,12 @@ client -> server, training:  RecordDict {"uploads": ArrayRecord {"x_cut": (n, C,
                                          "metrics": MetricRecord {partition-id, num-examples, ...}}
 server -> client, sampling:  RecordDict {"handover": ArrayRecord {"x_handover": (n, C, H, W)},
                                          "config": ConfigRecord {...}}
+FedAvg baseline (strategy "fedavg"; weights instead of images):
+server -> client, training:  RecordDict {"arrays": ArrayRecord {"net.<name>", "ema.<name>"},
+                                         "config": ConfigRecord {...}}
+client -> server, training:  RecordDict {"arrays": ArrayRecord (the same keys, shapes, dtypes),
+                                         "metrics": MetricRecord {partition-id, num-examples, ...}}
+server -> client, sampling:  RecordDict {"arrays": ArrayRecord {"ema.<name>"}, "config": ...}
 client -> server, evaluation (not part of the protocol; measurement only):
                              RecordDict {"metrics": MetricRecord {quality and cost figures},
                                          "features": ArrayRecord {"<network>-real": (m, d),
@@ -26,6 +32,9 @@ HANDOVER = "handover"
 HANDOVER_KEY = "x_handover"
 METRICS = "metrics"
 FEATURES = "features"
+WEIGHTS = "arrays"  # Flower's FedAvg default `arrayrecord_key`
+# |weight| beyond this is no trained U-Net's: a diverged or hostile update
+MAX_ABS_WEIGHT = 1e4
 # Keys a client may report with its uploads: counts, its loss, timing and compute, no data.
 TRAIN_METRIC_KEYS = frozenset(
     {"partition-id", "num-examples", "train-loss", "images-seen", "train-seconds", "nfe-train",
@@ -157,6 +166,56 @@ def unpack_features(
             raise UploadRejected(f"{key}: {array.shape[0]} rows, allowed 2..{cap}")
         out[key] = torch.from_numpy(_finite(array).copy())
     return out
+
+
+def pack_weights(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """A model's weights as an ArrayRecord, {"net.<name>" | "ema.<name>": array} (float32)."""
+    return ArrayRecord({k: Array(v.detach().float().contiguous().cpu().numpy()) for k, v in state.items()})
+
+
+def weights_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of an ArrayRecord of weights (`pack_weights` reversed)."""
+    return {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
+
+
+def check_weights(arrays: ArrayRecord, reference: ArrayRecord) -> None:
+    """Reject weights whose keys, shapes or dtypes differ from `reference`'s, or with
+    non-finite values or |w| > MAX_ABS_WEIGHT."""
+    if set(arrays.keys()) != set(reference.keys()):
+        missing, extra = set(reference.keys()) - set(arrays.keys()), set(arrays.keys()) - set(reference.keys())
+        raise UploadRejected(f"weights: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    for key, expected in reference.items():
+        array = arrays[key]
+        if array.dtype != expected.dtype or tuple(array.shape) != tuple(expected.shape):
+            raise UploadRejected(
+                f"{key}: {array.dtype} {tuple(array.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
+            )
+        values = _finite(array)
+        if values.size and float(np.abs(values).max()) > MAX_ABS_WEIGHT:
+            raise UploadRejected(f"{key}: |w| exceeds {MAX_ABS_WEIGHT:g}")
+
+
+def unpack_weights(
+    content: RecordDict, reference: ArrayRecord, cap: int
+) -> tuple[ArrayRecord, MetricRecord]:
+    """Validate a FedAvg training reply against the weights the server sent (`reference`);
+    return (its ArrayRecord, its metrics).
+
+    Rejects: records other than "arrays" and "metrics", weights failing `check_weights`,
+    metric keys outside `TRAIN_METRIC_KEYS`, and a "num-examples" (the averaging weight)
+    that is not a count in [1, cap].
+    """
+    if set(content.keys()) != {WEIGHTS, METRICS} or WEIGHTS not in content.array_records \
+            or METRICS not in content.metric_records:
+        raise UploadRejected(f"records {sorted(content.keys())}; expected ['{WEIGHTS}', '{METRICS}']")
+    metrics = content.metric_records[METRICS]
+    if set(metrics) - TRAIN_METRIC_KEYS:
+        raise UploadRejected(f"unexpected metrics {sorted(set(metrics) - TRAIN_METRIC_KEYS)}")
+    declared = metrics.get("num-examples")
+    if not isinstance(declared, int) or not 1 <= declared <= cap:
+        raise UploadRejected(f"num-examples={declared!r} is not a count in [1, {cap}]")
+    check_weights(content.array_records[WEIGHTS], reference)
+    return content.array_records[WEIGHTS], metrics
 
 
 def content_bytes(content: RecordDict) -> int:

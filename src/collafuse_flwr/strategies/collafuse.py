@@ -31,15 +31,15 @@ from collafuse_flwr import wire
 from collafuse_flwr.audit import DisclosureAudit
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.cost import sampling_cost, train_cost
-from collafuse_flwr.metrics.distances import named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.models import Denoiser
 from collafuse_flwr.outputs import append_log, append_metrics, save_grid
 from collafuse_flwr.protocols import clamps_handover, handover_time, server_objective
-from collafuse_flwr.summary import write_summary
 from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
 from collafuse_flwr.schedule import CutSchedule
 from collafuse_flwr.seeds import derive_seed
+from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
+from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.training import train_for_images
 
 
@@ -76,9 +76,8 @@ class CollaFuseStrategy(Strategy):
         self.schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
-        self.partition_of: dict[int, int] = {}  # node id -> partition id
+        self.parties = Parties(config.num_clients)
         self.audit = DisclosureAudit(config, self.schedule, networks, run_dir.parent / ".cache" / "features")
-        self.sent: list[tuple] = []  # (round, node id or party, metric, value) of the current phase
 
     def summary(self) -> None:
         c = self.config
@@ -89,22 +88,6 @@ class CollaFuseStrategy(Strategy):
             c.timesteps, c.t_zeta, c.t_zeta, c.t_zeta, c.num_clients,
             c.client_images_per_round, c.server_images_per_round,
         )
-
-    def _node_label(self, node: int) -> str:
-        """The partition id a node reported in training, else "node-<id>"."""
-        return str(self.partition_of[node]) if node in self.partition_of else f"node-{node}"
-
-    def _count_sent(self, server_round: int, messages: list[Message], metric: str) -> None:
-        """Remember the size of every outgoing message as (round, node id, metric, bytes)."""
-        self.sent = [
-            (server_round, m.metadata.dst_node_id, metric, float(wire.content_bytes(m.content))) for m in messages
-        ]
-
-    def _sent_rows(self) -> list[tuple]:
-        """The remembered message sizes as metrics.csv rows, nodes named by partition id."""
-        rows = [(r, self._node_label(node) if isinstance(node, int) else node, m, v) for r, node, m, v in self.sent]
-        self.sent = []
-        return rows
 
     def _messages(self, grid: Grid, message_type: str, server_round: int) -> list[Message]:
         """One message per node, each with its own config record (round and run directory)."""
@@ -125,7 +108,7 @@ class CollaFuseStrategy(Strategy):
     ) -> Iterable[Message]:
         """One train message per client; it carries config only, never weights."""
         messages = self._messages(grid, "train", server_round)
-        self._count_sent(server_round, messages, "bytes-down-train")
+        self.parties.count_sent(server_round, messages, "bytes-down-train")
         return messages
 
     def aggregate_train(
@@ -134,7 +117,7 @@ class CollaFuseStrategy(Strategy):
         """Validate the uploads, pool them, train the server denoiser for its budget."""
         rows, clients = self._receive_uploads(server_round, replies)
         server_rows, server = self._train_server(server_round)
-        append_metrics(self.run_dir, self._sent_rows() + rows + server_rows)
+        append_metrics(self.run_dir, self.parties.sent_rows() + rows + server_rows)
         line = (
             f"round {server_round}/{self.config.num_server_rounds} "
             f"| client loss {clients['client-train-loss']:.4f} "
@@ -166,7 +149,7 @@ class CollaFuseStrategy(Strategy):
                     reply.content, self.image_shape, self.config.upload_dtype,
                     self.config.max_uploads_per_client,
                 )
-                pid = self._partition_id(node, metrics)
+                pid = self.parties.claim(node, metrics)
             except wire.UploadRejected as err:
                 log(WARNING, "round %d: rejected reply of node %d: %s", server_round, node, err)
                 rows.append((server_round, f"node-{node}", "rejected", 1.0))
@@ -210,29 +193,14 @@ class CollaFuseStrategy(Strategy):
         ] + [(server_round, "server", k, v) for k, v in cost.items()]
         return rows, stats
 
-    def _partition_id(self, node: int, metrics: MetricRecord) -> int:
-        """The partition id a reply claims, if valid and not claimed by another node."""
-        pid = metrics.get("partition-id")
-        if not isinstance(pid, int) or not 0 <= pid < self.config.num_clients:
-            raise wire.UploadRejected(f"partition-id {pid!r} outside [0, {self.config.num_clients})")
-        claimed = {p: n for n, p in self.partition_of.items()}
-        if claimed.get(pid, node) != node or self.partition_of.get(node, pid) != pid:
-            raise wire.UploadRejected(f"partition-id {pid} claimed by more than one node")
-        self.partition_of[node] = pid
-        return pid
-
     # --------------------------------------------------------------- evaluation
-    def is_eval_round(self, server_round: int) -> bool:
-        every = self.config.eval_every
-        return server_round == self.config.num_server_rounds or (every and server_round % every == 0)
-
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Run the server's half of the sampler (T down to the handover time: t_zeta, or
         T rho (2 - rho) for "published") for every client and send each its handed-over states
         (float32; clamped to [-1, 1] only for "published")."""
-        if not self.is_eval_round(server_round):
+        if not self.config.is_eval_round(server_round):
             return []
         c = self.config
         sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
@@ -242,7 +210,7 @@ class CollaFuseStrategy(Strategy):
         start = time.perf_counter()
         # seeds and grid rows follow the partition ids the clients reported in training
         # (node ids change from run to run); a node that never reported keeps its node id
-        order = lambda m: self.partition_of.get(m.metadata.dst_node_id, m.metadata.dst_node_id)
+        order = lambda m: self.parties.order(m.metadata.dst_node_id)
         for msg in sorted(self._messages(grid, "evaluate", server_round), key=order):
             seed = derive_seed(c.seed, server_round, order(msg))
             x = initial_noise(c.eval_num_samples, self.image_shape, seed)
@@ -255,9 +223,9 @@ class CollaFuseStrategy(Strategy):
             messages.append(msg)
             shown.append(x[:8])
         cost = sampling_cost(net, self.image_shape, c.eval_num_samples * len(messages), len(server_steps))
-        self._count_sent(server_round, messages, "bytes-down-sample")
-        self.sent += [(server_round, "server", k, v) for k, v in cost.items()]
-        self.sent.append((server_round, "server", "sample-seconds", time.perf_counter() - start))
+        self.parties.count_sent(server_round, messages, "bytes-down-sample")
+        self.parties.sent += [(server_round, "server", k, v) for k, v in cost.items()]
+        self.parties.sent.append((server_round, "server", "sample-seconds", time.perf_counter() - start))
         if shown:
             save_grid(torch.cat(shown), self.run_dir / "samples" / f"round-{server_round:03d}-handover.png", nrow=8)
         return messages
@@ -265,66 +233,11 @@ class CollaFuseStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Write every client's quality and cost figures, the pooled quality row and the
         disclosure audit to metrics.csv; rewrite summary.json; return the clients' means."""
-        rows, per_metric, features = self._sent_rows(), {}, []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round, node, reply.error.reason)
-                rows.append((server_round, self._node_label(node), "evaluation-failed", 1.0))
-                continue
-            try:
-                metrics, pid, received = self._evaluation_reply(reply)
-            except (wire.UploadRejected, KeyError, TypeError) as err:
-                log(WARNING, "round %d: rejected evaluation reply of node %d: %s", server_round, node, err)
-                rows.append((server_round, self._node_label(node), "evaluation-rejected", 1.0))
-                continue
-            features.append((int(pid), received))
-            rows.append((server_round, pid, "bytes-up-evaluation", float(wire.content_bytes(reply.content))))
-            for key, value in metrics.items():
-                if key != "partition-id":
-                    rows.append((server_round, pid, key, float(value)))
-                    per_metric.setdefault(key, []).append(float(value))
+        rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
         if per_metric:
-            # in partition-id order: reply arrival order must not change KID's subsets
-            pooled = self._pooled([f for _, f in sorted(features, key=lambda item: item[0])])
-            rows += [(server_round, "pooled", k, v) for k, v in pooled.items()]
             rows += self._audit(server_round)
-            fds = sorted((r[1], r[3]) for r in rows if r[2] == "fd_classifier" and r[1] != "pooled")
-            line = f"round {server_round} evaluation | fd_classifier per client: " + ", ".join(
-                f"{pid}: {fd:.2f}" for pid, fd in fds
-            )
-            log(INFO, line)
-            append_log(self.run_dir, line)
-        append_metrics(self.run_dir, rows)
-        write_summary(self.run_dir, self.config, self.notes)
-        return MetricRecord({k: sum(v) / len(v) for k, v in per_metric.items()}) if per_metric else None
-
-    def _evaluation_reply(self, reply: Message) -> tuple[MetricRecord, str, dict]:
-        """The validated metrics, partition id and features of one evaluation reply."""
-        content = reply.content
-        extra = set(content.keys()) - {wire.METRICS, wire.FEATURES}
-        if extra:
-            raise wire.UploadRejected(f"unexpected records {sorted(extra)}")
-        metrics = content.metric_records[wire.METRICS]
-        pid = metrics["partition-id"]
-        if self.partition_of.get(reply.metadata.src_node_id) != pid:
-            raise wire.UploadRejected(f"partition-id {pid!r} is not the one this node reported in training")
-        networks = {n.name: n.module.num_features for n in self.networks}
-        received = wire.unpack_features(
-            content, networks, self.config.eval_num_samples, self.config.max_uploads_per_client
-        )
-        return metrics, str(pid), received
-
-    def _pooled(self, features: list[dict]) -> dict[str, float]:
-        """Quality over all clients: generated vs held-out features, pooled (empty without features)."""
-        pooled = {}
-        for network in self.networks:
-            real = [f[f"{network.name}-real"] for f in features if f"{network.name}-real" in f]
-            fake = [f[f"{network.name}-generated"] for f in features if f"{network.name}-generated" in f]
-            if real:
-                pooled.update(named_distances(network.fd_name, network.kid_name, torch.cat(real), torch.cat(fake)))
-                pooled["num-generated"], pooled["num-real"] = float(sum(map(len, fake))), float(sum(map(len, real)))
-        return pooled
+        rows = self.parties.sent_rows() + rows
+        return write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
 
     def _audit(self, server_round: int) -> list[tuple]:
         """The disclosure audit's rows; the server's own samples for it run the whole chain."""

@@ -1,0 +1,123 @@
+"""What every client handler shares: the validated round context, the client's denoiser on
+disk, and the evaluation reply (quality distances, sampling cost, features for the pooled row)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from collafuse_flwr import wire
+from collafuse_flwr.config import ConfigError, RunConfig
+from collafuse_flwr.data import ClientData, client_data, partition_key
+from collafuse_flwr.metrics.cost import sampling_cost
+from collafuse_flwr.metrics.distances import named_distances
+from collafuse_flwr.metrics.features import cached_features, load_feature_networks, pretrained_weights
+from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.outputs import save_grid
+from collafuse_flwr.schedule import CutSchedule
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """What a client knows when a message arrives: its validated config, identity, data."""
+
+    config: RunConfig
+    partition_id: int
+    server_round: int
+    message_config: ConfigRecord
+    run_dir: Path
+    schedule: CutSchedule
+    data: ClientData
+
+    @property
+    def model_dir(self) -> Path:
+        """Where this client's denoiser (weights, optimizer, EMA) lives between rounds."""
+        return self.run_dir / "clients" / f"client-{self.partition_id}" / "model"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.train.shape[1:])
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> "ClientRound":
+        config = RunConfig.from_flower(context.run_config)
+        partition_id = int(context.node_config["partition-id"])
+        num_partitions = int(context.node_config.get("num-partitions", config.num_clients))
+        if num_partitions != config.num_clients:
+            raise ConfigError(
+                f"num-clients={config.num_clients} but the federation has {num_partitions} "
+                "SuperNodes; run with --federation-config 'num-supernodes=<num-clients>'"
+            )
+        message_config = msg.content.config_records["config"]
+        return cls(
+            config,
+            partition_id,
+            int(message_config["server-round"]),
+            message_config,
+            Path(str(message_config["run-dir"])),
+            CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule),
+            client_data(config, partition_id),
+        )
+
+    def new_net(self) -> UNet2DModel:
+        """A freshly initialised denoiser of the run's architecture for this client's images."""
+        c = self.config
+        return build_denoiser(
+            c.image_size, self.image_shape[0], c.block_channels, c.unet_layers_per_block,
+            c.unet_attention, seed=c.seed + 1 + self.partition_id,
+        )
+
+    def denoiser(self) -> Denoiser:
+        """This client's denoiser, optimizer and EMA: from disk if trained before, else fresh."""
+        if Denoiser.exists(self.model_dir):
+            return Denoiser.load(self.model_dir, self.config.client_lr, self.config.ema_decay)
+        return Denoiser(self.new_net(), self.config.client_lr, self.config.ema_decay)
+
+
+def evaluation_reply(
+    client: ClientRound, images: torch.Tensor, net: UNet2DModel | None, steps: int, sample_seconds: float
+) -> RecordDict:
+    """Save the client's generated `images` (n, C, H, W) in [-1, 1] as a grid and report their
+    quality against the client's held-out images, and the cost of the `steps` sampling steps
+    the client ran with `net` (none when `net` is None)."""
+    config, partition_id = client.config, client.partition_id
+    save_grid(images, client.run_dir / "samples" / f"round-{client.server_round:03d}-client-{partition_id}.png")
+    start = time.perf_counter()
+    quality, features = _quality(client, images)
+    metrics = {
+        "partition-id": partition_id,
+        "num-generated": int(images.shape[0]),
+        "num-real": int(client.data.held_out.shape[0]),
+        "client-sampling-steps": steps,
+        "sample-seconds": sample_seconds,
+        **(sampling_cost(net, client.image_shape, len(images), steps) if net is not None
+           else {"nfe-sample": 0.0, "flops-sample": 0.0}),
+        **quality,
+        "eval-seconds": time.perf_counter() - start,
+    }
+    content = RecordDict({wire.METRICS: MetricRecord(metrics)})
+    if features and config.pooled_metrics:
+        content[wire.FEATURES] = wire.pack_features(features)
+    return content
+
+
+def _quality(client: ClientRound, images: torch.Tensor) -> tuple[dict, dict]:
+    """Distances between the generated images and the held-out images on every available
+    feature network (the held-out features are cached), and the features for the pooled row."""
+    config = client.config
+    weights = pretrained_weights(config.fid_weights, config.fcd_weights)
+    networks = load_feature_networks(Path(str(client.message_config["classifier-path"])), weights)
+    cache_dir = client.run_dir.parent / ".cache" / "features"
+    key = f"{partition_key(config)}:client-{client.partition_id}:held-out"
+    quality, features = {}, {}
+    for network in networks:
+        real = cached_features(network, client.data.held_out, cache_dir, key)
+        fake = network.features(images)
+        quality.update(named_distances(network.fd_name, network.kid_name, real, fake))
+        features.update({f"{network.name}-real": real, f"{network.name}-generated": fake})
+    return quality, features

@@ -1,0 +1,79 @@
+"""The FedAvg baseline's client: a full-chain denoiser (t in [1, T]) trained from the averaged
+weights each round, and sampling all steps with the averaged EMA weights.
+
+train:    check the received weights against this client's own model (keys, shapes, dtypes,
+          finite), load them (weights and EMA; the AdamW moments and the EMA's step count stay
+          on the client), train for `client-images-per-round` images on the full-chain loss
+          (client_loss with t_zeta = T), reply with the new weights and
+          num-examples = the client's number of training images (FedAvg's averaging weight).
+evaluate: load the averaged sampling weights, sample from x_T ~ N(0, I) through all steps
+          with the same seed a CollaFuse client of this partition uses, report quality and cost.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import MetricRecord, RecordDict
+
+from collafuse_flwr import wire
+from collafuse_flwr.client_round import ClientRound, evaluation_reply
+from collafuse_flwr.losses import client_loss
+from collafuse_flwr.metrics.cost import train_cost
+from collafuse_flwr.sampling import denoise, initial_noise, make_sampler
+from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.seeds import derive_seed
+from collafuse_flwr.training import train_for_images
+
+
+def full_chain(client: ClientRound) -> CutSchedule:
+    """The schedule with the cut at T: the client owns every step."""
+    c = client.config
+    return CutSchedule(c.timesteps, c.timesteps, c.beta_schedule)
+
+
+def train(client: ClientRound, content: RecordDict) -> RecordDict:
+    """One FedAvg training round on this client; returns the reply's content."""
+    config, schedule = client.config, full_chain(client)
+    denoiser = client.denoiser()
+    received = content.array_records.get(wire.WEIGHTS)
+    if received is None:
+        raise wire.UploadRejected("train message without weights")
+    wire.check_weights(received, wire.pack_weights(denoiser.state()))
+    denoiser.load_state(wire.weights_state(received))
+    generator = torch.Generator().manual_seed(
+        derive_seed(config.seed, client.partition_id, client.server_round, 1)
+    )
+    start = time.perf_counter()
+    stats = train_for_images(
+        denoiser, client.data.train, config.client_images_per_round, config.batch_size,
+        lambda n, x0, g: client_loss(n, schedule, x0, g), generator,
+    )
+    denoiser.save(client.model_dir)
+    metrics = {
+        "partition-id": client.partition_id,
+        "num-examples": int(client.data.train.shape[0]),
+        "train-loss": float(stats["loss"]) if stats["steps"] else 0.0,
+        "images-seen": int(stats["images-seen"]),
+        "train-seconds": time.perf_counter() - start,
+        **train_cost(denoiser.net, client.image_shape, int(stats["images-seen"])),
+    }
+    return RecordDict({wire.WEIGHTS: wire.pack_weights(denoiser.state()), wire.METRICS: MetricRecord(metrics)})
+
+
+def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
+    """Sample all steps with the averaged model; returns the evaluation reply's content."""
+    config = client.config
+    net = client.new_net()
+    received = content.array_records.get(wire.WEIGHTS)
+    if received is None:
+        raise wire.UploadRejected("evaluate message without weights")
+    wire.check_weights(received, wire.pack_weights({f"net.{k}": v for k, v in net.state_dict().items()}))
+    net.load_state_dict({k[4:]: v for k, v in wire.weights_state(received).items()})
+    sampler = make_sampler(config.sampler, full_chain(client), config.sampling_steps, config.clip_denoised)
+    seed = derive_seed(config.seed, client.server_round, client.partition_id)
+    start = time.perf_counter()
+    x = initial_noise(config.eval_num_samples, client.image_shape, seed)
+    images = denoise(net.eval(), sampler, x, sampler.timesteps, seed, config.ddim_eta).clamp(-1, 1)
+    return evaluation_reply(client, images, net, len(sampler.timesteps), time.perf_counter() - start)

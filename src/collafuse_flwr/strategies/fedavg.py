@@ -1,0 +1,138 @@
+"""The FedAvg baseline: Flower's own `FedAvg` averages full-chain denoisers (t in [1, T]).
+
+What the subclass adds, and only that:
+  configure_train    -> the run directory in the config; the size of every message recorded;
+  aggregate_train    -> every reply validated against the weights sent (keys, shapes, dtypes,
+                        finite, |w| bound, num-examples) and its partition id bound to its node
+                        before FedAvg's weighted average (weights "num-examples") sees it;
+                        per-client compute and bytes, the averaging time, a checkpoint;
+  configure_evaluate -> on evaluation rounds only, the averaged EMA weights (what sampling
+                        uses) instead of the training state;
+  aggregate_evaluate -> the same quality rows, pooled row and summary.json as CollaFuse.
+Nothing but weights and counts leaves a client, so there is no image-disclosure audit.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from collafuse_flwr import wire
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.metrics.features import FeatureNetwork
+from collafuse_flwr.models import Denoiser
+from collafuse_flwr.outputs import append_log, append_metrics
+from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
+from collafuse_flwr.strategies.parties import Parties
+
+
+class FedAvgDiffusion(FedAvg):
+    """FedAvg over every client each round (fractions 1, minimum = num-clients).
+
+    Args:
+        config: the validated run config.
+        run_dir: the run directory (absolute).
+        model: the global denoiser (weights and EMA; its optimizer is unused): its state is the
+            initial ArrayRecord and it holds the latest average.
+        classifier_path: the cached fd_classifier feature network the clients load.
+        networks: the feature networks available here (the pooled row).
+        notes: what summary.json says beside the numbers.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        model: Denoiser,
+        classifier_path: Path,
+        networks: list[FeatureNetwork],
+        notes: dict[str, object],
+    ):
+        n = config.num_clients
+        super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+        self.config = config
+        self.run_dir = run_dir
+        self.model = model
+        self.classifier_path = classifier_path
+        self.networks = networks
+        self.notes = notes
+        self.parties = Parties(n)
+        self.sent_weights = wire.pack_weights(model.state())
+
+    def initial_arrays(self) -> ArrayRecord:
+        """The global model's state to start `Strategy.start` from."""
+        return wire.pack_weights(self.model.state())
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's train messages (the global weights and EMA) with the run directory."""
+        config["run-dir"] = str(self.run_dir)
+        self.sent_weights = arrays
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.parties.count_sent(server_round, messages, "bytes-down-train")
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply, then FedAvg's weighted average of the accepted ones."""
+        rows, accepted = self.parties.sent_rows(), []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "round %d: client on node %d failed: %s", server_round, node, reply.error.reason)
+                rows.append((server_round, f"node-{node}", "failed", 1.0))
+                continue
+            try:
+                _, metrics = wire.unpack_weights(reply.content, self.sent_weights, self.config.max_uploads_per_client)
+                pid = self.parties.claim(node, metrics)
+            except wire.UploadRejected as err:
+                log(WARNING, "round %d: rejected reply of node %d: %s", server_round, node, err)
+                rows.append((server_round, f"node-{node}", "rejected", 1.0))
+                continue
+            accepted.append(reply)
+            for key in sorted(set(metrics) - {"partition-id"}):
+                rows.append((server_round, str(pid), key, float(metrics[key])))
+            rows.append((server_round, str(pid), "bytes-up-train", float(wire.content_bytes(reply.content))))
+        start = time.perf_counter()
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        if arrays is not None:
+            self.model.load_state(wire.weights_state(arrays))
+            self.model.save(self.run_dir / "checkpoints" / "global")
+        seconds = time.perf_counter() - start
+        rows.append((server_round, "server", "aggregate-seconds", seconds))
+        append_metrics(self.run_dir, rows)
+        line = (
+            f"round {server_round}/{self.config.num_server_rounds} | FedAvg of {len(accepted)} clients "
+            f"| client loss {metrics['train-loss'] if metrics else float('nan'):.4f} | averaging {seconds:.1f}s"
+        )
+        log(INFO, line)
+        append_log(self.run_dir, line)
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """On evaluation rounds, the averaged sampling weights (the EMA) to every client."""
+        if not self.config.is_eval_round(server_round):
+            return []
+        config["run-dir"] = str(self.run_dir)
+        config["classifier-path"] = str(self.classifier_path)
+        sampling = wire.pack_weights(self.model.sampling_state())
+        messages = list(super().configure_evaluate(server_round, sampling, config, grid))
+        self.parties.count_sent(server_round, messages, "bytes-down-sample")
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Quality and cost rows per client, the pooled row, summary.json."""
+        rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
+        rows = self.parties.sent_rows() + rows
+        return write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
