@@ -44,6 +44,31 @@ data-dir = "data/cifar"
     assert len({r.config_hash for r in runs}) == 12
 
 
+def test_fedavg_runs_once_and_a_strategy_may_have_its_own_cut_points(tmp_path):
+    path = _write(tmp_path, '''
+[sweep]
+datasets = ["digits"]
+strategies = ["collafuse", "fedavg", "published"]
+t-zeta = [0, 20, 100]
+seeds = [0, 1]
+''' + TINY + '''
+[strategy.published]
+t-zeta = [20]
+ema-decay = 0.9
+''')
+    runs, _ = load_sweep(path, tmp_path / "out")
+    names = [r.name for r in runs]
+    assert names == [f"digits-collafuse-tz{t}-seed{s}" for t in (0, 20, 100) for s in (0, 1)] + [
+        "digits-fedavg-seed0", "digits-fedavg-seed1", "digits-published-tz20-seed0", "digits-published-tz20-seed1"]
+    fedavg = next(r for r in runs if r.strategy == "fedavg")
+    assert fedavg.t_zeta == 100 and fedavg.run_config["t-zeta"] == 100  # recorded at T
+    published = next(r for r in runs if r.strategy == "published")
+    assert published.run_config["ema-decay"] == 0.9 and "ema-decay" not in runs[0].run_config
+    # where a sweep writes is not part of a run's identity
+    moved, _ = load_sweep(path, tmp_path / "elsewhere")
+    assert [r.config_hash for r in moved] == [r.config_hash for r in runs]
+
+
 @pytest.mark.parametrize("text,message", [
     ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [500]\nseeds = [0]\n' + TINY,
      "run digits-collafuse-tz500-seed0: t-zeta=500"),
@@ -56,7 +81,11 @@ data-dir = "data/cifar"
     ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n'
      'num-supernodes = 3\n', "num-clients differs"),
     ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n'
-     '[dataset.celeba]\ndata-dir = "x"\n', "not one of the sweep's datasets"),
+     '[dataset.celeba]\ndata-dir = "x"\n', "not one of the sweep's dataset values"),
+    ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n'
+     '[strategy.fedavg]\nema-decay = 0.9\n', "not one of the sweep's strategy values"),
+    ('[sweep]\ndatasets = ["digits"]\nstrategies = ["published"]\nt-zeta = [0]\nseeds = [0]\n'
+     '[strategy.published]\nt-zeta = 200\n', "t-zeta must be a non-empty list"),
 ])
 def test_bad_sweep_files_fail_before_any_run(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -17,13 +17,17 @@ A sweep file (TOML):
     [dataset.cifar10]                  # run config of one dataset's runs (e.g. its data-dir)
     data-dir = "../shared/data/cifar10-mini"
 
-Every run's config is validated before the first run starts. Run `<name>` writes into
+    [strategy.published]               # one strategy's runs: its own cut points (and run config)
+    t-zeta = [200, 500]
+
+A `fedavg` run has no cut point: it runs once per dataset and seed, named
+`<dataset>-fedavg-seed<s>` (its t_zeta column holds T). Every run's config is validated before the first run starts. Run `<name>` writes into
 `<out>/runs/<name>/` and, when it ends, `status.json` there with the final status `flwr ls`
 reports (`flwr run` exits 0 even when the run failed). A relaunch skips runs whose status is
 `finished:completed` for the same run config and retries the others. Afterwards
 `<out>/summary.csv` holds one row per run and metric (quality pooled and averaged over clients,
 disclosure averaged over clients, cost per party) and `<out>/figures/` the figures against
-t_zeta, with the t_zeta = 0 (global) and t_zeta = T (local) runs as reference levels.
+t_zeta, with the t_zeta = 0 (global), t_zeta = T (local) and FedAvg runs as reference levels.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.launch import flwr_run, format_run_config
 
 SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes"}
-SECTIONS = {"sweep", "run-config", "dataset"}
+SECTIONS = {"sweep", "run-config", "dataset", "strategy"}
 PATH_KEYS = ("data-dir", "fid-weights", "fcd-weights")
 
 
@@ -93,8 +97,8 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
         raise ConfigError(f"sweep file {path} does not exist")
     spec = tomllib.loads(path.read_text())
     if set(spec) - SECTIONS or "sweep" not in spec:
-        raise ConfigError(f"{path}: sections must be [sweep] (required), [run-config], [dataset.<name>]; "
-                          f"got {sorted(spec)}")
+        raise ConfigError(f"{path}: sections must be [sweep] (required), [run-config], [dataset.<name>], "
+                          f"[strategy.<name>]; got {sorted(spec)}")
     sweep = spec["sweep"]
     if set(sweep) - SWEEP_KEYS or not {"datasets", "strategies", "t-zeta", "seeds"} <= set(sweep):
         raise ConfigError(f"{path}: [sweep] needs datasets, strategies, t-zeta, seeds (and may set "
@@ -102,31 +106,47 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
     for key in ("datasets", "strategies", "t-zeta", "seeds"):
         if not isinstance(sweep[key], list) or not sweep[key]:
             raise ConfigError(f"{path}: [sweep] {key} must be a non-empty list")
-    unknown = set(spec.get("dataset", {})) - set(sweep["datasets"])
-    if unknown:
-        raise ConfigError(f"{path}: [dataset.{sorted(unknown)[0]}] is not one of the sweep's datasets")
+    for section, listed in (("dataset", sweep["datasets"]), ("strategy", sweep["strategies"])):
+        unknown = set(spec.get(section, {})) - set(listed)
+        if unknown:
+            raise ConfigError(f"{path}: [{section}.{sorted(unknown)[0]}] is not one of the sweep's {section} values")
+    strategies = {name: dict(spec.get("strategy", {}).get(name, {})) for name in sweep["strategies"]}
+    for name, table in strategies.items():
+        cuts = table.get("t-zeta", sweep["t-zeta"])
+        if not isinstance(cuts, list) or not cuts:
+            raise ConfigError(f"{path}: [strategy.{name}] t-zeta must be a non-empty list")
     runs = []
-    for dataset, strategy, t_zeta, seed in itertools.product(
-        sweep["datasets"], sweep["strategies"], sweep["t-zeta"], sweep["seeds"]
-    ):
-        name = f"{dataset}-{strategy}-tz{t_zeta}-seed{seed}"
-        run_out = (out / "runs" / name).resolve()
-        config = {**spec.get("run-config", {}), **spec.get("dataset", {}).get(dataset, {}),
-                  "dataset": dataset, "strategy": strategy, "t-zeta": t_zeta, "seed": seed,
-                  "output-dir": str(run_out)}
-        for key in PATH_KEYS:  # runs start elsewhere: relative paths are resolved here
-            if config.get(key):
-                config[key] = str(Path(config[key]).expanduser().resolve())
-        try:
-            RunConfig.from_flower(config)
-        except ConfigError as err:
-            raise ConfigError(f"{path}, run {name}: {err}") from err
-        runs.append(SweepRun(name, dataset, strategy, t_zeta, seed, config, run_out))
+    for dataset, strategy, seed in itertools.product(sweep["datasets"], sweep["strategies"], sweep["seeds"]):
+        overrides = dict(strategies[strategy])
+        cuts = overrides.pop("t-zeta", sweep["t-zeta"])
+        base = {**spec.get("run-config", {}), **spec.get("dataset", {}).get(dataset, {}), **overrides,
+                "dataset": dataset, "strategy": strategy, "seed": seed}
+        if strategy == "fedavg":  # no cut point: one run, recorded at t_zeta = T
+            cuts = [int(base.get("timesteps", RunConfig().timesteps))]
+        for t_zeta in cuts:
+            name = f"{dataset}-fedavg-seed{seed}" if strategy == "fedavg" else f"{dataset}-{strategy}-tz{t_zeta}-seed{seed}"
+            runs.append(_sweep_run(path, out, name, {**base, "t-zeta": t_zeta}))
+    runs.sort(key=lambda r: (sweep["datasets"].index(r.dataset), sweep["strategies"].index(r.strategy),
+                             r.t_zeta, r.seed))
     supernodes = int(sweep.get("num-supernodes", RunConfig().num_clients))
     mismatched = [r.name for r in runs if RunConfig.from_flower(r.run_config).num_clients != supernodes]
     if mismatched:
         raise ConfigError(f"{path}: num-clients differs from num-supernodes={supernodes} in {mismatched[0]}")
     return runs, supernodes
+
+
+def _sweep_run(path: Path, out: Path, name: str, config: dict) -> SweepRun:
+    """One validated run of sweep file `path` (relative paths resolved, output below `out`)."""
+    run_out = (out / "runs" / name).resolve()
+    config = {**config, "output-dir": str(run_out)}
+    for key in PATH_KEYS:  # runs start elsewhere: relative paths are resolved here
+        if config.get(key):
+            config[key] = str(Path(config[key]).expanduser().resolve())
+    try:
+        RunConfig.from_flower(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}, run {name}: {err}") from err
+    return SweepRun(name, config["dataset"], config["strategy"], config["t-zeta"], config["seed"], config, run_out)
 
 
 def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | None = None,

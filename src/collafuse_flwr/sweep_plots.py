@@ -74,6 +74,6 @@ def plot_sweep(table: pd.DataFrame, out: Path) -> list[Path]:
     written = [
         _figure(ok, QUALITY, out / "quality.png", references=True),
         _figure(ok, DISCLOSURE, out / "disclosure.png", references=False),
-        _figure(ok, COST, out / "cost.png", references=False),
+        _figure(ok, COST, out / "cost.png", references=True),
     ]
     return [p for p in written if p is not None]
