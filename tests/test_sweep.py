@@ -91,3 +91,29 @@ def test_bad_sweep_files_fail_before_any_run(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_sweep(_write(tmp_path, text), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_results_table_gives_mean_and_spread_over_seeds():
+    import pandas as pd
+
+    from collafuse_flwr.sweep_tables import results_table, to_markdown
+
+    def row(strategy, t_zeta, seed, party, metric, value, status="finished:completed"):
+        return dict(run=f"{strategy}-{t_zeta}-{seed}", dataset="digits", strategy=strategy, t_zeta=t_zeta, seed=seed,
+                    status=status, timesteps=1000, party=party, metric=metric, value=value)
+
+    table = pd.DataFrame([
+        row("collafuse", 200, 0, "pooled", "fd_classifier", 10.0),
+        row("collafuse", 200, 1, "pooled", "fd_classifier", 14.0),
+        row("collafuse", 200, 0, "client-mean", "bytes-up", 2e6),
+        row("collafuse", 200, 1, "client-mean", "bytes-up", 2e6),
+        row("collafuse", 200, 2, "status", "status", None, status="finished:failed"),
+        row("fedavg", 1000, 0, "pooled", "fd_classifier", 30.0),
+    ])
+    frame = results_table(table)
+    assert list(frame.columns) == ["dataset", "strategy", "t_zeta", "seeds", "fd_classifier pooled", "client MB up"]
+    collafuse, fedavg = frame.iloc[0], frame.iloc[1]
+    assert collafuse["seeds"] == 2 and collafuse["fd_classifier pooled"] == "12 ± 3"  # std of (10, 14)
+    assert collafuse["client MB up"] == "2.00 ± 0.00"
+    assert fedavg["t_zeta"] == "—" and fedavg["fd_classifier pooled"] == "30" and fedavg["client MB up"] == "—"
+    assert to_markdown(frame).splitlines()[2].startswith("| digits | collafuse | 200 | 2 | 12 ± 3 |")

@@ -26,7 +26,8 @@ A `fedavg` run has no cut point: it runs once per dataset and seed, named
 reports (`flwr run` exits 0 even when the run failed). A relaunch skips runs whose status is
 `finished:completed` for the same run config and retries the others. Afterwards
 `<out>/summary.csv` holds one row per run and metric (quality pooled and averaged over clients,
-disclosure averaged over clients, cost per party) and `<out>/figures/` the figures against
+disclosure averaged over clients, cost per party), `<out>/results.md` the table of mean ± standard
+deviation over seeds per strategy and t_zeta, and `<out>/figures/` the figures against
 t_zeta, with the t_zeta = 0 (global), t_zeta = T (local) and FedAvg runs as reference levels.
 """
 
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     table = summary_table(runs)
     table.to_csv(out / "summary.csv", index=False)
     from collafuse_flwr.sweep_plots import plot_sweep
+    from collafuse_flwr.sweep_tables import results_table, to_markdown
+
+    (out / "results.md").write_text(to_markdown(results_table(table)))
 
     for figure in plot_sweep(table, out / "figures"):
         print(figure)

@@ -1,0 +1,53 @@
+"""The results table of a sweep (results.md): one row per dataset, strategy and t_zeta with the
+mean ± standard deviation over seeds of the headline metrics, from summary.csv's long table."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+# (column title, party, metric, scale, format); a column without any value is left out
+COLUMNS = (
+    ("fd_classifier pooled", "pooled", "fd_classifier", 1, "{:.0f}"),
+    ("fd_classifier client mean", "client-mean", "fd_classifier", 1, "{:.0f}"),
+    ("FID pooled", "pooled", "fid", 1, "{:.1f}"),
+    ("FCD pooled", "pooled", "fcd", 1, "{:.1f}"),
+    ("linkage top-1", "client-mean", "linkage-top1", 1, "{:.3f}"),
+    ("Tweedie PSNR (dB)", "client-mean", "reconstruction-psnr-tweedie", 1, "{:.1f}"),
+    ("server-only fd pooled", "pooled", "server-only-fd_classifier", 1, "{:.0f}"),
+    ("client TFLOPs train", "client-mean", "flops-train", 1e-12, "{:.2f}"),
+    ("client GFLOPs sample", "client-mean", "flops-sample", 1e-9, "{:.0f}"),
+    ("client MB up", "client-mean", "bytes-up", 1e-6, "{:.2f}"),
+    ("client MB down", "client-mean", "bytes-down", 1e-6, "{:.2f}"),
+    ("server TFLOPs", "server", "flops-train", 1e-12, "{:.2f}"),
+)
+
+
+def results_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows (dataset, strategy, t_zeta, seeds) and one "mean ± std" string per column of
+    COLUMNS, from a completed sweep's summary table. FedAvg has no cut point: its t_zeta is "—"."""
+    ok = table[(table.status == "finished:completed") & table.value.notna()]
+    rows = []
+    for (dataset, strategy, t_zeta), runs in ok.groupby(["dataset", "strategy", "t_zeta"], sort=False):
+        row = {"dataset": dataset, "strategy": strategy, "t_zeta": "—" if strategy == "fedavg" else int(t_zeta),
+               "seeds": runs.seed.nunique()}
+        for title, party, metric, scale, fmt in COLUMNS:
+            values = runs[(runs.party == party) & (runs.metric == metric)].value * scale
+            row[title] = _mean_std(values, fmt) if len(values) else None
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.dropna(axis=1, how="all").fillna("—") if len(frame) else frame
+
+
+def _mean_std(values: pd.Series, fmt: str) -> str:
+    std = values.std() if len(values) > 1 else math.nan
+    return fmt.format(values.mean()) + ("" if math.isnan(std) else " ± " + fmt.format(std))
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of `frame` (all cells as text)."""
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
