@@ -117,3 +117,14 @@ def test_results_table_gives_mean_and_spread_over_seeds():
     assert collafuse["client MB up"] == "2.00 ± 0.00"
     assert fedavg["t_zeta"] == "—" and fedavg["fd_classifier pooled"] == "30" and fedavg["client MB up"] == "—"
     assert to_markdown(frame).splitlines()[2].startswith("| digits | collafuse | 200 | 2 | 12 ± 3 |")
+
+
+def test_a_sweep_may_start_from_an_overlay(tmp_path):
+    (tmp_path / "base.toml").write_text('timesteps = 100\nimage-size = 8\nema-decay = 0.9\n')
+    path = _write(tmp_path, '[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [20]\n'
+                            'seeds = [0]\noverlay = "base.toml"\n[run-config]\nema-decay = 0.5\n')
+    (run,), _ = load_sweep(path, tmp_path / "out")
+    assert run.run_config["timesteps"] == 100 and run.run_config["ema-decay"] == 0.5  # the sweep file wins
+    path.write_text(path.read_text().replace("base.toml", "missing.toml"))
+    with pytest.raises(ConfigError, match="missing.toml does not exist"):
+        load_sweep(path, tmp_path / "out")

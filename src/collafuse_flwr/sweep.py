@@ -10,6 +10,7 @@ A sweep file (TOML):
     t-zeta = [0, 200, 1000]            # ... cut point ...
     seeds = [0, 1]                     # ... and seed
     num-supernodes = 5                 # the simulation federation (= num-clients)
+    overlay = "cifar10.toml"           # optional: a run-config overlay (relative to this file)
 
     [run-config]                       # run config of every run
     num-server-rounds = 4
@@ -48,7 +49,7 @@ import pandas as pd
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.launch import flwr_run, format_run_config
 
-SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes"}
+SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes", "overlay"}
 SECTIONS = {"sweep", "run-config", "dataset", "strategy"}
 PATH_KEYS = ("data-dir", "fid-weights", "fcd-weights")
 
@@ -103,7 +104,7 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
     sweep = spec["sweep"]
     if set(sweep) - SWEEP_KEYS or not {"datasets", "strategies", "t-zeta", "seeds"} <= set(sweep):
         raise ConfigError(f"{path}: [sweep] needs datasets, strategies, t-zeta, seeds (and may set "
-                          f"num-supernodes); got {sorted(sweep)}")
+                          f"num-supernodes, overlay); got {sorted(sweep)}")
     for key in ("datasets", "strategies", "t-zeta", "seeds"):
         if not isinstance(sweep[key], list) or not sweep[key]:
             raise ConfigError(f"{path}: [sweep] {key} must be a non-empty list")
@@ -111,6 +112,12 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
         unknown = set(spec.get(section, {})) - set(listed)
         if unknown:
             raise ConfigError(f"{path}: [{section}.{sorted(unknown)[0]}] is not one of the sweep's {section} values")
+    run_config = spec.get("run-config", {})
+    if "overlay" in sweep:
+        overlay = path.parent / sweep["overlay"]
+        if not overlay.is_file():
+            raise ConfigError(f"{path}: overlay {overlay} does not exist")
+        run_config = {**tomllib.loads(overlay.read_text()), **run_config}
     strategies = {name: dict(spec.get("strategy", {}).get(name, {})) for name in sweep["strategies"]}
     for name, table in strategies.items():
         cuts = table.get("t-zeta", sweep["t-zeta"])
@@ -120,7 +127,7 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
     for dataset, strategy, seed in itertools.product(sweep["datasets"], sweep["strategies"], sweep["seeds"]):
         overrides = dict(strategies[strategy])
         cuts = overrides.pop("t-zeta", sweep["t-zeta"])
-        base = {**spec.get("run-config", {}), **spec.get("dataset", {}).get(dataset, {}), **overrides,
+        base = {**run_config, **spec.get("dataset", {}).get(dataset, {}), **overrides,
                 "dataset": dataset, "strategy": strategy, "seed": seed}
         if strategy == "fedavg":  # no cut point: one run, recorded at t_zeta = T
             cuts = [int(base.get("timesteps", RunConfig().timesteps))]
