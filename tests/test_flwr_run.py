@@ -313,6 +313,7 @@ def test_flwr_run_of_fedavg(flwr_env, tmp_path):
         sizes = value(metric)
         payload = 4 * params * copies
         assert len(sizes) == rows and ((sizes > payload) & (sizes < payload + 512 * copies * len(tensors))).all(), metric
+        assert set(sizes.index.get_level_values("client")) == {"0", "1", "2", "3", "4"}, metric
     assert (value("images-seen") == 64).all() and len(value("images-seen")) == 10
     assert (value("nfe-sample") == 8 * 10).all() and (value("client-sampling-steps") == 10).all()
     final = value("fd_classifier").loc[2]

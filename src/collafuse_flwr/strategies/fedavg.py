@@ -84,7 +84,7 @@ class FedAvgDiffusion(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, then FedAvg's weighted average of the accepted ones."""
-        rows, accepted = self.parties.sent_rows(), []
+        rows, accepted = [], []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -102,6 +102,7 @@ class FedAvgDiffusion(FedAvg):
             for key in sorted(set(metrics) - {"partition-id"}):
                 rows.append((server_round, str(pid), key, float(metrics[key])))
             rows.append((server_round, str(pid), "bytes-up-train", float(wire.content_bytes(reply.content))))
+        rows = self.parties.sent_rows() + rows  # after the claims: round 1 names partitions too
         start = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
