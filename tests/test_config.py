@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from flwr.app import Context, RecordDict
 
 from collafuse_flwr import server_app
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import client_data
+from collafuse_flwr.data.table import DatasetError
 
 
 @pytest.mark.parametrize(
@@ -31,6 +34,55 @@ def test_bad_values_name_key_value_and_allowed(override, message):
         RunConfig.from_flower(override)
 
 
+# For every key with a range or a set of choices: a value outside it, and the message part that
+# names what is allowed. The free-text keys are checked against the files at server start.
+OUT_OF_RANGE = {
+    "num-server-rounds": (0, ">= 1"), "num-clients": (0, ">= 1"), "strategy": ("fedprox", "allowed: collafuse"),
+    "dataset": ("mnist", "allowed: digits"), "dataset-split": ("val", "allowed: , train"),
+    "image-size": (10, "divisible by"), "partition": ("shards", "allowed: label-groups"),
+    "classes-per-client": (0, ">= 1"), "dirichlet-alpha": (0.0, "> 0"), "held-out-fraction": (1.0, r"\(0, 1\)"),
+    "seed": (-1, ">= 0"), "timesteps": (0, ">= 1"), "t-zeta": (1001, r"\[0, timesteps=1000\]"),
+    "beta-schedule": ("cosine", "allowed: linear"), "unet-block-channels": ("12,24", "multiples of 8"),
+    "unet-layers-per-block": (0, ">= 1"), "batch-size": (0, ">= 1"), "client-lr": (-1.0, "> 0"),
+    "server-lr": (0.0, "> 0"), "client-images-per-round": (-1, ">= 0"), "server-images-per-round": (-1, ">= 0"),
+    "ema-decay": (1.0, r"\[0, 1\)"), "server-loss-weighting": ("snr", "allowed: eps-prime"),
+    "noise-policy": ("always", "allowed: once, fresh"), "upload-dtype": ("bfloat16", "allowed: float16"),
+    "max-uploads-per-client": (0, ">= 1"), "sampler": ("euler", "allowed: ddpm"),
+    "sampling-steps": (30, "divide timesteps"), "ddim-eta": (2.0, r"\[0, 1\]"), "eval-every": (-1, ">= 0"),
+    "eval-num-samples": (1, r"\[2, max-uploads-per-client"), "metric-classifier-epochs": (0, ">= 1"),
+    "disclosure-num-images": (1, "0 .* or >= 2"), "wait-for-clients-seconds": (0.0, "> 0"),
+    "round-timeout-seconds": (-5.0, "> 0"), "min-replies": (6, r"\[1, num-clients=5\]"),
+    "fault-injection": ("1:2:explode", "'<client>:<round>:<kind>'"),
+}
+FREE_TEXT = {"data-dir", "attribute-groups", "fid-weights", "fcd-weights", "output-dir"}
+BOOLEANS = {"download", "unet-attention", "clip-denoised", "pooled-metrics", "resume"}
+
+
+def test_every_key_is_validated():
+    assert set(OUT_OF_RANGE) | FREE_TEXT | BOOLEANS == set(RunConfig().to_flower())
+
+
+@pytest.mark.parametrize("key", sorted(OUT_OF_RANGE))
+def test_out_of_range_values_name_key_value_and_allowed(key):
+    value, allowed = OUT_OF_RANGE[key]
+    with pytest.raises(ConfigError, match=rf"{key}={re.escape(repr(value))}: .*{allowed}"):
+        RunConfig.from_flower({key: value})
+
+
+@pytest.mark.parametrize("key", sorted(RunConfig().to_flower()))
+def test_wrong_types_name_key_and_value(key):
+    default = RunConfig().to_flower()[key]
+    wrong = 5 if isinstance(default, str) else "five"
+    with pytest.raises(ConfigError, match=rf"{key}={re.escape(repr(wrong))}: must be"):
+        RunConfig.from_flower({key: wrong})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(ConfigError, match="client-lr=.*must be a finite number"):
+        RunConfig.from_flower({"client-lr": value})
+
+
 def test_too_few_clients_for_the_partition():
     config = RunConfig.from_flower({"num-clients": 3, "classes-per-client": 2})
     with pytest.raises(ConfigError, match="covers only 6 of the 10 classes"):
@@ -49,7 +101,9 @@ def test_defaults_follow_the_dataset(dataset, size, partition):
 
 @pytest.mark.parametrize(
     "override",
-    [{"t-zeta": 5000}, {"num-clients": 2}, {"dataset": "celeba", "partition": "label-groups"}],
+    [{"t-zeta": 5000}, {"num-clients": 2}, {"dataset": "celeba", "partition": "label-groups"},
+     {"dataset": "cifar10", "data-dir": "/nonexistent", "download": False}, {"fid-weights": "/nonexistent.pth"},
+     {"dataset": "celeba", "attribute-groups": "Smiling; Male"}, {"output-dir": "/proc/version"}],
 )
 def test_server_fails_before_writing_or_training(override, tiny_run_config, tmp_path):
     """The ServerApp rejects the config before it makes a run directory or contacts a client."""
@@ -60,7 +114,7 @@ def test_server_fails_before_writing_or_training(override, tiny_run_config, tmp_
 
     run_config = dict(tiny_run_config, **override)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    with pytest.raises(ConfigError):
+    with pytest.raises((ConfigError, DatasetError), match="|".join(override)):
         server_app.main(NoGrid(), context)
     assert not (tmp_path / "runs").exists() or not any(p.name[0].isdigit() for p in (tmp_path / "runs").iterdir())
 

@@ -105,9 +105,10 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
     assert (server_seen["value"] == 64).all()
     for pid in range(5):
         assert (run_dir / "samples" / f"round-002-client-{pid}.png").stat().st_size > 0
-        assert (run_dir / "clients" / f"client-{pid}" / "model" / "config.json").exists()
+        assert (run_dir / "clients" / f"client-{pid}" / "round-002" / "config.json").exists()
     assert (run_dir / "samples" / "round-002-handover.png").exists()
-    assert (run_dir / "checkpoints" / "server" / "diffusion_pytorch_model.safetensors").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001", "round-002"]
+    assert (run_dir / "checkpoints" / "round-002" / "model" / "diffusion_pytorch_model.safetensors").exists()
     assert "round 2/2" in (run_dir / "log.txt").read_text()
 
     # the pooled quality row and the disclosure audit, on the evaluation round only

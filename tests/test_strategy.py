@@ -1,18 +1,21 @@
-"""The server side: which uploads reach the server's optimizer."""
+"""The server side: which uploads reach the server's optimizer, and client faults."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.distances import feature_distances
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.strategies import collafuse
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
+from collafuse_flwr.strategies.parties import RoundFailed
 
 
 def _reply(node: int, content: RecordDict) -> Message:
@@ -29,27 +32,102 @@ def _strategy(run_config, tmp_path, networks=()) -> CollaFuseStrategy:
     )
 
 
-def test_only_valid_uploads_are_pooled_and_trained_on(tiny_run_config, tmp_path, task_identity):
-    strategy = _strategy(tiny_run_config, tmp_path)
-    good = wire.pack_uploads(torch.zeros(5, 1, 8, 8), "float16", {
-        "partition-id": 0, "num-examples": 5, "train-loss": 0.5, "images-seen": 64, "train-seconds": 1.0})
-    wrong_dtype = wire.pack_uploads(torch.zeros(5, 1, 8, 8), "float32", {
-        "partition-id": 1, "num-examples": 5, "train-loss": 0.5, "images-seen": 64, "train-seconds": 1.0})
-    leaking = wire.pack_uploads(torch.zeros(5, 1, 8, 8), "float16", {
-        "partition-id": 2, "num-examples": 5, "train-loss": 0.5, "images-seen": 64, "train-seconds": 1.0})
-    leaking["eps"] = ArrayRecord({"eps": Array(np.zeros((5, 1, 8, 8), np.float32))})
-    stolen_id = wire.pack_uploads(torch.zeros(3, 1, 8, 8), "float16", {
-        "partition-id": 0, "num-examples": 3, "train-loss": 0.5, "images-seen": 64, "train-seconds": 1.0})
-    replies = [_reply(10, good), _reply(11, wrong_dtype), _reply(12, leaking), _reply(13, stolen_id)]
-    _, summary = strategy.aggregate_train(1, replies)
-    assert sorted(strategy.uploads) == [0] and strategy.uploads[0].shape == (5, 1, 8, 8)
+def _upload(pid: int, n: int = 5, value: float = 0.0, dtype: str = "float16", **metrics) -> RecordDict:
+    return wire.pack_uploads(torch.full((n, 1, 8, 8), value), dtype, {
+        "partition-id": pid, "num-examples": n, "train-loss": 0.5, "images-seen": 64, "train-seconds": 1.0,
+        **metrics})
+
+
+def _with(record: str, value) -> RecordDict:
+    content = _upload(1)
+    content[record] = value
+    return content
+
+
+def _with_array(key: str, array: np.ndarray) -> RecordDict:
+    content = _upload(1)
+    content[wire.UPLOADS][key] = Array(array)
+    return content
+
+
+def _declaring(n: int, sent: int) -> RecordDict:
+    content = _upload(1, n=sent)
+    content[wire.METRICS]["num-examples"] = n
+    return content
+
+
+HOSTILE = {
+    "wrong-shape": wire.pack_uploads(torch.zeros(5, 3, 8, 8), "float16", {"partition-id": 1, "num-examples": 5}),
+    "wrong-dtype": _upload(1, dtype="float32"),
+    "nan": _upload(1, value=float("nan")),
+    "inf": _upload(1, value=float("inf")),
+    "out-of-range": _upload(1, value=50.0),
+    "more-than-declared": _declaring(3, sent=5),
+    "above-cap": _upload(1, n=9),
+    "eps-record": _with("eps", ArrayRecord({"eps": Array(np.zeros((5, 1, 8, 8), np.float32))})),
+    "t-record": _with("t", MetricRecord({"t": [20] * 5})),
+    "labels-record": _with("labels", MetricRecord({"labels": [0, 1, 0, 1, 0]})),
+    "eps-beside-x_cut": _with_array("eps", np.zeros((5, 1, 8, 8), np.float16)),
+    "labels-metric": _upload(1, labels=[0, 1, 0, 1, 0]),
+    "another-node's-partition": _upload(0, n=3),
+    "partition-out-of-range": _upload(7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_uploads_never_reach_the_server_optimizer(case, tiny_run_config, tmp_path, task_identity,
+                                                          monkeypatch):
+    """Each kind of broken or hostile upload is rejected and logged for its client; the server
+    trains on exactly the valid upload."""
+    trained_on = []
+    original = collafuse.train_for_images
+    monkeypatch.setattr(collafuse, "train_for_images",
+                        lambda denoiser, data, *args: trained_on.append(data.clone()) or original(denoiser, data, *args))
+    strategy = _strategy(dict(tiny_run_config, **{"max-uploads-per-client": 8}), tmp_path)
+    good = _upload(0, value=0.25)
+    _, summary = strategy.aggregate_train(1, [_reply(10, good), _reply(11, HOSTILE[case])])
+    assert sorted(strategy.uploads) == [0] and summary["clients-accepted"] == 1
+    assert len(trained_on) == 1 and torch.equal(trained_on[0], torch.full((5, 1, 8, 8), 0.25))
     assert 5 * 64 * 2 < summary["bytes-uploaded"] < 5 * 64 * 2 + 1024  # float16 payload + envelope
-    metrics = pd.read_csv(tmp_path / "metrics.csv")
-    rejected = metrics[metrics["metric"] == "rejected"]["client"].tolist()
-    assert sorted(rejected) == ["node-11", "node-12", "node-13"]
+    metrics = pd.read_csv(tmp_path / "metrics.csv", dtype={"client": str})
+    faults = metrics[metrics["metric"].str.contains("fault")]
+    assert faults[["client", "metric"]].values.tolist() == [["node-11", "train-fault-rejected"]]
+    assert "node 11) rejected" in (tmp_path / "log.txt").read_text()
     server = metrics[metrics["client"] == "server"].set_index("metric")["value"]
     assert server["pool-size"] == 5 and server["images-seen"] == 64
-    assert (tmp_path / "checkpoints" / "server" / "config.json").exists()
+
+
+def _error_reply(node: int, reason: str) -> Message:
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                  message_type="train")
+    return Message(Error(code=0, reason=reason), reply_to=msg)
+
+
+def _sent(node: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node, message_type="train")
+
+
+def test_client_faults_do_not_stop_a_round(tiny_run_config, tmp_path, task_identity):
+    """A client that raised and one that never replied (timed out, vanished) are logged with
+    their reasons and recorded; the round goes on with the replies it has (min-replies = 2)."""
+    strategy = _strategy(dict(tiny_run_config, **{"min-replies": 2}), tmp_path)
+    strategy.parties.count_sent(1, [_sent(node) for node in (10, 11, 12, 13)], "bytes-down-train")
+    replies = [_reply(10, _upload(0)), _reply(11, _upload(1)), _error_reply(12, "CUDA out of memory")]
+    _, summary = strategy.aggregate_train(1, replies)
+    assert summary["clients-accepted"] == 2 and sorted(strategy.uploads) == [0, 1]
+    metrics = pd.read_csv(tmp_path / "metrics.csv", dtype={"client": str})
+    faults = metrics[metrics["metric"].str.contains("fault")]
+    assert sorted(faults[["client", "metric"]].values.tolist()) == [
+        ["node-12", "train-fault-raised"], ["node-13", "train-fault-missing"]]
+    log = (tmp_path / "log.txt").read_text()
+    assert "CUDA out of memory" in log and "no reply within round-timeout-seconds" in log
+
+
+def test_too_few_replies_stop_the_run(tiny_run_config, tmp_path, task_identity):
+    strategy = _strategy(dict(tiny_run_config, **{"min-replies": 3}), tmp_path)
+    strategy.parties.count_sent(1, [_sent(node) for node in (10, 11, 12)], "bytes-down-train")
+    with pytest.raises(RoundFailed, match="2 accepted replies, min-replies=3"):
+        strategy.aggregate_train(1, [_reply(10, _upload(0)), _reply(11, _upload(1))])
 
 
 class Pixels(torch.nn.Module):
@@ -78,7 +156,7 @@ def test_evaluation_replies_are_validated_and_pooled(tiny_run_config, tmp_path, 
     ]
     strategy.aggregate_evaluate(1, replies)
     metrics = pd.read_csv(tmp_path / "metrics.csv", dtype={"client": str})
-    assert sorted(metrics[metrics["metric"] == "evaluation-rejected"]["client"]) == ["2", "3", "3"]
+    assert sorted(metrics[metrics["metric"] == "evaluate-fault-rejected"]["client"]) == ["2", "3", "3"]
     pooled = metrics[metrics["client"] == "pooled"].set_index("metric")["value"]
     expected = feature_distances(torch.cat([first["pixels-real"], second["pixels-real"]]),
                                  torch.cat([first["pixels-generated"], second["pixels-generated"]]))

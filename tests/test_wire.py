@@ -48,7 +48,7 @@ def test_train_reply_holds_only_cut_point_uploads(tiny_run_config, tmp_path, tas
     assert abs(residual.mean()) < 0.05
     assert abs(residual.std() - 1) < 0.05
     # the private model stays on the client's disk and never enters the reply
-    assert (tmp_path / "clients" / "client-0" / "model" / "config.json").exists()
+    assert (tmp_path / "clients" / "client-0" / "round-001" / "config.json").exists()
     # the counted size is the serialised message content: the payload plus a small envelope
     assert x_cut.numpy().nbytes < wire.content_bytes(content) < x_cut.numpy().nbytes + 1024
 

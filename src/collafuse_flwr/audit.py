@@ -47,6 +47,14 @@ class DisclosureAudit:
         self.last_view: dict[int, torch.Tensor] = {}
         self.views: dict[int, int] = {}
 
+    def state(self) -> dict:
+        """The views collected so far (for checkpoints)."""
+        return {"view_sum": self.view_sum, "last_view": self.last_view, "views": self.views}
+
+    def load_state(self, state: dict) -> None:
+        """Continue with the views of a checkpoint (`state()`)."""
+        self.view_sum, self.last_view, self.views = state["view_sum"], state["last_view"], state["views"]
+
     @property
     def enabled(self) -> bool:
         return self.config.disclosure_num_images > 0

@@ -6,7 +6,9 @@ evaluate: receive the server's handed-over states x_{t_zeta}, finish sampling wi
           private denoiser, save a grid, and report the quality distances (fd_classifier,
           and fid / kid / fcd when their weights are available) against the client's held-out
           images, the cost of sampling, and (pooled-metrics) the features for the pooled row.
-The denoiser and its optimizer persist on disk between rounds, not in `context.state`.
+The denoiser, its optimizer and EMA persist on disk between rounds (one checkpoint per
+round, the last two kept), not in `context.state`, so a resumed round starts from the
+previous round's state.
 With strategy "fedavg" both handlers run the FedAvg baseline instead (fedavg_client.py).
 """
 
@@ -15,14 +17,13 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from collafuse_flwr import fedavg_client, wire
-from collafuse_flwr.client_round import ClientRound, evaluation_reply
+from collafuse_flwr.client_round import ClientRound, evaluation_reply, with_nan_arrays
 from collafuse_flwr.losses import client_loss
 from collafuse_flwr.metrics.cost import train_cost
-from collafuse_flwr.models import Denoiser
 from collafuse_flwr.protocols import handover_time
 from collafuse_flwr.sampling import denoise, make_sampler, split_at_cut
 from collafuse_flwr.seeds import derive_seed
@@ -50,10 +51,20 @@ def cut_point_uploads(client: ClientRound) -> torch.Tensor:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the private denoiser on t in [1, t_zeta]; reply with the cut-point uploads."""
+    """One training round of the configured strategy (with any injected fault applied)."""
     client = ClientRound.from_message(msg, context)
+    fault = client.config.injected_faults.get((client.partition_id, client.server_round))
+    if fault == "raise":
+        raise RuntimeError(f"fault-injection: client {client.partition_id} raises in round {client.server_round}")
     if client.config.strategy == "fedavg":
-        return Message(content=fedavg_client.train(client, msg.content), reply_to=msg)
+        content = fedavg_client.train(client, msg.content)
+    else:
+        content = collafuse_train(client)
+    return Message(content=with_nan_arrays(content) if fault == "nan" else content, reply_to=msg)
+
+
+def collafuse_train(client: ClientRound) -> RecordDict:
+    """Train the private denoiser on t in [1, t_zeta]; the reply with the cut-point uploads."""
     config, partition_id, schedule = client.config, client.partition_id, client.schedule
     denoiser = client.denoiser()
     generator = torch.Generator().manual_seed(
@@ -69,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
         lambda n, x0, g: client_loss(n, schedule, x0, g),
         generator,
     )
-    denoiser.save(client.model_dir)
+    client.save(denoiser)
     x_cut = cut_point_uploads(client)
     seconds = time.perf_counter() - start
     metrics = {
@@ -80,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": seconds,
         **train_cost(denoiser.net, client.image_shape, int(stats["images-seen"])),
     }
-    return Message(content=wire.pack_uploads(x_cut, config.upload_dtype, metrics), reply_to=msg)
+    return wire.pack_uploads(x_cut, config.upload_dtype, metrics)
 
 
 @app.evaluate()
@@ -96,9 +107,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     net = None
     if len(client_steps):
-        if not Denoiser.exists(client.model_dir):
-            raise RuntimeError(f"client {client.partition_id} has no trained denoiser in {client.model_dir}")
-        net = Denoiser.load(client.model_dir, config.client_lr, config.ema_decay).for_sampling()
+        net = client.trained_denoiser().for_sampling()
         seed = int(client.message_config["sample-seed"])
         x = denoise(net, sampler, x, client_steps, seed, config.ddim_eta)
     images = x.clamp(-1, 1)

@@ -3,13 +3,15 @@ disk, and the evaluation reply (quality distances, sampling cost, features for t
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import ConfigError, RunConfig
@@ -35,9 +37,19 @@ class ClientRound:
     data: ClientData
 
     @property
-    def model_dir(self) -> Path:
-        """Where this client's denoiser (weights, optimizer, EMA) lives between rounds."""
-        return self.run_dir / "clients" / f"client-{self.partition_id}" / "model"
+    def client_dir(self) -> Path:
+        """Where this client's private state lives between rounds (it stays with the client)."""
+        return self.run_dir / "clients" / f"client-{self.partition_id}"
+
+    def model_dir(self, server_round: int) -> Path:
+        """The client's denoiser (weights, optimizer, EMA) as trained in `server_round`."""
+        return self.client_dir / f"round-{server_round:03d}"
+
+    def latest_model_dir(self, before: int) -> Path | None:
+        """The newest saved denoiser of a round < `before`, or None. A round that was cut off
+        and is run again (resume) starts from the previous round's state, never its own."""
+        saved = [r for r in map(_round_of, self.client_dir.glob("round-*")) if r is not None and r < before]
+        return self.model_dir(max(saved)) if saved else None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -73,10 +85,44 @@ class ClientRound:
         )
 
     def denoiser(self) -> Denoiser:
-        """This client's denoiser, optimizer and EMA: from disk if trained before, else fresh."""
-        if Denoiser.exists(self.model_dir):
-            return Denoiser.load(self.model_dir, self.config.client_lr, self.config.ema_decay)
+        """This client's denoiser, optimizer and EMA as the previous round left them (from
+        disk), or freshly initialised in its first round."""
+        directory = self.latest_model_dir(before=self.server_round)
+        if directory is not None:
+            return Denoiser.load(directory, self.config.client_lr, self.config.ema_decay)
         return Denoiser(self.new_net(), self.config.client_lr, self.config.ema_decay)
+
+    def trained_denoiser(self) -> Denoiser:
+        """The denoiser as this round's training left it (or the latest before, if this
+        client's training failed this round)."""
+        directory = self.latest_model_dir(before=self.server_round + 1)
+        if directory is None:
+            raise RuntimeError(f"client {self.partition_id} has no trained denoiser in {self.client_dir}")
+        return Denoiser.load(directory, self.config.client_lr, self.config.ema_decay)
+
+    def save(self, denoiser: Denoiser) -> None:
+        """Checkpoint the denoiser as this round's (atomically); keep this and the previous
+        round's (the server's last checkpoint may be the previous round's), drop older ones."""
+        denoiser.save(self.model_dir(self.server_round))
+        for directory in self.client_dir.glob("round-*"):
+            r = _round_of(directory)
+            if r is not None and r < self.server_round - 1:
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def _round_of(directory: Path) -> int | None:
+    """The round of a complete `round-NNN` checkpoint directory, else None."""
+    name = directory.name.removeprefix("round-")
+    return int(name) if name.isdigit() and Denoiser.exists(directory) else None
+
+
+def with_nan_arrays(content: RecordDict) -> RecordDict:
+    """`content` with every array's values replaced by NaN (fault-injection kind "nan")."""
+    for record in content.array_records.values():
+        for key in list(record.keys()):
+            array = record[key].numpy()
+            record[key] = Array(np.full(array.shape, np.nan, dtype=array.dtype))
+    return content
 
 
 def evaluation_reply(

@@ -8,6 +8,9 @@ message that names the key, the value and what is allowed, before any training s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -30,6 +33,10 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 NOISE_POLICIES = ("once", "fresh")
 SERVER_LOSS_WEIGHTINGS = ("eps-prime", "full-chain")
 UPLOAD_DTYPES = ("float16", "float32")
+# fault-injection kinds (testing resilience): the client raises, or uploads NaNs
+FAULT_KINDS = ("raise", "nan")
+# Keys that cannot change what a run computes: not part of its identity (`identity_hash`)
+OPERATIONAL_KEYS = ("output-dir", "resume", "wait-for-clients-seconds", "round-timeout-seconds")
 
 
 class ConfigError(ValueError):
@@ -84,6 +91,9 @@ class RunConfig:
     output_dir: str = "results/runs"
     wait_for_clients_seconds: float = 120.0
     round_timeout_seconds: float = 3600.0
+    min_replies: int = 1
+    resume: bool = True
+    fault_injection: str = ""
 
     def __post_init__(self) -> None:
         """Resolve image-size = 0 and partition = "" to the dataset's defaults."""
@@ -117,6 +127,26 @@ class RunConfig:
     def block_channels(self) -> tuple[int, ...]:
         """`unet-block-channels` as a tuple of ints, e.g. (32, 64, 64)."""
         return tuple(int(c) for c in self.unet_block_channels.split(","))
+
+    def identity_hash(self) -> str:
+        """16 hex digits of SHA-256 over the resolved config without `OPERATIONAL_KEYS`: two
+        runs with the same hash compute the same thing, so checkpoints are keyed by it."""
+        identity = {k: v for k, v in self.to_flower().items() if k not in OPERATIONAL_KEYS}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def injected_faults(self) -> dict[tuple[int, int], str]:
+        """`fault-injection` parsed: {(partition id, round): kind} from "client:round:kind, ..."."""
+        faults = {}
+        for item in filter(None, (part.strip() for part in self.fault_injection.split(","))):
+            client, server_round, kind = (item.split(":") + ["", ""])[:3]
+            if not (client.isdigit() and server_round.isdigit() and kind in FAULT_KINDS):
+                raise ConfigError(
+                    f"fault-injection={self.fault_injection!r}: {item!r} is not "
+                    f"'<client>:<round>:<kind>' with kind in {', '.join(FAULT_KINDS)}"
+                )
+            faults[int(client), int(server_round)] = kind
+        return faults
 
     def is_eval_round(self, server_round: int) -> bool:
         """Evaluate after every `eval-every`-th round (if > 0) and after the last one."""
@@ -185,16 +215,28 @@ class RunConfig:
                 f"image-size={self.image_size}: must be divisible by "
                 f"2^(number of U-Net blocks - 1) = {downsampling}"
             )
-        if self.eval_num_samples < 2:
+        if not 2 <= self.eval_num_samples <= self.max_uploads_per_client:
             raise ConfigError(
-                f"eval-num-samples={self.eval_num_samples}: must be >= 2 (distances need two samples)"
+                f"eval-num-samples={self.eval_num_samples}: must lie in [2, max-uploads-per-client="
+                f"{self.max_uploads_per_client}] (distances need two samples; the server caps a reply)"
             )
         if 0 < self.disclosure_num_images < 2:
             raise ConfigError(
                 f"disclosure-num-images={self.disclosure_num_images}: must be 0 (no attacks) or >= 2"
             )
-        if self.wait_for_clients_seconds <= 0 or self.round_timeout_seconds <= 0:
-            raise ConfigError("wait-for-clients-seconds and round-timeout-seconds must be > 0")
+        for key in ("wait-for-clients-seconds", "round-timeout-seconds"):
+            if not getattr(self, key.replace("-", "_")) > 0:
+                raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r}: must be > 0")
+        if not 1 <= self.min_replies <= self.num_clients:
+            raise ConfigError(
+                f"min-replies={self.min_replies}: must lie in [1, num-clients={self.num_clients}]"
+            )
+        for (client, server_round), _ in self.injected_faults.items():
+            if client >= self.num_clients or not 1 <= server_round <= self.num_server_rounds:
+                raise ConfigError(
+                    f"fault-injection={self.fault_injection!r}: client {client} or round {server_round} "
+                    f"outside [0, {self.num_clients}) x [1, {self.num_server_rounds}]"
+                )
 
     def _parse_channels(self) -> tuple[int, ...]:
         """`block_channels`, or a `ConfigError` unless they are multiples of 8."""
@@ -223,8 +265,8 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             raise ConfigError(f"{key}={value!r}: must be an integer")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"{key}={value!r}: must be a string (quote it: {key}='...')")

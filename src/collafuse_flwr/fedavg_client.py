@@ -50,7 +50,7 @@ def train(client: ClientRound, content: RecordDict) -> RecordDict:
         denoiser, client.data.train, config.client_images_per_round, config.batch_size,
         lambda n, x0, g: client_loss(n, schedule, x0, g), generator,
     )
-    denoiser.save(client.model_dir)
+    client.save(denoiser)
     metrics = {
         "partition-id": client.partition_id,
         "num-examples": int(client.data.train.shape[0]),

@@ -15,19 +15,33 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
 
+from collafuse_flwr.config import ConfigError
+
 METRICS_HEADER = ("round", "client", "metric", "value")
+
+
+def check_output_dir(output_dir: str) -> Path:
+    """The absolute output directory, created if needed; `ConfigError` if it cannot be used."""
+    root = Path(output_dir).expanduser().resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output-dir={output_dir!r}: cannot be created ({err.strerror})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"output-dir={output_dir!r}: {root} is not writable")
+    return root
 
 
 def create_run_dir(output_dir: str, name: str) -> Path:
     """Make `<output_dir>/<NNNNN>-<name>/` with the next free index; return its absolute path."""
-    root = Path(output_dir).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    root = check_output_dir(output_dir)
     taken = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
     for index in range(max(taken, default=-1) + 1, max(taken, default=-1) + 1000):
         run_dir = root / f"{index:05d}-{name}"

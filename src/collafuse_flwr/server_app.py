@@ -19,7 +19,8 @@ from collafuse_flwr.data.report import write_partition_report
 from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
 from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
 from collafuse_flwr.models import Denoiser, build_denoiser
-from collafuse_flwr.outputs import append_metrics, create_run_dir, write_config
+from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, truncate_metrics
+from collafuse_flwr.outputs import append_log, append_metrics, check_output_dir, create_run_dir, write_config
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
 
@@ -93,9 +94,19 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
     shape = image_shape(config)
     client_indices(config)  # checks the partition before anything is written
-    run_dir = create_run_dir(config.output_dir, run_name(config))
-    write_config(run_dir, config.to_flower())
-    write_partition_report(run_dir, config)
+    check_output_dir(config.output_dir)
+    run_dir = resumable_run(config.output_dir, run_name(config), config) if config.resume else None
+    checkpoint = latest_checkpoint(run_dir, config) if run_dir else None
+    rounds_done = checkpoint.server_round if checkpoint else 0
+    if run_dir is None:
+        run_dir = create_run_dir(config.output_dir, run_name(config))
+        write_config(run_dir, config.to_flower())
+        write_partition_report(run_dir, config)
+    else:
+        truncate_metrics(run_dir, rounds_done)
+        line = f"resumed after round {rounds_done} of {config.num_server_rounds} (config {config.identity_hash()})"
+        log(INFO, "CollaFuse %s", line)
+        append_log(run_dir, line)
     log(INFO, "CollaFuse run directory: %s", run_dir)
     classifier_path, accuracy = feature_network(config)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
@@ -111,17 +122,21 @@ def main(grid: Grid, context: Context) -> None:
         config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
         config.unet_attention, seed=config.seed,
     )
-    model, networks = Denoiser(net, config.server_lr, config.ema_decay), load_feature_networks(classifier_path, weights)
+    model = Denoiser.load(checkpoint.model_dir, config.server_lr, config.ema_decay) if checkpoint \
+        else Denoiser(net, config.server_lr, config.ema_decay)
+    networks = load_feature_networks(classifier_path, weights)
     if config.strategy == "fedavg":
         strategy = FedAvgDiffusion(config, run_dir, model, classifier_path, networks, notes)
         initial = strategy.initial_arrays()
     else:
         strategy, initial = CollaFuseStrategy(config, run_dir, model, shape, classifier_path, networks, notes), ArrayRecord()
+    if checkpoint:
+        strategy.restore(checkpoint)
     start = time.perf_counter()
     strategy.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=config.num_server_rounds,
+        num_rounds=config.num_server_rounds - rounds_done,
         timeout=config.round_timeout_seconds,
     )
     log(INFO, "%s finished in %.0fs; results in %s", config.strategy, time.perf_counter() - start, run_dir)

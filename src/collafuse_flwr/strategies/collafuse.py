@@ -11,13 +11,14 @@ Each round:
                        (audit.py) and rewrite summary.json.
 Every round also records what each party computed (NFEs, FLOPs, seconds) and the bytes of
 every message each way (metrics.csv, long format).
-The server denoiser, its optimizer and RNG live here and are checkpointed every round.
+The server denoiser, its optimizer, RNG, pool and audit views live here and are checkpointed
+at the end of every round (checkpoint.py); a resumed run continues after the last one.
 """
 
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 
 from collafuse_flwr import wire
 from collafuse_flwr.audit import DisclosureAudit
+from collafuse_flwr.checkpoint import Checkpoint, save_checkpoint
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.cost import sampling_cost, train_cost
 from collafuse_flwr.metrics.features import FeatureNetwork
@@ -76,8 +78,23 @@ class CollaFuseStrategy(Strategy):
         self.schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
-        self.parties = Parties(config.num_clients)
+        self.parties = Parties(config.num_clients, run_dir, config.min_replies)
         self.audit = DisclosureAudit(config, self.schedule, networks, run_dir.parent / ".cache" / "features")
+        self.rounds_done = 0  # rounds completed before this start (a resumed run)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue after `checkpoint`'s round: its RNG state, pool of uploads and audit views
+        (the denoiser was loaded from the same checkpoint)."""
+        state = checkpoint.strategy_state
+        self.generator.set_state(state["generator"])
+        self.uploads = state["uploads"]
+        self.audit.load_state(state["audit"])
+        self.rounds_done = checkpoint.server_round
+
+    def checkpoint(self, server_round: int) -> None:
+        """Checkpoint the end of `server_round`: denoiser, RNG, pool, audit views."""
+        state = {"generator": self.generator.get_state(), "uploads": self.uploads, "audit": self.audit.state()}
+        save_checkpoint(self.run_dir, server_round, self.config, self.denoiser, state)
 
     def summary(self) -> None:
         c = self.config
@@ -107,6 +124,7 @@ class CollaFuseStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per client; it carries config only, never weights."""
+        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         messages = self._messages(grid, "train", server_round)
         self.parties.count_sent(server_round, messages, "bytes-down-train")
         return messages
@@ -115,11 +133,13 @@ class CollaFuseStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the uploads, pool them, train the server denoiser for its budget."""
+        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         rows, clients = self._receive_uploads(server_round, replies)
         server_rows, server = self._train_server(server_round)
         append_metrics(self.run_dir, self.parties.sent_rows() + rows + server_rows)
         line = (
             f"round {server_round}/{self.config.num_server_rounds} "
+            f"| {clients['clients-accepted']}/{self.config.num_clients} clients accepted "
             f"| client loss {clients['client-train-loss']:.4f} "
             f"| server loss {server['loss']:.4f} | images seen: clients "
             f"{clients['client-images-seen']}, server {server['images-seen']} "
@@ -133,46 +153,39 @@ class CollaFuseStrategy(Strategy):
     def _receive_uploads(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[list[tuple], dict]:
-        """Validate every reply; keep each client's latest accepted x_{t_zeta} in the pool.
+        """Validate every reply; keep each client's latest accepted x_{t_zeta} in the pool
+        (a client that fails this round keeps its earlier upload there).
 
-        Returns metrics.csv rows per client and a summary over the accepted replies.
+        Returns metrics.csv rows per client (and per fault) and a summary over the accepted
+        replies.
         """
-        rows, losses, seen, uploaded = [], [], 0, 0
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "round %d: client on node %d failed: %s", server_round, node, reply.error.reason)
-                rows.append((server_round, f"node-{node}", "failed", 1.0))
-                continue
-            try:
-                x_cut, metrics = wire.unpack_uploads(
-                    reply.content, self.image_shape, self.config.upload_dtype,
-                    self.config.max_uploads_per_client,
-                )
-                pid = self.parties.claim(node, metrics)
-            except wire.UploadRejected as err:
-                log(WARNING, "round %d: rejected reply of node %d: %s", server_round, node, err)
-                rows.append((server_round, f"node-{node}", "rejected", 1.0))
-                continue
-            self.uploads[pid] = x_cut
-            self.audit.record(pid, x_cut)
-            nbytes = wire.content_bytes(reply.content)
-            uploaded += nbytes
-            seen += int(metrics["images-seen"])
+        def read(reply: Message) -> tuple[int, tuple]:
+            x_cut, metrics = wire.unpack_uploads(
+                reply.content, self.image_shape, self.config.upload_dtype, self.config.max_uploads_per_client,
+            )
+            return self.parties.claim(reply.metadata.src_node_id, metrics), (x_cut, metrics)
+
+        received, rows = self.parties.receive(server_round, "train", replies, read)
+        losses = []
+        for reply in received:
+            x_cut, metrics = reply.payload
+            self.uploads[reply.partition_id] = x_cut
+            self.audit.record(reply.partition_id, x_cut)
             if metrics["images-seen"]:
                 losses.append(float(metrics["train-loss"]))
             for key in sorted(wire.TRAIN_METRIC_KEYS - {"partition-id"}):
-                rows.append((server_round, str(pid), key, float(metrics.get(key, float("nan")))))
-            rows.append((server_round, str(pid), "bytes-up-train", float(nbytes)))
+                rows.append((server_round, str(reply.partition_id), key, float(metrics.get(key, float("nan")))))
+            rows.append((server_round, str(reply.partition_id), "bytes-up-train", float(reply.nbytes)))
         summary = {
             "client-train-loss": sum(losses) / len(losses) if losses else float("nan"),
-            "client-images-seen": seen,
-            "bytes-uploaded": uploaded,
+            "client-images-seen": sum(int(r.payload[1]["images-seen"]) for r in received),
+            "bytes-uploaded": sum(r.nbytes for r in received),
+            "clients-accepted": len(received),
         }
         return rows, summary
 
     def _train_server(self, server_round: int) -> tuple[list[tuple], dict]:
-        """Train the server denoiser on the pool for its budget; checkpoint it."""
+        """Train the server denoiser on the pool for its budget."""
         start = time.perf_counter()
         # pool in partition-id order: reply arrival order must not change the training stream
         pool = [self.uploads[pid] for pid in sorted(self.uploads)]
@@ -183,7 +196,6 @@ class CollaFuseStrategy(Strategy):
             server_objective(self.config, self.schedule), self.generator,
         )
         stats["seconds"] = time.perf_counter() - start
-        self.denoiser.save(self.run_dir / "checkpoints" / "server")
         cost = train_cost(self.denoiser.net, self.image_shape, int(stats["images-seen"]))
         rows = [
             (server_round, "server", "train-loss", stats["loss"]),
@@ -200,6 +212,7 @@ class CollaFuseStrategy(Strategy):
         """Run the server's half of the sampler (T down to the handover time: t_zeta, or
         T rho (2 - rho) for "published") for every client and send each its handed-over states
         (float32; clamped to [-1, 1] only for "published")."""
+        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         if not self.config.is_eval_round(server_round):
             return []
         c = self.config
@@ -233,11 +246,14 @@ class CollaFuseStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Write every client's quality and cost figures, the pooled quality row and the
         disclosure audit to metrics.csv; rewrite summary.json; return the clients' means."""
+        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
         if per_metric:
             rows += self._audit(server_round)
         rows = self.parties.sent_rows() + rows
-        return write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
+        means = write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
+        self.checkpoint(server_round)
+        return means
 
     def _audit(self, server_round: int) -> list[tuple]:
         """The disclosure audit's rows; the server's own samples for it run the whole chain."""

@@ -3,7 +3,7 @@ and cost rows per client, the pooled quality row from the clients' features, and
 
 from __future__ import annotations
 
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Iterable
 
@@ -25,48 +25,42 @@ def evaluation_rows(
     config: RunConfig,
 ) -> tuple[list[tuple], dict[str, list[float]]]:
     """metrics.csv rows of every accepted evaluation reply (then the pooled row) and each
-    metric's values over the clients. Failed or invalid replies give one row
-    `evaluation-failed` / `evaluation-rejected` and nothing else."""
-    rows, per_metric, features = [], {}, []
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log(WARNING, "round %d: evaluation failed on node %d: %s", server_round, node, reply.error.reason)
-            rows.append((server_round, parties.label(node), "evaluation-failed", 1.0))
-            continue
-        try:
-            metrics, pid, received = _evaluation_reply(reply, parties, networks, config)
-        except (wire.UploadRejected, KeyError, TypeError) as err:
-            log(WARNING, "round %d: rejected evaluation reply of node %d: %s", server_round, node, err)
-            rows.append((server_round, parties.label(node), "evaluation-rejected", 1.0))
-            continue
-        features.append((pid, received))
-        rows.append((server_round, str(pid), "bytes-up-evaluation", float(wire.content_bytes(reply.content))))
+    metric's values over the clients. A failed, invalid or missing reply gives one row
+    `evaluate-fault-<kind>` (parties.py) and nothing else."""
+    received, rows = parties.receive(
+        server_round, "evaluate", replies, lambda reply: _evaluation_reply(reply, parties, networks, config),
+    )
+    per_metric = {}
+    for reply in received:
+        metrics, _ = reply.payload
+        rows.append((server_round, str(reply.partition_id), "bytes-up-evaluation", float(reply.nbytes)))
         for key, value in metrics.items():
             if key != "partition-id":
-                rows.append((server_round, str(pid), key, float(value)))
+                rows.append((server_round, str(reply.partition_id), key, float(value)))
                 per_metric.setdefault(key, []).append(float(value))
     # in partition-id order: reply arrival order must not change KID's subsets
-    pooled = pooled_quality(networks, [f for _, f in sorted(features, key=lambda item: item[0])])
+    pooled = pooled_quality(networks, [reply.payload[1] for reply in received])
     rows += [(server_round, "pooled", k, v) for k, v in pooled.items()]
     return rows, per_metric
 
 
 def _evaluation_reply(
     reply: Message, parties: Parties, networks: list[FeatureNetwork], config: RunConfig
-) -> tuple[dict, int, dict]:
-    """The validated metrics, partition id and features of one evaluation reply."""
+) -> tuple[int, tuple[dict, dict]]:
+    """The partition id, validated metrics and features of one evaluation reply."""
     content = reply.content
     extra = set(content.keys()) - {wire.METRICS, wire.FEATURES}
-    if extra:
-        raise wire.UploadRejected(f"unexpected records {sorted(extra)}")
+    if extra or wire.METRICS not in content.metric_records:
+        raise wire.UploadRejected(f"unexpected records {sorted(extra)} or no metrics record")
     metrics = content.metric_records[wire.METRICS]
-    pid = metrics["partition-id"]
-    if parties.partition_of.get(reply.metadata.src_node_id) != pid:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
+        raise wire.UploadRejected("metrics must be numbers")
+    pid = metrics.get("partition-id")
+    if pid is None or parties.partition_of.get(reply.metadata.src_node_id) != pid:
         raise wire.UploadRejected(f"partition-id {pid!r} is not the one this node reported in training")
     sizes = {n.name: n.module.num_features for n in networks}
     received = wire.unpack_features(content, sizes, config.eval_num_samples, config.max_uploads_per_client)
-    return dict(metrics), int(pid), received
+    return int(pid), (dict(metrics), received)
 
 
 def pooled_quality(networks: list[FeatureNetwork], features: list[dict]) -> dict[str, float]:

@@ -5,17 +5,18 @@ What the subclass adds, and only that:
   aggregate_train    -> every reply validated against the weights sent (keys, shapes, dtypes,
                         finite, |w| bound, num-examples) and its partition id bound to its node
                         before FedAvg's weighted average (weights "num-examples") sees it;
-                        per-client compute and bytes, the averaging time, a checkpoint;
+                        per-client compute and bytes, the averaging time;
   configure_evaluate -> on evaluation rounds only, the averaged EMA weights (what sampling
                         uses) instead of the training state;
-  aggregate_evaluate -> the same quality rows, pooled row and summary.json as CollaFuse.
+  aggregate_evaluate -> the same quality rows, pooled row and summary.json as CollaFuse, and
+                        the round's checkpoint (the global model: weights, EMA).
 Nothing but weights and counts leaves a client, so there is no image-disclosure audit.
 """
 
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Iterable
 
@@ -25,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from collafuse_flwr import wire
+from collafuse_flwr.checkpoint import Checkpoint, save_checkpoint
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.models import Denoiser
@@ -63,8 +65,13 @@ class FedAvgDiffusion(FedAvg):
         self.classifier_path = classifier_path
         self.networks = networks
         self.notes = notes
-        self.parties = Parties(n)
+        self.parties = Parties(n, run_dir, config.min_replies)
         self.sent_weights = wire.pack_weights(model.state())
+        self.rounds_done = 0  # rounds completed before this start (a resumed run)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue after `checkpoint`'s round (the global model was loaded from it)."""
+        self.rounds_done = checkpoint.server_round
 
     def initial_arrays(self) -> ArrayRecord:
         """The global model's state to start `Strategy.start` from."""
@@ -74,6 +81,7 @@ class FedAvgDiffusion(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's train messages (the global weights and EMA) with the run directory."""
+        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         config["run-dir"] = str(self.run_dir)
         self.sent_weights = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -84,30 +92,23 @@ class FedAvgDiffusion(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, then FedAvg's weighted average of the accepted ones."""
-        rows, accepted = [], []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "round %d: client on node %d failed: %s", server_round, node, reply.error.reason)
-                rows.append((server_round, f"node-{node}", "failed", 1.0))
-                continue
-            try:
-                _, metrics = wire.unpack_weights(reply.content, self.sent_weights, self.config.max_uploads_per_client)
-                pid = self.parties.claim(node, metrics)
-            except wire.UploadRejected as err:
-                log(WARNING, "round %d: rejected reply of node %d: %s", server_round, node, err)
-                rows.append((server_round, f"node-{node}", "rejected", 1.0))
-                continue
-            accepted.append(reply)
+        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
+        def read(reply: Message) -> tuple[int, tuple]:
+            _, metrics = wire.unpack_weights(reply.content, self.sent_weights, self.config.max_uploads_per_client)
+            return self.parties.claim(reply.metadata.src_node_id, metrics), (reply, metrics)
+
+        received, rows = self.parties.receive(server_round, "train", replies, read)
+        accepted = [r.payload[0] for r in received]
+        for reply in received:
+            metrics = reply.payload[1]
             for key in sorted(set(metrics) - {"partition-id"}):
-                rows.append((server_round, str(pid), key, float(metrics[key])))
-            rows.append((server_round, str(pid), "bytes-up-train", float(wire.content_bytes(reply.content))))
+                rows.append((server_round, str(reply.partition_id), key, float(metrics[key])))
+            rows.append((server_round, str(reply.partition_id), "bytes-up-train", float(reply.nbytes)))
         rows = self.parties.sent_rows() + rows  # after the claims: round 1 names partitions too
         start = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
             self.model.load_state(wire.weights_state(arrays))
-            self.model.save(self.run_dir / "checkpoints" / "global")
         seconds = time.perf_counter() - start
         rows.append((server_round, "server", "aggregate-seconds", seconds))
         append_metrics(self.run_dir, rows)
@@ -123,6 +124,7 @@ class FedAvgDiffusion(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """On evaluation rounds, the averaged sampling weights (the EMA) to every client."""
+        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         if not self.config.is_eval_round(server_round):
             return []
         config["run-dir"] = str(self.run_dir)
@@ -134,6 +136,9 @@ class FedAvgDiffusion(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Quality and cost rows per client, the pooled row, summary.json."""
+        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
         rows = self.parties.sent_rows() + rows
-        return write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
+        means = write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
+        save_checkpoint(self.run_dir, server_round, self.config, self.model, {})
+        return means
