@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def flwr_env(tmp_path_factory):
     assert not _pids_of_superlink(port), "the test's SuperLink did not stop"
 
 
-def _run(flwr_env, tmp_path, **overrides):
-    env, cwd = flwr_env
+def _values(tmp_path, **overrides) -> dict:
+    """The tiny run config of these tests (writing below tmp_path), with `overrides`."""
     values = {
         "num-server-rounds": 2, "image-size": 8, "timesteps": 100, "t-zeta": 20,
         "unet-block-channels": "8,16", "client-images-per-round": 64,
@@ -77,9 +78,12 @@ def _run(flwr_env, tmp_path, **overrides):
         "metric-classifier-epochs": 1, "disclosure-num-images": 32, "output-dir": str(tmp_path / "runs"),
         **overrides,
     }
-    run_config = " ".join(
-        f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()
-    )
+    return {k: f"'{v}'" if isinstance(v, str) else v for k, v in values.items()}
+
+
+def _run(flwr_env, tmp_path, **overrides):
+    env, cwd = flwr_env
+    run_config = " ".join(f"{k}={v}" for k, v in _values(tmp_path, **overrides).items())
     outcome = flwr_run(PROJECT, run_config, FEDERATION, env=env, cwd=cwd)
     assert outcome.ok, outcome.log[-4000:]
     return outcome
@@ -182,12 +186,7 @@ def test_failed_run_is_reported_as_failed(flwr_env, tmp_path):
 def test_same_config_gives_the_same_results(flwr_env, tmp_path):
     """Seeds fix everything: partition, noise, training streams and samples."""
     runs = [_run(flwr_env, tmp_path / str(i), **{"num-server-rounds": 1}) for i in range(2)]
-    tables = []
-    for outcome in runs:
-        metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
-        keep = metrics[~metrics["metric"].str.endswith("seconds")]
-        tables.append(keep.sort_values(["round", "client", "metric"]).reset_index(drop=True))
-    pd.testing.assert_frame_equal(tables[0], tables[1])
+    pd.testing.assert_frame_equal(*(_metrics_without_timings(outcome.run_dir) for outcome in runs))
 
 
 @pytest.mark.parametrize("dataset,folder", [("cifar10", "cifar10-mini"), ("celeba", "celeba-mini")])
@@ -320,7 +319,76 @@ def test_flwr_run_of_fedavg(flwr_env, tmp_path):
     final = value("fd_classifier").loc[2]
     assert sorted(final.index) == ["0", "1", "2", "3", "4", "pooled"] and final.notna().all()
     assert not metrics["metric"].str.startswith(("linkage", "upload-", "reconstruction-")).any()
-    assert (outcome.run_dir / "checkpoints" / "global" / "ema.pt").exists()
+    assert (outcome.run_dir / "checkpoints" / "round-002" / "model" / "ema.pt").exists()
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
     assert summary["strategy"] == "fedavg" and "weights" in summary["notes"]["disclosure"]
     assert summary["cost"]["server"].get("flops-train", 0) == 0
+
+
+def _metrics_without_timings(run_dir: Path) -> pd.DataFrame:
+    metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"client": str})
+    keep = metrics[~metrics["metric"].str.endswith("seconds")]
+    return keep.sort_values(["round", "client", "metric"]).reset_index(drop=True)
+
+
+def _kill_everything_of(flwr_home: str) -> int:
+    """SIGKILL every process started for this FLWR_HOME (SuperLink, SuperExec, the simulation
+    with the ServerApp, Ray and its ClientApp actors), as a crash of the machine would."""
+    marker, killed = f"FLWR_HOME={flwr_home}".encode(), 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_env, tmp_path):
+    """Killed (SIGKILL, every process) while round 2 of 3 is under way, the same config
+    started again continues in the same run directory from round 1's checkpoint (the clients
+    from their round-1 state, not the half-finished round 2), ends after round 3 and gives
+    exactly the metrics of an uninterrupted run; another config never reuses the checkpoint."""
+    env, _ = flwr_env
+    rounds = {"num-server-rounds": 3, "server-images-per-round": 256}
+    reference = _run(flwr_env, tmp_path / "a", **rounds)  # same path lengths: same message sizes
+    killed_dir = tmp_path / "b"
+    launch = threading.Thread(target=lambda: flwr_run(
+        PROJECT, " ".join(f"{k}={v}" for k, v in _values(killed_dir, **rounds).items()), FEDERATION,
+        env=env, cwd=flwr_env[1]))
+    launch.start()
+    deadline = time.monotonic() + 600
+    while not list(killed_dir.glob("runs/*/clients/client-*/round-002")):
+        assert time.monotonic() < deadline and launch.is_alive(), "round 2 never started"
+        time.sleep(0.05)
+    assert _kill_everything_of(env["FLWR_HOME"]) > 0
+    launch.join(timeout=60)
+    (run_dir,) = (killed_dir / "runs").glob("0*-digits-*")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001"]  # killed mid-round 2
+
+    other = _run(flwr_env, killed_dir, **rounds, seed=1)  # same name, another config: a new run
+    assert other.run_dir != run_dir and "resumed" not in (other.run_dir / "log.txt").read_text()
+
+    resumed = _run(flwr_env, killed_dir, **rounds)
+    assert resumed.run_dir == run_dir
+    log = (run_dir / "log.txt").read_text()
+    assert "resumed after round 1 of 3" in log and log.count("round 3/3") == 1 and log.count("round 2/3") == 1
+    pd.testing.assert_frame_equal(_metrics_without_timings(run_dir), _metrics_without_timings(reference.run_dir))
+
+
+def test_injected_client_faults_do_not_stop_a_real_run(flwr_env, tmp_path):
+    """Client 1 raises and client 2 uploads NaNs in round 2: the round goes on with the other
+    three (min-replies = 3); both are logged with their reason and recorded in metrics.csv."""
+    outcome = _run(flwr_env, tmp_path, **{"fault-injection": "1:2:raise, 2:2:nan", "min-replies": 3})
+    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
+    faults = metrics[metrics["metric"].str.contains("fault")]
+    assert sorted(faults[["round", "client", "metric"]].values.tolist()) == [
+        [2, "1", "train-fault-raised"], [2, "2", "train-fault-rejected"]]
+    log = (outcome.run_dir / "log.txt").read_text()
+    assert "client 1 raises in round 2" in log and "non-finite values" in log
+    assert "3/5 clients accepted" in log
+    final = metrics[(metrics["round"] == 2) & (metrics["metric"] == "fd_classifier")]
+    assert len(final) == 6  # every client still samples (1 and 2 from their latest state), and pooled

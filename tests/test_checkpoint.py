@@ -1,0 +1,66 @@
+"""Server checkpoints: atomic, keyed by the configuration, and what a resumed run keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, save_checkpoint, truncate_metrics
+from collafuse_flwr.config import ConfigError, RunConfig
+from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.outputs import append_metrics, create_run_dir, write_config
+
+
+def _model(seed: int = 0) -> Denoiser:
+    return Denoiser(build_denoiser(8, 1, (8, 16), seed=seed), 1e-3, 0.99)
+
+
+def test_identity_hash_ignores_only_operational_keys():
+    base = RunConfig.from_flower({})
+    assert RunConfig.from_flower({"output-dir": "/elsewhere", "resume": False,
+                                  "round-timeout-seconds": 5.0}).identity_hash() == base.identity_hash()
+    for change in ({"t-zeta": 300}, {"seed": 1}, {"num-server-rounds": 5}, {"noise-policy": "fresh"}):
+        assert RunConfig.from_flower(change).identity_hash() != base.identity_hash()
+
+
+def test_checkpoints_are_complete_or_absent_and_keep_two_rounds(tmp_path):
+    config = RunConfig.from_flower({"num-server-rounds": 4})
+    model = _model()
+    for server_round in (1, 2, 3):
+        save_checkpoint(tmp_path, server_round, config, model, {"round": server_round})
+    (tmp_path / "checkpoints" / "round-004.tmp").mkdir()  # a write cut off by a kill
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-002", "round-003", "round-004.tmp"]
+    checkpoint = latest_checkpoint(tmp_path, config)
+    assert checkpoint.server_round == 3 and checkpoint.strategy_state == {"round": 3}
+    loaded = Denoiser.load(checkpoint.model_dir, 1e-3, 0.99)
+    for a, b in zip(loaded.net.parameters(), model.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_another_config_is_never_loaded(tmp_path):
+    save_checkpoint(tmp_path, 1, RunConfig.from_flower({"t-zeta": 200}), _model(), {})
+    with pytest.raises(ConfigError, match="another configuration"):
+        latest_checkpoint(tmp_path, RunConfig.from_flower({"t-zeta": 300}))
+
+
+def test_only_an_unfinished_run_of_the_same_config_is_resumed(tmp_path):
+    config = RunConfig.from_flower({"num-server-rounds": 2, "output-dir": str(tmp_path)})
+    finished, unfinished = (create_run_dir(str(tmp_path), "digits-collafuse-tz200") for _ in range(2))
+    for run_dir, rounds in ((finished, 2), (unfinished, 1)):
+        write_config(run_dir, config.to_flower())
+        save_checkpoint(run_dir, rounds, config, _model(), {})
+    newer_other = create_run_dir(str(tmp_path), "digits-collafuse-tz200")
+    write_config(newer_other, dict(config.to_flower(), seed=3))
+    assert resumable_run(str(tmp_path), "digits-collafuse-tz200", config) == unfinished
+    save_checkpoint(unfinished, 2, config, _model(), {})
+    assert resumable_run(str(tmp_path), "digits-collafuse-tz200", config) is None
+
+
+def test_truncated_metrics_keep_the_completed_rounds(tmp_path):
+    append_metrics(tmp_path, [(0, "server", "feature-network-accuracy", 0.9)] +
+                   [(r, "0", "train-loss", 1.0 / r) for r in (1, 2, 3)])
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("3,server,train-l")  # a row cut off by a kill
+    truncate_metrics(tmp_path, 2)
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["round,client,metric,value", "1,0,train-loss,1.0", "2,0,train-loss,0.5"]
