@@ -163,3 +163,20 @@ def test_evaluation_replies_are_validated_and_pooled(tiny_run_config, tmp_path, 
     assert pooled["num-generated"] == 16 and pooled["num-real"] == 13
     assert abs(pooled["fd_pixels"] - expected["fd"]) < 1e-4 * expected["fd"]
     assert (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("policy,views", [("once", 1), ("fresh", 3)])
+def test_views_per_image_that_left_each_client_are_counted(policy, views, tiny_run_config, tmp_path, task_identity):
+    """Three rounds of client 0's real training replies: under `once` every upload is the same
+    view (1 per image), under `fresh` each round adds one; the effective SNR is
+    K abar_r / (1 - abar_r). Counted with the attacks switched off too."""
+    from test_wire import train_reply
+
+    run_config = dict(tiny_run_config, **{"noise-policy": policy, "disclosure-num-images": 0, "num-server-rounds": 3})
+    strategy = _strategy(run_config, tmp_path)
+    for server_round in (1, 2, 3):
+        strategy.aggregate_train(server_round, [train_reply(run_config, tmp_path, 0, server_round)])
+    abar = float(strategy.schedule.alpha_bar[strategy.config.t_zeta])
+    rows = dict(((client, metric), value) for client, metric, value in strategy.audit.view_rows())
+    assert rows[("0", "views-per-image")] == views
+    assert rows[("0", "effective-snr")] == pytest.approx(views * abar / (1 - abar))

@@ -12,11 +12,16 @@ them needs the truth, the clients' training images, which the audit reads from t
   and pooled;
 - reconstruction-{psnr,ssim}-{tweedie,wiener}: the server's estimates of x0 from the views;
 - linkage-top1 (and linkage-chance = 1/n): matching each view to its source image;
-- views-per-image (distinct views received; 1 under the `once` policy) and effective-snr.
 With t_zeta = T nothing is uploaded: only the server-only rows exist.
+Whether or not the attacks run, every evaluation round reports per client the views of each
+image that left it, views-per-image (the distinct uploads received: 1 under the `once` noise
+policy, one per round under `fresh`), and the effective-snr K abar_r / (1 - abar_r) of K views
+an attacker who links them averages.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -43,36 +48,49 @@ class DisclosureAudit:
         self.schedule = schedule
         self.networks = networks
         self.cache_dir = cache_dir
-        self.view_sum: dict[int, torch.Tensor] = {}  # partition id -> sum of distinct views (m, C, H, W)
-        self.last_view: dict[int, torch.Tensor] = {}
-        self.views: dict[int, int] = {}
+        # partition id -> (sum of its K latest aligned distinct views (m, C, H, W), K)
+        self.view_sum: dict[int, tuple[torch.Tensor, int]] = {}
+        self.last_digest: dict[int, str] = {}  # partition id -> SHA-256 of its latest upload
+        self.views: dict[int, int] = {}  # partition id -> distinct uploads received
 
     def state(self) -> dict:
         """The views collected so far (for checkpoints)."""
-        return {"view_sum": self.view_sum, "last_view": self.last_view, "views": self.views}
+        return {"view_sum": self.view_sum, "last_digest": self.last_digest, "views": self.views}
 
     def load_state(self, state: dict) -> None:
         """Continue with the views of a checkpoint (`state()`)."""
-        self.view_sum, self.last_view, self.views = state["view_sum"], state["last_view"], state["views"]
+        self.view_sum, self.last_digest, self.views = state["view_sum"], state["last_digest"], state["views"]
 
     @property
     def enabled(self) -> bool:
         return self.config.disclosure_num_images > 0
 
     def record(self, partition_id: int, x_cut: torch.Tensor) -> None:
-        """Add a client's accepted upload (n, C, H, W); a re-sent identical upload is not a new
-        view. The server links views of one image by their position in the upload."""
-        if not self.enabled or not len(x_cut):
+        """Count a client's accepted upload (n, C, H, W) as a new view of each of its images
+        unless it is byte-identical to the client's previous one; keep the sum of the views of
+        the first `disclosure-num-images` images for the attacks. The server links views of
+        one image by their position in the upload."""
+        if not len(x_cut):
             return
-        view = x_cut[: self.config.disclosure_num_images].double()
-        last = self.last_view.get(partition_id)
-        if last is not None and last.shape == view.shape and torch.equal(last, view):
+        digest = hashlib.sha256(x_cut.numpy().tobytes()).hexdigest()
+        if self.last_digest.get(partition_id) == digest:
             return
-        if last is None or last.shape != view.shape:
-            self.view_sum[partition_id], self.views[partition_id] = torch.zeros_like(view), 0
-        self.view_sum[partition_id] += view
-        self.views[partition_id] += 1
-        self.last_view[partition_id] = view
+        self.last_digest[partition_id] = digest
+        self.views[partition_id] = self.views.get(partition_id, 0) + 1
+        if self.enabled:
+            view = x_cut[: self.config.disclosure_num_images].double()
+            total, count = self.view_sum.get(partition_id, (torch.zeros_like(view), 0))
+            if total.shape != view.shape:  # another number of images: views by position no longer align
+                total, count = torch.zeros_like(view), 0
+            self.view_sum[partition_id] = (total + view, count + 1)
+
+    def view_rows(self) -> list[tuple[str, str, float]]:
+        """(client, "views-per-image" | "effective-snr", value) for every client that uploaded."""
+        rows = []
+        for pid, count in sorted(self.views.items()):
+            rows += [(str(pid), "views-per-image", float(count)),
+                     (str(pid), "effective-snr", disclosure.effective_snr(self.schedule, count))]
+        return rows
 
     @torch.no_grad()
     def measure(self, server_net, server_only: torch.Tensor) -> list[tuple[str, str, float]]:
@@ -88,7 +106,7 @@ class DisclosureAudit:
             for n in self.networks:
                 pooled_truth[n.name].append(truth_features[n.name])
                 rows += _rows(pid, "server-only-", named_distances(n.fd_name, n.kid_name, truth_features[n.name], fake[n.name]))
-            if pid in self.views:
+            if pid in self.view_sum:
                 rows += self._attack(pid, truth, truth_features, server_net)
         for n in self.networks:
             rows += _rows("pooled", "server-only-", named_distances(
@@ -96,13 +114,11 @@ class DisclosureAudit:
         return rows
 
     def _attack(self, pid: int, truth: torch.Tensor, truth_features: dict, server_net) -> list[tuple]:
-        count = self.views[pid]
-        views = (self.view_sum[pid] / count).float()
+        total, count = self.view_sum[pid]
+        views = (total / count).float()
         truth = truth[: len(views)]
         a, sigma = disclosure.view_noise(self.schedule, count)
         rows = [
-            (str(pid), "views-per-image", float(count)),
-            (str(pid), "effective-snr", disclosure.effective_snr(self.schedule, count)),
             (str(pid), "linkage-top1", disclosure.linkage_top1(views, truth, a)),
             (str(pid), "linkage-chance", 1.0 / len(views)),
         ]

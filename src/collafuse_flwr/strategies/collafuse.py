@@ -249,7 +249,7 @@ class CollaFuseStrategy(Strategy):
         server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
         if per_metric:
-            rows += self._audit(server_round)
+            rows += [(server_round, *row) for row in self.audit.view_rows()] + self._audit(server_round)
         rows = self.parties.sent_rows() + rows
         means = write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
         self.checkpoint(server_round)
