@@ -53,6 +53,7 @@ OUT_OF_RANGE = {
     "disclosure-num-images": (1, "0 .* or >= 2"), "wait-for-clients-seconds": (0.0, "> 0"),
     "round-timeout-seconds": (-5.0, "> 0"), "min-replies": (6, r"\[1, num-clients=5\]"),
     "fault-injection": ("1:2:explode", "'<client>:<round>:<kind>'"),
+    "server-device": ("gpu", "allowed: auto, cpu, cuda"), "client-device": ("cuda:x", "allowed: auto, cpu, cuda"),
 }
 FREE_TEXT = {"data-dir", "attribute-groups", "fid-weights", "fcd-weights", "output-dir"}
 BOOLEANS = {"download", "unet-attention", "clip-denoised", "pooled-metrics", "resume"}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr import models
+from collafuse_flwr.config import ConfigError
+from collafuse_flwr.models import Denoiser, build_denoiser, on_device, resolve_device
 from collafuse_flwr.training import train_for_images
 
 
@@ -56,3 +60,25 @@ def test_fedavg_state_round_trips_weights_and_ema():
     sampled = b.sampling_state()
     names = [n for n, _ in b.net.named_parameters()]
     assert all(torch.equal(sampled[f"net.{n}"], a.state()[f"ema.{n}"]) for n in names)
+
+
+def test_device_values_are_checked_against_this_machine():
+    assert resolve_device("server-device", "cpu") == torch.device("cpu")
+    assert resolve_device("server-device", "auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="client-device='cuda:1': this process sees 0 CUDA device"):
+            resolve_device("client-device", "cuda:1")
+
+
+def test_a_denoiser_off_the_cpu_takes_and_returns_cpu_tensors():
+    """The I/O hooks of a denoiser on an accelerator (no GPU here: the `meta` device stands in
+    for the inputs' way; the output's way back is checked on the hook itself)."""
+    net = on_device(build_denoiser(8, 1, (8, 16)), "meta")
+    assert net._forward_pre_hooks and net._forward_hooks
+    x, t = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    args, kwargs = models._inputs_to_net(net, (x, t), {"return_dict": True})
+    assert [a.device.type for a in args] == ["meta", "meta"] and kwargs == {"return_dict": True}
+    assert net._caller_device == torch.device("cpu")
+    output = UNet2DOutput(sample=torch.ones(2, 1, 8, 8))
+    assert models._output_to_caller(net, args, output).sample.device == torch.device("cpu")
+    assert not on_device(build_denoiser(8, 1, (8, 16)), "cpu")._forward_pre_hooks  # no hooks on the CPU

@@ -19,7 +19,7 @@ from collafuse_flwr.data import ClientData, client_data, partition_key
 from collafuse_flwr.metrics.cost import sampling_cost
 from collafuse_flwr.metrics.distances import named_distances
 from collafuse_flwr.metrics.features import cached_features, load_feature_networks, pretrained_weights
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.models import Denoiser, build_denoiser, on_device, resolve_device
 from collafuse_flwr.outputs import save_grid
 from collafuse_flwr.schedule import CutSchedule
 
@@ -76,21 +76,27 @@ class ClientRound:
             client_data(config, partition_id),
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where this client's denoiser computes (`client-device`)."""
+        return resolve_device("client-device", self.config.client_device)
+
     def new_net(self) -> UNet2DModel:
-        """A freshly initialised denoiser of the run's architecture for this client's images."""
+        """A freshly initialised denoiser of the run's architecture for this client's images,
+        on the client's device."""
         c = self.config
-        return build_denoiser(
+        return on_device(build_denoiser(
             c.image_size, self.image_shape[0], c.block_channels, c.unet_layers_per_block,
             c.unet_attention, seed=c.seed + 1 + self.partition_id,
-        )
+        ), self.device)
 
     def denoiser(self) -> Denoiser:
         """This client's denoiser, optimizer and EMA as the previous round left them (from
         disk), or freshly initialised in its first round."""
         directory = self.latest_model_dir(before=self.server_round)
         if directory is not None:
-            return Denoiser.load(directory, self.config.client_lr, self.config.ema_decay)
-        return Denoiser(self.new_net(), self.config.client_lr, self.config.ema_decay)
+            return Denoiser.load(directory, self.config.client_lr, self.config.ema_decay, self.device)
+        return Denoiser(self.new_net(), self.config.client_lr, self.config.ema_decay, self.device)
 
     def trained_denoiser(self) -> Denoiser:
         """The denoiser as this round's training left it (or the latest before, if this
@@ -98,7 +104,7 @@ class ClientRound:
         directory = self.latest_model_dir(before=self.server_round + 1)
         if directory is None:
             raise RuntimeError(f"client {self.partition_id} has no trained denoiser in {self.client_dir}")
-        return Denoiser.load(directory, self.config.client_lr, self.config.ema_decay)
+        return Denoiser.load(directory, self.config.client_lr, self.config.ema_decay, self.device)
 
     def save(self, denoiser: Denoiser) -> None:
         """Checkpoint the denoiser as this round's (atomically); keep this and the previous

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -33,10 +34,12 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 NOISE_POLICIES = ("once", "fresh")
 SERVER_LOSS_WEIGHTINGS = ("eps-prime", "full-chain")
 UPLOAD_DTYPES = ("float16", "float32")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # fault-injection kinds (testing resilience): the client raises, or uploads NaNs
 FAULT_KINDS = ("raise", "nan")
 # Keys that cannot change what a run computes: not part of its identity (`identity_hash`)
-OPERATIONAL_KEYS = ("output-dir", "resume", "wait-for-clients-seconds", "round-timeout-seconds")
+OPERATIONAL_KEYS = ("output-dir", "resume", "wait-for-clients-seconds", "round-timeout-seconds", "server-device",
+                    "client-device")
 
 
 class ConfigError(ValueError):
@@ -92,6 +95,8 @@ class RunConfig:
     wait_for_clients_seconds: float = 120.0
     round_timeout_seconds: float = 3600.0
     min_replies: int = 1
+    server_device: str = "auto"
+    client_device: str = "auto"
     resume: bool = True
     fault_injection: str = ""
 
@@ -227,6 +232,11 @@ class RunConfig:
         for key in ("wait-for-clients-seconds", "round-timeout-seconds"):
             if not getattr(self, key.replace("-", "_")) > 0:
                 raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r}: must be > 0")
+        for key in ("server-device", "client-device"):
+            if not DEVICE.fullmatch(getattr(self, key.replace("-", "_"))):
+                raise ConfigError(
+                    f"{key}={getattr(self, key.replace('-', '_'))!r}: allowed: auto, cpu, cuda, cuda:<index>"
+                )
         if not 1 <= self.min_replies <= self.num_clients:
             raise ConfigError(
                 f"min-replies={self.min_replies}: must lie in [1, num-clients={self.num_clients}]"

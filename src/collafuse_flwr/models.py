@@ -1,4 +1,9 @@
-"""Denoisers: diffusers `UNet2DModel` eps-predictors built from the run config."""
+"""Denoisers: diffusers `UNet2DModel` eps-predictors built from the run config, on a device.
+
+A denoiser on an accelerator keeps the interface of one on the CPU: it takes and returns CPU
+tensors (hooks move the inputs to its device and the output back), so data, random
+generators, losses and samplers stay on the CPU and give the same streams on every machine;
+only the network's arithmetic moves."""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
+
+from collafuse_flwr.config import ConfigError
 
 
 def build_denoiser(
@@ -42,6 +49,41 @@ def build_denoiser(
     ).eval()
 
 
+def resolve_device(key: str, spec: str) -> torch.device:
+    """The device a `server-device` / `client-device` value names: "auto" (the first CUDA
+    GPU this process sees, else the CPU), "cpu", "cuda" or "cuda:<index>"; a `ConfigError`
+    naming the key if it is not available here."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"{key}={spec!r}: this process sees {torch.cuda.device_count()} CUDA device(s); "
+                          "use 'auto' or 'cpu'")
+    return device
+
+
+def on_device(net: UNet2DModel, device: torch.device | str) -> UNet2DModel:
+    """Move `net` to `device`; off the CPU, make it take and return CPU tensors (see above)."""
+    net.to(device)
+    if torch.device(device).type != "cpu" and not getattr(net, "_moves_io", False):
+        net.register_forward_pre_hook(_inputs_to_net, with_kwargs=True)
+        net.register_forward_hook(_output_to_caller)
+        net._moves_io = True
+    return net
+
+
+def _inputs_to_net(module, args, kwargs):
+    device = next(module.parameters()).device
+    module._caller_device = args[0].device
+    move = lambda v: v.to(device) if torch.is_tensor(v) else v
+    return tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}
+
+
+def _output_to_caller(module, args, output):
+    output.sample = output.sample.to(module._caller_device)
+    return output
+
+
 class Denoiser:
     """A party's denoiser under training: the network, its AdamW optimizer and an
     exponential moving average (EMA) of its weights, which is what sampling uses.
@@ -50,8 +92,8 @@ class Denoiser:
     d = min(decay, (1 + n) / (10 + n)) at step n (diffusers' `EMAModel`); decay 0 disables it.
     """
 
-    def __init__(self, net: UNet2DModel, lr: float, ema_decay: float):
-        self.net = net
+    def __init__(self, net: UNet2DModel, lr: float, ema_decay: float, device: torch.device | str = "cpu"):
+        self.net = on_device(net, device)
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
         self.ema = EMAModel(net.parameters(), decay=ema_decay) if ema_decay > 0 else None
 
@@ -111,13 +153,14 @@ class Denoiser:
             shutil.rmtree(old)
 
     @classmethod
-    def load(cls, directory: Path, lr: float, ema_decay: float) -> "Denoiser":
-        """Load what `save` wrote."""
+    def load(cls, directory: Path, lr: float, ema_decay: float, device: torch.device | str = "cpu") -> "Denoiser":
+        """Load what `save` wrote, onto `device`."""
         directory = Path(directory)
-        denoiser = cls(UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=False).eval(), lr, ema_decay)
-        denoiser.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        net = UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=False).eval()
+        denoiser = cls(net, lr, ema_decay, device)
+        denoiser.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
         if denoiser.ema is not None:
-            denoiser.ema.load_state_dict(torch.load(directory / "ema.pt", weights_only=False))
+            denoiser.ema.load_state_dict(torch.load(directory / "ema.pt", map_location=device, weights_only=False))
         return denoiser
 
     @staticmethod

@@ -18,7 +18,7 @@ from collafuse_flwr.data import client_indices, image_shape, load_table, partiti
 from collafuse_flwr.data.report import write_partition_report
 from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
 from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.models import Denoiser, build_denoiser, resolve_device
 from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, truncate_metrics
 from collafuse_flwr.outputs import append_log, append_metrics, check_output_dir, create_run_dir, write_config
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
@@ -95,6 +95,7 @@ def main(grid: Grid, context: Context) -> None:
     shape = image_shape(config)
     client_indices(config)  # checks the partition before anything is written
     check_output_dir(config.output_dir)
+    device = resolve_device("server-device", config.server_device)
     run_dir = resumable_run(config.output_dir, run_name(config), config) if config.resume else None
     checkpoint = latest_checkpoint(run_dir, config) if run_dir else None
     rounds_done = checkpoint.server_round if checkpoint else 0
@@ -107,7 +108,7 @@ def main(grid: Grid, context: Context) -> None:
         line = f"resumed after round {rounds_done} of {config.num_server_rounds} (config {config.identity_hash()})"
         log(INFO, "CollaFuse %s", line)
         append_log(run_dir, line)
-    log(INFO, "CollaFuse run directory: %s", run_dir)
+    log(INFO, "CollaFuse run directory: %s (server denoiser on %s)", run_dir, device)
     classifier_path, accuracy = feature_network(config)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
     append_metrics(run_dir, [(0, "server", "feature-network-accuracy", accuracy)])
@@ -122,8 +123,8 @@ def main(grid: Grid, context: Context) -> None:
         config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
         config.unet_attention, seed=config.seed,
     )
-    model = Denoiser.load(checkpoint.model_dir, config.server_lr, config.ema_decay) if checkpoint \
-        else Denoiser(net, config.server_lr, config.ema_decay)
+    model = Denoiser.load(checkpoint.model_dir, config.server_lr, config.ema_decay, device) if checkpoint \
+        else Denoiser(net, config.server_lr, config.ema_decay, device)
     networks = load_feature_networks(classifier_path, weights)
     if config.strategy == "fedavg":
         strategy = FedAvgDiffusion(config, run_dir, model, classifier_path, networks, notes)
