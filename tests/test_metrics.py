@@ -101,3 +101,16 @@ def test_real_features_are_computed_once_and_keyed_by_network_and_images(tmp_pat
     cached_features(FeatureNetwork("pixels", module, "fd_pixels", "kid_pixels", "v2"), images, tmp_path, "client-0")
     assert len(list(tmp_path.glob("pixels-*.npy"))) == 3
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_flop_counts_are_remembered_per_architecture_and_image_shape():
+    from collafuse_flwr.metrics.cost import forward_flops, sampling_cost, train_cost, training_flops
+    from collafuse_flwr.models import build_denoiser
+
+    small, same, wide = (build_denoiser(8, 1, channels, seed=seed) for channels, seed in
+                         (((8, 16), 0), ((8, 16), 1), ((16, 32), 0)))
+    assert train_cost(small, (1, 8, 8), 10)["flops-train"] == 10 * training_flops(same, (1, 8, 8))
+    assert train_cost(wide, (1, 8, 8), 10)["flops-train"] == 10 * training_flops(wide, (1, 8, 8))
+    assert train_cost(wide, (1, 8, 8), 10)["flops-train"] > train_cost(small, (1, 8, 8), 10)["flops-train"]
+    assert sampling_cost(small, (1, 16, 16), 2, 3)["flops-sample"] == 6 * forward_flops(small, (1, 16, 16))
+    assert 2 * forward_flops(small, (1, 8, 8)) < training_flops(small, (1, 8, 8))  # backward > forward

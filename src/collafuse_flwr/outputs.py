@@ -7,8 +7,8 @@
         log.txt                  one line per round
         samples/round-004-client-2.png     a client's generated images
         samples/round-004-handover.png     the server's handed-over states, one row per client
-        checkpoints/server/      server denoiser (diffusers, safetensors) + optimizer
-        clients/client-2/        a client's private denoiser + optimizer (stays on the client)
+        checkpoints/round-004/   the server's state after round 4 (checkpoint.py)
+        clients/client-2/round-004/  a client's private denoiser after round 4 (stays on the client)
 """
 
 from __future__ import annotations

@@ -4,9 +4,14 @@ An NFE is one image through a denoiser: training costs one forward and one backw
 image seen, sampling one forward pass per image per sampler step. FLOPs are counted once per
 network by torch's `FlopCounterMode` (matrix multiplications and convolutions, a multiply-add
 counting 2) on a single image and multiplied by the NFEs; elementwise operations are not counted.
+The counts of a diffusers model depend only on its architecture (its `config`) and the image
+shape, so they are counted once per process for each.
 """
 
 from __future__ import annotations
+
+import json
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,13 +38,29 @@ def training_flops(net: nn.Module, image_shape: tuple[int, int, int]) -> int:
     return int(counter.get_total_flops())
 
 
+_COUNTS: dict[tuple, int] = {}
+
+
+def _counted(count: Callable[[nn.Module, tuple[int, int, int]], int], net: nn.Module,
+             image_shape: tuple[int, int, int]) -> int:
+    """`count(net, image_shape)`, remembered per architecture for diffusers models."""
+    config = getattr(net, "config", None)
+    if config is None:
+        return count(net, image_shape)
+    key = (count.__name__, type(net).__name__, json.dumps(dict(config), sort_keys=True, default=str),
+           tuple(image_shape))
+    if key not in _COUNTS:
+        _COUNTS[key] = count(net, image_shape)
+    return _COUNTS[key]
+
+
 def sampling_cost(net: nn.Module, image_shape: tuple[int, int, int], samples: int, steps: int) -> dict[str, float]:
     """{"nfe-sample", "flops-sample"} of `steps` sampler steps on `samples` images."""
     nfe = samples * steps
-    return {"nfe-sample": float(nfe), "flops-sample": float(nfe * forward_flops(net, image_shape)) if nfe else 0.0}
+    return {"nfe-sample": float(nfe), "flops-sample": float(nfe * _counted(forward_flops, net, image_shape)) if nfe else 0.0}
 
 
 def train_cost(net: nn.Module, image_shape: tuple[int, int, int], images_seen: int) -> dict[str, float]:
     """{"nfe-train", "flops-train"} of training on `images_seen` images."""
-    flops = images_seen * training_flops(net, image_shape) if images_seen else 0
+    flops = images_seen * _counted(training_flops, net, image_shape) if images_seen else 0
     return {"nfe-train": float(images_seen), "flops-train": float(flops)}

@@ -1,0 +1,365 @@
+"""How one real `flwr run` of CollaFuse scales with the number of virtual clients.
+
+    .venv/bin/python benchmarks/many_clients.py [--clients 5 20 100] [--rounds 3] [--csv PATH]
+                                                [--project DIR] [--work-dir DIR] [--echo]
+
+For each client count N, one `flwr run` (through `collafuse_flwr.launch.flwr_run`) of the
+project in `--project` (default: this repository; its `src/` is put first on PYTHONPATH, so a
+snapshot such as `git archive HEAD` can be measured while the work tree is being edited) on
+its own local SuperLink: own FLWR_HOME and ports, as the `flwr_env` fixture of
+tests/test_flwr_run.py sets them (no pretrained weights: FID/KID/FCD are skipped),
+N SuperNodes of 1 CPU, the embedded digits at 8x8 (default partition label-groups, 2 classes
+per client: about 14 training and 4 held-out images per client at N = 100), a U-Net of
+widths 8,16, T = 100, t_zeta = 20, 64 client and 256 server images per round, DDIM-10,
+4 generated images per client and 8 disclosure images. The SuperLink is stopped by PID
+after the run, and any process of the run still alive afterwards is ended and reported.
+
+What is measured, per run:
+
+- time: every line of the streamed `flwr run --stream` output is stamped when it reaches
+  this process (Flower's log lines carry no timestamps, and metrics.csv and log.txt hold
+  only the parties' own compute seconds, not wall time). A round's training time runs from
+  `[ROUND k/N]` to the strategy's `round k/N | ...` line (all clients train and upload, the
+  server validates, trains and checkpoints); "s/round" is their median, "rounds s" lists them.
+  "eval s" runs from the last round's `round N/N |` line to `Strategy execution finished`
+  (the server's half of the sampler, every client's half and quality metrics, the disclosure
+  audit; only the last round evaluates). "strategy s" is Flower's own figure for all rounds
+  with the evaluation (`Strategy execution finished in ...s`, its clock, not a stamp).
+  "startup s" runs from the launch to `[ROUND 1/N]` (SuperLink start, FAB, Ray, dataset
+  decoding, partition report, feature network); "total s" until `flwr_run` returns (Ray's
+  shutdown, and `flwr ls` asked for the final status). Logs reach the CLI by polling (Flower
+  uploads them every 0.2 s and streams every 0.5 s), so each stamp is late by up to about a
+  second; differences between stamps are good to about +-1 s.
+- memory: every 0.2 s, /proc is read for this process's descendants (the `flwr` CLI) and for
+  the SuperLink of the run's port (found by its command line, as the tests do; it may be
+  daemonised) with all of its descendants (flwr-simulation running the ServerApp, Ray's GCS,
+  raylet and worker/actor processes). "RSS sum" is the peak over samples of the summed
+  resident set sizes; it counts every shared page (libtorch, Ray's object store) once per
+  process that maps it, so "PSS sum" (proportional set size, shared pages split between
+  their users) is given beside it as the better estimate of the RAM the run really takes; it
+  is sampled every 2 s only, since the kernel needs several ms per large process for it (at
+  every 0.2 s the sampler took a quarter of a core; now about 5 %). "max RSS" is the peak
+  RSS of the largest single process, named in "largest"; "processes" the most processes
+  seen at once. Peaks shorter than the sampling interval can be missed. psutil is not
+  importable from the project's environment (Ray vendors its own copy), hence /proc: Linux
+  only.
+- disk: the bytes on disk (allocated blocks) of everything under the run directory's
+  `clients/` at the end of the run, i.e. the clients' private denoisers, optimizers and EMAs
+  (every checkpoint the clients keep there), in total and per client.
+
+Caveats: one run per N, timed on whatever else the machine is doing: measure on an idle
+machine (on 2 busy cores the server's per-client evaluation loops, small torch calls on 2
+intra-op threads, ran 8 times slower). Round 1 includes the Ray actors' first imports, so
+use 3 or more rounds for a median of warm rounds. With 1 CPU per client, Ray runs as many
+ClientApps at a time as there are cores. Per-client quality figures rest on the few held-out
+images a client has (about 4 at N = 100): this benchmark measures cost, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import math
+import os
+import re
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from collafuse_flwr.launch import flwr_run, format_run_config
+
+PROJECT = Path(__file__).resolve().parents[1]
+ROUND_START = re.compile(r"\[ROUND (\d+)/\d+\]")
+ROUND_TRAINED = re.compile(r"\bround (\d+)/\d+ \|")
+FINISHED = re.compile(r"Strategy execution finished in ([\d.]+)s")
+MB = 1024 * 1024
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+COLUMNS = ("clients", "rounds", "status", "startup s", "s/round", "rounds s", "eval s", "strategy s",
+           "total s", "RSS sum MB", "PSS sum MB", "max RSS MB", "largest", "processes",
+           "client models MB", "per client KB")
+
+
+@dataclass(frozen=True)
+class Process:
+    """What /proc says about one process; (pid, start) identifies it across samples."""
+
+    ppid: int
+    start: int  # clock ticks after boot
+    zombie: bool
+    args: tuple[bytes, ...]
+
+    @property
+    def name(self) -> str:
+        """The program, e.g. `flwr-simulation` (not its interpreter) or `ray::ClientAppActor.run`."""
+        names = [os.path.basename(a.decode(errors="replace")) for a in self.args]
+        return next((n for n in names if not n.startswith(("python", "-"))), "?")[:40]
+
+
+def process_table() -> dict[int, Process]:
+    """Every process now alive, by pid."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            args = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
+        table[int(entry.name)] = Process(int(fields[1]), int(fields[19]), fields[0] == "Z",
+                                         tuple(a for a in args if a))
+    return table
+
+
+def superlinks(table: dict[int, Process], port: int) -> list[int]:
+    """PIDs of the `flower-superlink` serving `port`."""
+    return [pid for pid, p in table.items()
+            if any(a.endswith(b"flower-superlink") for a in p.args) and str(port).encode() in p.args]
+
+
+def descendants(table: dict[int, Process], roots: set[int]) -> set[int]:
+    """`roots` (those alive) and every process below them."""
+    children = defaultdict(list)
+    for pid, p in table.items():
+        children[p.ppid].append(pid)
+    found, todo = set(), [r for r in roots if r in table]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children[pid])
+    return found
+
+
+def rss_kb(pid: int) -> int | None:
+    """Resident set size of `pid` in kB (cheap), or None if it has ended."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KB
+    except OSError:
+        return None
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of `pid` in kB (0 if it has ended); the kernel walks the
+    process's page tables for it, several ms for a process of 1 GB."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in lines if line.startswith("Pss:")), 0)
+
+
+class TreeMemory(threading.Thread):
+    """Samples the RSS of the run's processes every `interval` seconds, and their PSS every
+    `pss_every`-th sample, until `stop()`."""
+
+    def __init__(self, port: int, interval: float = 0.2, pss_every: int = 10):
+        super().__init__(daemon=True)
+        self.port, self.interval, self.pss_every, self.halt = port, interval, pss_every, threading.Event()
+        self.samples = 0
+        self.rss_sum = self.pss_sum = self.max_rss = self.processes = 0  # peaks, kB and count
+        self.largest = ""
+        self.seen: set[tuple[int, int]] = set()  # (pid, start) of every process of the run
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.sample()
+            self.halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
+
+    def sample(self) -> None:
+        table = process_table()
+        me = os.getpid()
+        members = descendants(table, {me, *superlinks(table, self.port)}) - {me}
+        rss = {pid: kb for pid in members if (kb := rss_kb(pid)) is not None}
+        self.seen.update((pid, table[pid].start) for pid in rss)
+        for pid, kb in rss.items():
+            if kb > self.max_rss:
+                self.max_rss, self.largest = kb, table[pid].name
+        self.rss_sum, self.processes = max(self.rss_sum, sum(rss.values())), max(self.processes, len(rss))
+        if self.samples % self.pss_every == 0:
+            self.pss_sum = max(self.pss_sum, sum(map(pss_kb, rss)))
+        self.samples += 1
+
+
+class LineClock(io.TextIOBase):
+    """A stdout stand-in that stamps each complete line with the monotonic time it arrived."""
+
+    def __init__(self, echo: bool):
+        self.lines: list[tuple[float, str]] = []
+        self.partial, self.echo = "", echo
+
+    def write(self, text: str) -> int:
+        now = time.monotonic()
+        *done, self.partial = (self.partial + text).split("\n")
+        for line in done:
+            self.lines.append((now, line))
+            if self.echo:
+                print(line, file=sys.stderr, flush=True)
+        return len(text)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env(home: Path, port: int, control: int, project: Path) -> dict[str, str]:
+    """The `flwr_env` fixture's environment, unbuffered, with `project`'s sources first."""
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+        RAY_DEDUP_LOGS="0",
+        TORCH_HOME=str(home / "torch"),
+        HF_HOME=str(home / "hf"),
+        PYTHONUNBUFFERED="1",  # the CLI's streamed lines must not wait in a pipe buffer
+        PYTHONPATH=os.pathsep.join(p for p in (str(project / "src"), os.environ.get("PYTHONPATH")) if p),
+    )
+    for var in ("COLLAFUSE_FID_WEIGHTS", "COLLAFUSE_FCD_WEIGHTS", "HF_HUB_CACHE"):
+        env.pop(var, None)
+    return env
+
+
+def run_config(clients: int, rounds: int, output_dir: Path) -> str:
+    return format_run_config({
+        "num-server-rounds": rounds, "num-clients": clients, "image-size": 8, "timesteps": 100,
+        "t-zeta": 20, "unet-block-channels": "8,16", "client-images-per-round": 64,
+        "server-images-per-round": 256, "sampling-steps": 10, "eval-num-samples": 4,
+        "metric-classifier-epochs": 1, "disclosure-num-images": 8, "output-dir": str(output_dir),
+    })
+
+
+def alive(processes: set[tuple[int, int]]) -> dict[int, str]:
+    """Those of `processes` (pid, start) still running (zombies count as ended), with names."""
+    table = process_table()
+    return {pid: table[pid].name for pid, start in processes
+            if pid in table and table[pid].start == start and not table[pid].zombie}
+
+
+def end_processes(processes: set[tuple[int, int]], grace: float = 20.0) -> None:
+    """SIGTERM `processes` (pid, start), SIGKILL those still running after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive(processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while alive(processes) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def phases(lines: list[tuple[float, str]], launched: float, rounds: int) -> dict[str, object]:
+    """Startup, training seconds of each round and their median, evaluation and the strategy's
+    own total, from the stamped lines; NaN where a marker is missing (a failed run)."""
+    starts, trained, finished, strategy = {}, {}, math.nan, math.nan
+    for stamp, line in lines:
+        if m := ROUND_START.search(line):
+            starts.setdefault(int(m.group(1)), stamp)
+        elif m := ROUND_TRAINED.search(line):
+            trained.setdefault(int(m.group(1)), stamp)
+        elif (m := FINISHED.search(line)) and math.isnan(finished):
+            finished, strategy = stamp, float(m.group(1))
+    nan = math.nan
+    per_round = [trained.get(k, nan) - starts.get(k, nan) for k in range(1, rounds + 1)]
+    return {
+        "startup s": round(starts.get(1, nan) - launched, 1),
+        "s/round": round(statistics.median(per_round), 1),
+        "rounds s": ";".join(f"{s:.1f}" for s in per_round),
+        "eval s": round(finished - trained.get(rounds, nan), 1),
+        "strategy s": round(strategy, 1),
+    }
+
+
+def disk_bytes(root: Path) -> int:
+    """Allocated bytes of the files under `root` (as `du` counts them)."""
+    return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+
+def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool) -> dict[str, object]:
+    """One `flwr run` with `clients` SuperNodes on a SuperLink of its own; one table row."""
+    (work / "cwd").mkdir()
+    port, control = free_port(), free_port()
+    env = run_env(work / "flwr-home", port, control, project)
+    federation = f"num-supernodes={clients} client-resources-num-cpus=1 client-resources-num-gpus=0"
+    memory, clock = TreeMemory(port), LineClock(echo)
+    memory.start()
+    launched = time.monotonic()
+    try:
+        with contextlib.redirect_stdout(clock):
+            outcome = flwr_run(project, run_config(clients, rounds, work / "runs"), federation,
+                               env=env, cwd=work / "cwd", echo=True)
+        total = time.monotonic() - launched
+    finally:
+        memory.stop()
+        table = process_table()
+        end_processes({(pid, table[pid].start) for pid in superlinks(table, port)})
+        deadline = time.monotonic() + 30  # the simulation and Ray wind down on their own
+        while (left := alive(memory.seen)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            print(f"warning: {clients} clients: still running 30 s after the SuperLink stopped, "
+                  f"now ended: {left}", file=sys.stderr)
+            end_processes(memory.seen)
+    if not outcome.ok:
+        print(f"{clients} clients: run {outcome.status}; end of its log:\n{outcome.log[-4000:]}",
+              file=sys.stderr)
+    models = disk_bytes(outcome.run_dir / "clients") if outcome.run_dir else 0
+    return {
+        "clients": clients, "rounds": rounds, "status": outcome.status,
+        **phases(clock.lines, launched, rounds), "total s": round(total, 1),
+        "RSS sum MB": round(memory.rss_sum / 1024), "PSS sum MB": round(memory.pss_sum / 1024),
+        "max RSS MB": round(memory.max_rss / 1024), "largest": memory.largest,
+        "processes": memory.processes,
+        "client models MB": round(models / MB, 2), "per client KB": round(models / clients / 1024, 1),
+    }
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[5, 20, 100])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--project", type=Path, default=PROJECT, help="the Flower app to run")
+    parser.add_argument("--csv", type=Path, help="also write the table here")
+    parser.add_argument("--work-dir", type=Path, help="keep FLWR_HOMEs and run directories here")
+    parser.add_argument("--echo", action="store_true", help="stream the runs' output to stderr")
+    args = parser.parse_args()
+    project = args.project.resolve()
+    with contextlib.ExitStack() as stack:
+        work = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="many-clients-")))
+        work.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for n in args.clients:
+            run_work = Path(tempfile.mkdtemp(prefix=f"{n}-clients-", dir=work))
+            rows.append(measure(n, args.rounds, project, run_work.resolve(), args.echo))
+            print(f"{n} clients: {rows[-1]['status']} in {rows[-1]['total s']} s", file=sys.stderr, flush=True)
+    print(markdown(rows))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
