@@ -9,7 +9,7 @@ from its output, asks `flwr ls --run-id ID --format json` for the final status, 
 non-zero unless the status is `finished:completed`. It also prints the run directory.
 
     collafuse-run [PROJECT_DIR] [--run-config "t-zeta=200 ..."] [--run-config simulations/x.toml]
-                  [--num-supernodes 5] [--cpus-per-client 1]
+                  [--num-supernodes 5] [--cpus-per-client 1] [--gpus-per-client 0]
 """
 
 from __future__ import annotations
@@ -129,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-supernodes", type=int, default=5)
     parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--gpus-per-client", type=float, default=0.0, help="e.g. 0.25: four clients per GPU")
     args = parser.parse_args(argv)
     federation = (
         f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client} "
-        "client-resources-num-gpus=0"
+        f"client-resources-num-gpus={args.gpus_per_client:g}"
     )
     outcome = flwr_run(Path(args.project_dir), merge_run_configs(args.run_config), federation, echo=True)
     print(f"\nrun {outcome.run_id}: {outcome.status}")
