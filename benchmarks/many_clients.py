@@ -6,8 +6,8 @@
 For each client count N, one `flwr run` (through `collafuse_flwr.launch.flwr_run`) of the
 project in `--project` (default: this repository; its `src/` is put first on PYTHONPATH, so a
 snapshot such as `git archive HEAD` can be measured while the work tree is being edited) on
-its own local SuperLink: own FLWR_HOME and ports, as the `flwr_env` fixture of
-tests/test_flwr_run.py sets them (no pretrained weights: FID/KID/FCD are skipped),
+its own local SuperLink (`collafuse_flwr.launch.isolated_env`, as the tests use it: own
+FLWR_HOME and ports, no pretrained weights, so FID/KID/FCD are skipped),
 N SuperNodes of 1 CPU, the embedded digits at 8x8 (default partition label-groups, 2 classes
 per client: about 14 training and 4 held-out images per client at N = 100), a U-Net of
 widths 8,16, T = 100, t_zeta = 20, 64 client and 256 server images per round, DDIM-10,
@@ -65,7 +65,6 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -75,7 +74,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from collafuse_flwr.launch import flwr_run, format_run_config
+from collafuse_flwr.launch import flwr_run, format_run_config, isolated_env
 
 PROJECT = Path(__file__).resolve().parents[1]
 ROUND_START = re.compile(r"\[ROUND (\d+)/\d+\]")
@@ -211,29 +210,11 @@ class LineClock(io.TextIOBase):
         return len(text)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_env(home: Path, port: int, control: int, project: Path) -> dict[str, str]:
-    """The `flwr_env` fixture's environment, unbuffered, with `project`'s sources first."""
-    env = dict(
-        os.environ,
-        FLWR_HOME=str(home),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
-        FLWR_LOCAL_CONTROL_API_PORT=str(control),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        HF_HUB_OFFLINE="1",
-        RAY_DEDUP_LOGS="0",
-        TORCH_HOME=str(home / "torch"),
-        HF_HOME=str(home / "hf"),
-        PYTHONUNBUFFERED="1",  # the CLI's streamed lines must not wait in a pipe buffer
-        PYTHONPATH=os.pathsep.join(p for p in (str(project / "src"), os.environ.get("PYTHONPATH")) if p),
-    )
-    for var in ("COLLAFUSE_FID_WEIGHTS", "COLLAFUSE_FCD_WEIGHTS", "HF_HUB_CACHE"):
-        env.pop(var, None)
+def run_env(home: Path, project: Path) -> dict[str, str]:
+    """`isolated_env` (as the tests use it), unbuffered, with `project`'s sources first."""
+    env = isolated_env(home)
+    env["PYTHONUNBUFFERED"] = "1"  # the CLI's streamed lines must not wait in a pipe buffer
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(project / "src"), os.environ.get("PYTHONPATH")) if p)
     return env
 
 
@@ -294,8 +275,8 @@ def disk_bytes(root: Path) -> int:
 def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool) -> dict[str, object]:
     """One `flwr run` with `clients` SuperNodes on a SuperLink of its own; one table row."""
     (work / "cwd").mkdir()
-    port, control = free_port(), free_port()
-    env = run_env(work / "flwr-home", port, control, project)
+    env = run_env(work / "flwr-home", project)
+    port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
     federation = f"num-supernodes={clients} client-resources-num-cpus=1 client-resources-num-gpus=0"
     memory, clock = TreeMemory(port), LineClock(echo)
     memory.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, save_checkpoint, truncate_metrics
 from collafuse_flwr.config import ConfigError, RunConfig
@@ -64,3 +65,23 @@ def test_truncated_metrics_keep_the_completed_rounds(tmp_path):
     truncate_metrics(tmp_path, 2)
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines == ["round,client,metric,value", "1,0,train-loss,1.0", "2,0,train-loss,0.5"]
+
+
+def test_a_resumed_strategy_sees_the_runs_own_round_numbers(tiny_run_config, tmp_path, task_identity):
+    """Flower's `start` counts the rounds of a resumed start from 1; the strategy's entry points
+    get rounds_done + 1, ... (metrics.csv rows, checkpoint names)."""
+    from collafuse_flwr.checkpoint import Checkpoint
+    from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
+
+    config = RunConfig.from_flower(dict(tiny_run_config, strategy="fedavg", **{"num-server-rounds": 4}))
+    strategy = FedAvgDiffusion(config, tmp_path, _model(), tmp_path / "f", [], {})
+    strategy.restore(Checkpoint(2, tmp_path, {}))
+    # Flower's round 1 is the run's 3 of 4: not an evaluation round (only the last one is)
+    assert strategy.configure_evaluate(1, strategy.initial_arrays(), ConfigRecord(), NoNodes()) == []
+    strategy.aggregate_evaluate(1, [])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-003"]
+
+
+class NoNodes:
+    def get_node_ids(self):
+        return []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -16,17 +15,11 @@ import pytest
 from PIL import Image
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.launch import flwr_run
+from collafuse_flwr.launch import flwr_run, isolated_env
 from collafuse_flwr.models import build_denoiser
 
 PROJECT = Path(__file__).resolve().parents[1]
 FEDERATION = "num-supernodes=5 client-resources-num-cpus=1 client-resources-num-gpus=0"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids_of_superlink(port: int) -> list[int]:
@@ -44,22 +37,8 @@ def _pids_of_superlink(port: int) -> list[int]:
 @pytest.fixture(scope="module")
 def flwr_env(tmp_path_factory):
     """Own FLWR_HOME and ports, a neutral working directory; stops its SuperLink afterwards."""
-    home = tmp_path_factory.mktemp("flwr-home")
-    port, control = _free_port(), _free_port()
-    env = dict(
-        os.environ,
-        FLWR_HOME=str(home),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
-        FLWR_LOCAL_CONTROL_API_PORT=str(control),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        HF_HUB_OFFLINE="1",
-        RAY_DEDUP_LOGS="0",
-        # no pretrained weights unless a test passes them: empty caches, no variables
-        TORCH_HOME=str(home / "torch"),
-        HF_HOME=str(home / "hf"),
-    )
-    for var in ("COLLAFUSE_FID_WEIGHTS", "COLLAFUSE_FCD_WEIGHTS", "HF_HUB_CACHE"):
-        env.pop(var, None)
+    env = isolated_env(tmp_path_factory.mktemp("flwr-home"))
+    port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
     yield env, tmp_path_factory.mktemp("neutral-cwd")
     for pid in _pids_of_superlink(port):
         os.kill(pid, signal.SIGTERM)

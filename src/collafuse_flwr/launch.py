@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -72,6 +73,34 @@ def flwr_run(
     run_dir = Path(m.group(1)) if (m := RUN_DIR.search(log)) else None
     status = run_status(run_id, env, cwd) if run_id else f"not started (flwr exited {process.returncode})"
     return RunOutcome(run_id, status, run_dir, log)
+
+
+def isolated_env(home: Path, base: dict | None = None) -> dict[str, str]:
+    """An environment for `flwr run` with a local SuperLink of its own, e.g. for tests and
+    benchmarks beside other runs: FLWR_HOME=`home`, two free ports for its APIs
+    (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, FLWR_LOCAL_CONTROL_API_PORT), no runtime dependency
+    installation, the Hugging Face hub offline, and empty torch / Hugging Face caches under
+    `home` with no weights variables (FID, KID and FCD are skipped unless a run names weights)."""
+    env = dict(
+        os.environ if base is None else base,
+        FLWR_HOME=str(home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+        RAY_DEDUP_LOGS="0",
+        TORCH_HOME=str(Path(home) / "torch"),
+        HF_HOME=str(Path(home) / "hf"),
+    )
+    for var in ("COLLAFUSE_FID_WEIGHTS", "COLLAFUSE_FCD_WEIGHTS", "HF_HUB_CACHE"):
+        env.pop(var, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def merge_run_configs(items: list[str]) -> str:

@@ -42,10 +42,11 @@ from collafuse_flwr.schedule import CutSchedule
 from collafuse_flwr.seeds import derive_seed
 from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
 from collafuse_flwr.strategies.parties import Parties
+from collafuse_flwr.strategies.rounds import ResumableRounds
 from collafuse_flwr.training import train_for_images
 
 
-class CollaFuseStrategy(Strategy):
+class CollaFuseStrategy(ResumableRounds, Strategy):
     """Trains the shared server denoiser on the pooled cut-point uploads of all clients.
 
     Args:
@@ -80,7 +81,6 @@ class CollaFuseStrategy(Strategy):
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
         self.parties = Parties(config.num_clients, run_dir, config.min_replies)
         self.audit = DisclosureAudit(config, self.schedule, networks, run_dir.parent / ".cache" / "features")
-        self.rounds_done = 0  # rounds completed before this start (a resumed run)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue after `checkpoint`'s round: its RNG state, pool of uploads and audit views
@@ -89,7 +89,7 @@ class CollaFuseStrategy(Strategy):
         self.generator.set_state(state["generator"])
         self.uploads = state["uploads"]
         self.audit.load_state(state["audit"])
-        self.rounds_done = checkpoint.server_round
+        super().restore(checkpoint)
 
     def checkpoint(self, server_round: int) -> None:
         """Checkpoint the end of `server_round`: denoiser, RNG, pool, audit views."""
@@ -124,7 +124,6 @@ class CollaFuseStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per client; it carries config only, never weights."""
-        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         messages = self._messages(grid, "train", server_round)
         self.parties.count_sent(server_round, messages, "bytes-down-train")
         return messages
@@ -133,7 +132,6 @@ class CollaFuseStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the uploads, pool them, train the server denoiser for its budget."""
-        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         rows, clients = self._receive_uploads(server_round, replies)
         server_rows, server = self._train_server(server_round)
         append_metrics(self.run_dir, self.parties.sent_rows() + rows + server_rows)
@@ -212,7 +210,6 @@ class CollaFuseStrategy(Strategy):
         """Run the server's half of the sampler (T down to the handover time: t_zeta, or
         T rho (2 - rho) for "published") for every client and send each its handed-over states
         (float32; clamped to [-1, 1] only for "published")."""
-        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         if not self.config.is_eval_round(server_round):
             return []
         c = self.config
@@ -246,7 +243,6 @@ class CollaFuseStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Write every client's quality and cost figures, the pooled quality row and the
         disclosure audit to metrics.csv; rewrite summary.json; return the clients' means."""
-        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
         if per_metric:
             rows += [(server_round, *row) for row in self.audit.view_rows()] + self._audit(server_round)

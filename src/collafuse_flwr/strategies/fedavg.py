@@ -26,16 +26,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from collafuse_flwr import wire
-from collafuse_flwr.checkpoint import Checkpoint, save_checkpoint
+from collafuse_flwr.checkpoint import save_checkpoint
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.models import Denoiser
 from collafuse_flwr.outputs import append_log, append_metrics
 from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
 from collafuse_flwr.strategies.parties import Parties
+from collafuse_flwr.strategies.rounds import ResumableRounds
 
 
-class FedAvgDiffusion(FedAvg):
+class FedAvgDiffusion(ResumableRounds, FedAvg):
     """FedAvg over every client each round (fractions 1, minimum = num-clients).
 
     Args:
@@ -67,11 +68,6 @@ class FedAvgDiffusion(FedAvg):
         self.notes = notes
         self.parties = Parties(n, run_dir, config.min_replies)
         self.sent_weights = wire.pack_weights(model.state())
-        self.rounds_done = 0  # rounds completed before this start (a resumed run)
-
-    def restore(self, checkpoint: Checkpoint) -> None:
-        """Continue after `checkpoint`'s round (the global model was loaded from it)."""
-        self.rounds_done = checkpoint.server_round
 
     def initial_arrays(self) -> ArrayRecord:
         """The global model's state to start `Strategy.start` from."""
@@ -81,7 +77,6 @@ class FedAvgDiffusion(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's train messages (the global weights and EMA) with the run directory."""
-        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         config["run-dir"] = str(self.run_dir)
         self.sent_weights = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -92,7 +87,6 @@ class FedAvgDiffusion(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, then FedAvg's weighted average of the accepted ones."""
-        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         def read(reply: Message) -> tuple[int, tuple]:
             _, metrics = wire.unpack_weights(reply.content, self.sent_weights, self.config.max_uploads_per_client)
             return self.parties.claim(reply.metadata.src_node_id, metrics), (reply, metrics)
@@ -124,7 +118,6 @@ class FedAvgDiffusion(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """On evaluation rounds, the averaged sampling weights (the EMA) to every client."""
-        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         if not self.config.is_eval_round(server_round):
             return []
         config["run-dir"] = str(self.run_dir)
@@ -136,7 +129,6 @@ class FedAvgDiffusion(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Quality and cost rows per client, the pooled row, summary.json."""
-        server_round += self.rounds_done  # Flower counts the rounds of this start from 1
         rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
         rows = self.parties.sent_rows() + rows
         means = write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
