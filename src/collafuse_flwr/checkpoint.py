@@ -20,6 +20,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -40,6 +41,22 @@ class Checkpoint:
     strategy_state: dict
 
 
+def complete_rounds(root: Path, is_complete: Callable[[Path], bool]) -> dict[int, Path]:
+    """The complete `round-NNN` directories in `root` by round (a `round-NNN.tmp` cut off by a
+    kill never counts); used for the server's checkpoints and each client's."""
+    if not root.exists():
+        return {}
+    return {int(m.group(1)): d for d in root.iterdir() if (m := ROUND_DIR.match(d.name)) and is_complete(d)}
+
+
+def drop_rounds_before(root: Path, server_round: int) -> None:
+    """Delete the `round-NNN` directories in `root` of rounds before `server_round`."""
+    for directory in root.iterdir():
+        match = ROUND_DIR.match(directory.name)
+        if match and int(match.group(1)) < server_round:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, server_round: int, config: RunConfig, model: Denoiser, strategy_state: dict) -> None:
     """Write the checkpoint of `server_round` atomically; drop those older than the previous round."""
     root = Path(run_dir) / "checkpoints"
@@ -55,29 +72,32 @@ def save_checkpoint(run_dir: Path, server_round: int, config: RunConfig, model: 
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for directory in root.iterdir():
-        match = ROUND_DIR.match(directory.name)
-        if match and int(match.group(1)) < server_round - 1:
-            shutil.rmtree(directory, ignore_errors=True)
+    drop_rounds_before(root, server_round - 1)
+
+
+def _latest(run_dir: Path, config: RunConfig) -> tuple[int, Path] | None:
+    """(round, directory) of the newest complete checkpoint in `run_dir`, or None; raises
+    `ConfigError` if it was written by another configuration (it must never be reused)."""
+    rounds = complete_rounds(Path(run_dir) / "checkpoints", lambda d: (d / "state.json").exists())
+    if not rounds:
+        return None
+    server_round = max(rounds)
+    state = json.loads((rounds[server_round] / "state.json").read_text())
+    if state["config_hash"] != config.identity_hash():
+        raise ConfigError(
+            f"{rounds[server_round]} was written by a run of another configuration (hash {state['config_hash']}, "
+            f"this run {config.identity_hash()}); it is never reused"
+        )
+    return server_round, rounds[server_round]
 
 
 def latest_checkpoint(run_dir: Path, config: RunConfig) -> Checkpoint | None:
     """The newest complete checkpoint in `run_dir`, or None. Raises `ConfigError` if it was
     written by another configuration (it must never be reused)."""
-    root = Path(run_dir) / "checkpoints"
-    rounds = sorted(
-        (int(m.group(1)), d) for d in (root.iterdir() if root.exists() else [])
-        if (m := ROUND_DIR.match(d.name)) and (d / "state.json").exists()
-    )
-    if not rounds:
+    latest = _latest(run_dir, config)
+    if latest is None:
         return None
-    server_round, directory = rounds[-1]
-    state = json.loads((directory / "state.json").read_text())
-    if state["config_hash"] != config.identity_hash():
-        raise ConfigError(
-            f"{directory} was written by a run of another configuration (hash {state['config_hash']}, "
-            f"this run {config.identity_hash()}); it is never reused"
-        )
+    server_round, directory = latest
     return Checkpoint(server_round, directory / "model", torch.load(directory / "strategy.pt", weights_only=False))
 
 
@@ -90,10 +110,10 @@ def resumable_run(output_dir: str, name: str, config: RunConfig) -> Path | None:
         try:
             same = RunConfig.from_flower(json.loads((run_dir / "config.json").read_text())).identity_hash() \
                 == config.identity_hash()
-            checkpoint = latest_checkpoint(run_dir, config) if same else None
+            latest = _latest(run_dir, config) if same else None
         except (OSError, ValueError, KeyError):  # no or unreadable config.json, another config
             continue
-        if same and (checkpoint is None or checkpoint.server_round < config.num_server_rounds):
+        if same and (latest is None or latest[0] < config.num_server_rounds):
             return run_dir
     return None
 

@@ -3,7 +3,6 @@ disk, and the evaluation reply (quality distances, sampling cost, features for t
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from diffusers import UNet2DModel
 from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from collafuse_flwr import wire
+from collafuse_flwr.checkpoint import complete_rounds, drop_rounds_before
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import ClientData, client_data, partition_key
 from collafuse_flwr.metrics.cost import sampling_cost
@@ -48,7 +48,7 @@ class ClientRound:
     def latest_model_dir(self, before: int) -> Path | None:
         """The newest saved denoiser of a round < `before`, or None. A round that was cut off
         and is run again (resume) starts from the previous round's state, never its own."""
-        saved = [r for r in map(_round_of, self.client_dir.glob("round-*")) if r is not None and r < before]
+        saved = [r for r in complete_rounds(self.client_dir, Denoiser.exists) if r < before]
         return self.model_dir(max(saved)) if saved else None
 
     @property
@@ -110,16 +110,7 @@ class ClientRound:
         """Checkpoint the denoiser as this round's (atomically); keep this and the previous
         round's (the server's last checkpoint may be the previous round's), drop older ones."""
         denoiser.save(self.model_dir(self.server_round))
-        for directory in self.client_dir.glob("round-*"):
-            r = _round_of(directory)
-            if r is not None and r < self.server_round - 1:
-                shutil.rmtree(directory, ignore_errors=True)
-
-
-def _round_of(directory: Path) -> int | None:
-    """The round of a complete `round-NNN` checkpoint directory, else None."""
-    name = directory.name.removeprefix("round-")
-    return int(name) if name.isdigit() and Denoiser.exists(directory) else None
+        drop_rounds_before(self.client_dir, self.server_round - 1)
 
 
 def with_nan_arrays(content: RecordDict) -> RecordDict:

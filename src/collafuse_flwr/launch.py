@@ -75,14 +75,14 @@ def flwr_run(
     return RunOutcome(run_id, status, run_dir, log)
 
 
-def isolated_env(home: Path, base: dict | None = None) -> dict[str, str]:
+def isolated_env(home: Path) -> dict[str, str]:
     """An environment for `flwr run` with a local SuperLink of its own, e.g. for tests and
     benchmarks beside other runs: FLWR_HOME=`home`, two free ports for its APIs
     (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, FLWR_LOCAL_CONTROL_API_PORT), no runtime dependency
     installation, the Hugging Face hub offline, and empty torch / Hugging Face caches under
     `home` with no weights variables (FID, KID and FCD are skipped unless a run names weights)."""
     env = dict(
-        os.environ if base is None else base,
+        os.environ,
         FLWR_HOME=str(home),
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),

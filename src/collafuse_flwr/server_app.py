@@ -119,12 +119,14 @@ def main(grid: Grid, context: Context) -> None:
         else:
             log(WARNING, w.skip_message())
     wait_for_clients(grid, config.num_clients, config.wait_for_clients_seconds)
-    net = build_denoiser(
-        config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
-        config.unet_attention, seed=config.seed,
-    )
-    model = Denoiser.load(checkpoint.model_dir, config.server_lr, config.ema_decay, device) if checkpoint \
-        else Denoiser(net, config.server_lr, config.ema_decay, device)
+    if checkpoint:
+        model = Denoiser.load(checkpoint.model_dir, config.server_lr, config.ema_decay, device)
+    else:
+        net = build_denoiser(
+            config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
+            config.unet_attention, seed=config.seed,
+        )
+        model = Denoiser(net, config.server_lr, config.ema_decay, device)
     networks = load_feature_networks(classifier_path, weights)
     if config.strategy == "fedavg":
         strategy = FedAvgDiffusion(config, run_dir, model, classifier_path, networks, notes)
