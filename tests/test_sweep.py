@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from collafuse_flwr.config import ConfigError
 from collafuse_flwr.sweep import load_sweep
 
+HEAD = '[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [20]\nseeds = [0]\n'
 TINY = '''
 [run-config]
 num-server-rounds = 1
@@ -86,11 +89,43 @@ ema-decay = 0.9
      '[strategy.fedavg]\nema-decay = 0.9\n', "not one of the sweep's strategy values"),
     ('[sweep]\ndatasets = ["digits"]\nstrategies = ["published"]\nt-zeta = [0]\nseeds = [0]\n'
      '[strategy.published]\nt-zeta = 200\n', "t-zeta must be a non-empty list"),
+    ('[sweep\ndatasets = ["digits"]\n', "sweep.toml: not a readable TOML file"),
+    ('sweep = 5\n', "sweep.toml: [sweep] must be a table"),
+    *((HEAD + f'num-supernodes = {value}\n' + TINY, f"[sweep] num-supernodes={shown}: must be an integer >= 1")
+      for value, shown in (('"5"', "'5'"), ("true", "True"), ("0", "0"), ("5.0", "5.0"))),
+    (HEAD.replace("t-zeta = [20]", "t-zeta = [20, 0, 20]") + TINY, "[sweep] t-zeta lists [20] more than once"),
+    (HEAD.replace("seeds = [0]", "seeds = [1, 1]") + TINY, "[sweep] seeds lists [1] more than once"),
+    (HEAD.replace('["digits"]', '["digits", "digits"]') + TINY, "[sweep] datasets lists ['digits'] more than once"),
+    (HEAD.replace('["collafuse"]', '["fedavg", "fedavg"]') + TINY, "[sweep] strategies lists ['fedavg'] more"),
+    (HEAD.replace("seeds = [0]", "seeds = [true]") + TINY, "[sweep] seeds must be a non-empty list of integers"),
+    (HEAD.replace("t-zeta = [20]", "t-zeta = [20.0]") + TINY, "[sweep] t-zeta must be a non-empty list of integers"),
+    (HEAD.replace('["digits"]', '[1]') + TINY, "[sweep] datasets must be a non-empty list of strings"),
+    (HEAD + TINY + '[strategy.collafuse]\nt-zeta = [20, 20]\n', "[strategy.collafuse] t-zeta lists [20] more"),
+    (HEAD + TINY + 'seed = 3\n', "[run-config] sets seed, which the sweep gives every run"),
+    (HEAD + TINY + 'output-dir = "x"\n', "[run-config] sets output-dir"),
+    (HEAD + TINY + '[dataset.digits]\nt-zeta = 20\n', "[dataset.digits] sets t-zeta"),
+    (HEAD.replace('["collafuse"]', '["fedavg"]') + TINY + '[strategy.fedavg]\nt-zeta = [20]\n',
+     "[strategy.fedavg] sets t-zeta"),
+    ('run-config = 3\n' + HEAD, "[run-config] must be a table"),
+    (HEAD + '[dataset]\ndigits = 3\n', "[dataset.digits] must be a table"),
+    (HEAD + 'overlay = 5\n', "[sweep] overlay=5: must be a file name"),
+    (HEAD + TINY + '[dataset.digits]\ndata-dir = "a\\u0000b"\n', "run digits-collafuse-tz20-seed0: data-dir="
+     "'a\\x00b': must not contain a NUL byte"),
 ])
 def test_bad_sweep_files_fail_before_any_run(tmp_path, text, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_sweep(_write(tmp_path, text), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_overlay_and_sweep_files_are_named(tmp_path):
+    (tmp_path / "base.toml").write_text("timesteps = \n")
+    path = _write(tmp_path, HEAD + 'overlay = "base.toml"\n' + TINY)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'base.toml'}: not a readable TOML file")):
+        load_sweep(path, tmp_path / "out")
+    path.write_bytes(b"[sweep]\ndatasets = [\"\xff\"]\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: not a readable TOML file")):
+        load_sweep(path, tmp_path / "out")
 
 
 def test_results_table_gives_mean_and_spread_over_seeds():

@@ -13,6 +13,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 # Resolution used when image-size = 0: the paper's for CIFAR-10 (32), CelebA and AwA2 (64);
@@ -34,9 +35,48 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 NOISE_POLICIES = ("once", "fresh")
 SERVER_LOSS_WEIGHTINGS = ("eps-prime", "full-chain")
 UPLOAD_DTYPES = ("float16", "float32")
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# torch keeps a device index in 8 bits: "cuda:128" would silently become "cuda:-128"
+DEVICE = re.compile(r"auto|cpu|cuda(:(?P<index>0|[1-9][0-9]{0,2}))?")
+MAX_CUDA_INDEX = 127
 # fault-injection kinds (testing resilience): the client raises, or uploads NaNs
 FAULT_KINDS = ("raise", "nan")
+# One fault-injection entry: client and round in ASCII digits (str.isdigit would take '²')
+FAULT_ENTRY = re.compile(rf"([0-9]{{1,9}}):([0-9]{{1,9}}):({'|'.join(FAULT_KINDS)})")
+# Lowest and highest value of every integer key. The upper bounds lie far above any sane run
+# (the paper: T = 1000, 64x64 images, 5 clients, 50 rounds) and keep any one value from
+# exhausting memory or time before training starts. `seed` stays within Flower's signed 64-bit
+# run-config integers; every consumer (torch's manual_seed up to 2^64 - 1 also as
+# seed + 1 + partition id, numpy's SeedSequence, the derived stream seeds) accepts that range.
+# Checked against other keys or the data as well: sampling-steps divides timesteps,
+# classes-per-client <= the dataset's classes; t-zeta, eval-num-samples and min-replies are
+# bounded by other keys only (see `validate`).
+INT_RANGES = {
+    "num-server-rounds": (1, 10_000),
+    "num-clients": (1, 1_000),
+    "image-size": (1, 1_024),
+    "classes-per-client": (1, 1_000),
+    "seed": (0, 2**63 - 1),
+    "timesteps": (1, 100_000),  # the schedule holds a few float arrays of length T
+    "unet-layers-per-block": (1, 8),
+    "batch-size": (1, 4_096),
+    "client-images-per-round": (0, 10_000_000),
+    "server-images-per-round": (0, 10_000_000),
+    "max-uploads-per-client": (1, 1_000_000),
+    "sampling-steps": (1, 100_000),
+    "eval-every": (0, 10_000),
+    "metric-classifier-epochs": (1, 1_000),
+    "disclosure-num-images": (0, 10_000),
+}
+# unet-block-channels: at most this many resolution levels, each 8 to this many channels wide;
+# image-size divisible by 2^(levels - 1) keeps the lowest level at least 1x1
+MAX_UNET_LEVELS = 8
+MAX_UNET_CHANNELS = 4_096
+# eval-num-samples: generated images per client and evaluation (the usual FID takes 50,000)
+MAX_EVAL_NUM_SAMPLES = 50_000
+# client-lr, server-lr: in (0, MAX_LR]
+MAX_LR = 1.0
+# Keys whose string becomes a file-system path
+PATH_KEYS = ("data-dir", "fid-weights", "fcd-weights", "output-dir")
 # Keys that cannot change what a run computes: not part of its identity (`identity_hash`)
 OPERATIONAL_KEYS = ("output-dir", "resume", "wait-for-clients-seconds", "round-timeout-seconds", "server-device",
                     "client-device")
@@ -141,16 +181,32 @@ class RunConfig:
 
     @property
     def injected_faults(self) -> dict[tuple[int, int], str]:
-        """`fault-injection` parsed: {(partition id, round): kind} from "client:round:kind, ..."."""
-        faults = {}
-        for item in filter(None, (part.strip() for part in self.fault_injection.split(","))):
-            client, server_round, kind = (item.split(":") + ["", ""])[:3]
-            if not (client.isdigit() and server_round.isdigit() and kind in FAULT_KINDS):
+        """`fault-injection` parsed: {(partition id, round): kind}.
+
+        The value is "" (no faults) or comma-separated entries "<client>:<round>:<kind>", e.g.
+        "1:2:raise, 2:2:nan": client and round in ASCII digits, kind in `FAULT_KINDS`. Spaces
+        and tabs around an entry are ignored, none may stand inside it; an empty entry (",,",
+        a trailing comma) and a second entry for the same client and round are refused.
+        """
+        faults: dict[tuple[int, int], str] = {}
+        if not self.fault_injection:
+            return faults
+        for item in self.fault_injection.split(","):
+            entry = item.strip(" \t")
+            match = FAULT_ENTRY.fullmatch(entry)
+            if not match:
                 raise ConfigError(
-                    f"fault-injection={self.fault_injection!r}: {item!r} is not "
-                    f"'<client>:<round>:<kind>' with kind in {', '.join(FAULT_KINDS)}"
+                    f"fault-injection={self.fault_injection!r}: {entry!r} is not "
+                    f"'<client>:<round>:<kind>' with client and round in ASCII digits and kind in "
+                    f"{', '.join(FAULT_KINDS)} (entries separated by ',', spaces only around an entry)"
                 )
-            faults[int(client), int(server_round)] = kind
+            client, server_round = int(match[1]), int(match[2])
+            if (client, server_round) in faults:
+                raise ConfigError(
+                    f"fault-injection={self.fault_injection!r}: client {client} in round {server_round} "
+                    "is listed twice; one fault per client and round"
+                )
+            faults[client, server_round] = match[3]
         return faults
 
     def is_eval_round(self, server_round: int) -> bool:
@@ -160,6 +216,13 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the key, the value and what is allowed."""
+        for key, value in self.to_flower().items():
+            if isinstance(value, str) and "\0" in value:
+                raise ConfigError(f"{key}={value!r}: must not contain a NUL byte")
+        for key in PATH_KEYS:
+            _path(key, self._value(key))
+        if not self.output_dir.strip():
+            raise ConfigError(f"output-dir={self.output_dir!r}: must name a directory, e.g. 'results/runs'")
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("dataset", self.dataset, DATASETS)
         _choice("dataset-split", self.dataset_split, DATASET_SPLITS)
@@ -180,25 +243,16 @@ class RunConfig:
         _choice("noise-policy", self.noise_policy, NOISE_POLICIES)
         _choice("server-loss-weighting", self.server_loss_weighting, SERVER_LOSS_WEIGHTINGS)
         _choice("upload-dtype", self.upload_dtype, UPLOAD_DTYPES)
-        for key in (
-            "num-server-rounds",
-            "num-clients",
-            "image-size",
-            "classes-per-client",
-            "timesteps",
-            "unet-layers-per-block",
-            "batch-size",
-            "max-uploads-per-client",
-            "sampling-steps",
-            "metric-classifier-epochs",
-        ):
-            _at_least(key, getattr(self, key.replace("-", "_")), 1)
-        for key in ("client-images-per-round", "server-images-per-round", "eval-every", "seed",
-                    "disclosure-num-images"):
-            _at_least(key, getattr(self, key.replace("-", "_")), 0)
-        for key in ("client-lr", "server-lr", "dirichlet-alpha"):
-            if not getattr(self, key.replace("-", "_")) > 0:
-                raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r}: must be > 0")
+        for key, (low, high) in INT_RANGES.items():
+            value = self._value(key)
+            if not low <= value <= high:
+                raise ConfigError(f"{key}={value}: must be >= {low} and <= {high}")
+        for key in ("client-lr", "server-lr"):
+            if not 0 < self._value(key) <= MAX_LR:
+                raise ConfigError(f"{key}={self._value(key)!r}: must be > 0 and <= {MAX_LR}")
+        for key in ("dirichlet-alpha", "wait-for-clients-seconds", "round-timeout-seconds"):
+            if not self._value(key) > 0:
+                raise ConfigError(f"{key}={self._value(key)!r}: must be > 0")
         if not 0 <= self.t_zeta <= self.timesteps:
             raise ConfigError(
                 f"t-zeta={self.t_zeta}: the cut point must lie in [0, timesteps={self.timesteps}]"
@@ -220,22 +274,22 @@ class RunConfig:
                 f"image-size={self.image_size}: must be divisible by "
                 f"2^(number of U-Net blocks - 1) = {downsampling}"
             )
-        if not 2 <= self.eval_num_samples <= self.max_uploads_per_client:
+        if not 2 <= self.eval_num_samples <= min(self.max_uploads_per_client, MAX_EVAL_NUM_SAMPLES):
             raise ConfigError(
                 f"eval-num-samples={self.eval_num_samples}: must lie in [2, max-uploads-per-client="
-                f"{self.max_uploads_per_client}] (distances need two samples; the server caps a reply)"
+                f"{self.max_uploads_per_client}] and be <= {MAX_EVAL_NUM_SAMPLES} (distances need two "
+                "samples; the server caps a reply)"
             )
-        if 0 < self.disclosure_num_images < 2:
+        if self.disclosure_num_images == 1:
             raise ConfigError(
                 f"disclosure-num-images={self.disclosure_num_images}: must be 0 (no attacks) or >= 2"
             )
-        for key in ("wait-for-clients-seconds", "round-timeout-seconds"):
-            if not getattr(self, key.replace("-", "_")) > 0:
-                raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r}: must be > 0")
         for key in ("server-device", "client-device"):
-            if not DEVICE.fullmatch(getattr(self, key.replace("-", "_"))):
+            match = DEVICE.fullmatch(self._value(key))
+            if not match or int(match["index"] or 0) > MAX_CUDA_INDEX:
                 raise ConfigError(
-                    f"{key}={getattr(self, key.replace('-', '_'))!r}: allowed: auto, cpu, cuda, cuda:<index>"
+                    f"{key}={self._value(key)!r}: allowed: auto, cpu, cuda, cuda:<index> "
+                    f"(index in [0, {MAX_CUDA_INDEX}], ASCII digits, no leading zeros)"
                 )
         if not 1 <= self.min_replies <= self.num_clients:
             raise ConfigError(
@@ -248,16 +302,22 @@ class RunConfig:
                     f"outside [0, {self.num_clients}) x [1, {self.num_server_rounds}]"
                 )
 
+    def _value(self, key: str) -> Any:
+        """The value of kebab-case `key`."""
+        return getattr(self, key.replace("-", "_"))
+
     def _parse_channels(self) -> tuple[int, ...]:
-        """`block_channels`, or a `ConfigError` unless they are multiples of 8."""
-        try:
-            channels = self.block_channels
-        except ValueError:
-            channels = ()
-        if not channels or min(channels) < 8 or any(c % 8 for c in channels):
+        """`block_channels`, or a `ConfigError` unless they are 1 to `MAX_UNET_LEVELS`
+        comma-separated multiples of 8 in [8, `MAX_UNET_CHANNELS`] (ASCII digits, spaces
+        allowed around each)."""
+        parts = self.unet_block_channels.split(",")
+        digits = len(parts) <= MAX_UNET_LEVELS and all(re.fullmatch(r" *[0-9]{1,9} *", p) for p in parts)
+        channels = self.block_channels if digits else ()
+        if not channels or not all(8 <= c <= MAX_UNET_CHANNELS and c % 8 == 0 for c in channels):
             raise ConfigError(
-                f"unet-block-channels={self.unet_block_channels!r}: must be comma-separated "
-                "multiples of 8, e.g. '32,64,64'"
+                f"unet-block-channels={self.unet_block_channels!r}: must be 1 to {MAX_UNET_LEVELS} "
+                f"comma-separated multiples of 8 in [8, {MAX_UNET_CHANNELS}], one width per resolution "
+                "level, e.g. '32,64,64'"
             )
         return channels
 
@@ -275,9 +335,13 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             raise ConfigError(f"{key}={value!r}: must be an integer")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        try:
+            number = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
             raise ConfigError(f"{key}={value!r}: must be a finite number")
-        return float(value)
+        return number
     if not isinstance(value, str):
         raise ConfigError(f"{key}={value!r}: must be a string (quote it: {key}='...')")
     return value
@@ -288,6 +352,9 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r}: unknown; allowed: {', '.join(allowed)}")
 
 
-def _at_least(key: str, value: int, low: int) -> None:
-    if value < low:
-        raise ConfigError(f"{key}={value}: must be >= {low}")
+def _path(key: str, value: str) -> None:
+    """A path key's `~` or `~user` must expand (the user exists on this machine)."""
+    try:
+        Path(value).expanduser()
+    except RuntimeError:
+        raise ConfigError(f"{key}={value!r}: its '~' names no user's home directory here") from None

@@ -28,10 +28,14 @@ METRICS_HEADER = ("round", "client", "metric", "value")
 
 
 def check_output_dir(output_dir: str) -> Path:
-    """The absolute output directory, created if needed; `ConfigError` if it cannot be used."""
-    root = Path(output_dir).expanduser().resolve()
+    """The absolute output directory, created if needed; `ConfigError` if the file system
+    refuses it (a file, no permission, a symlink loop, a name too long); an empty value and
+    NUL bytes were already refused by `RunConfig.validate`."""
     try:
+        root = Path(output_dir).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
+    except RuntimeError as err:  # resolve() meets a symlink loop
+        raise ConfigError(f"output-dir={output_dir!r}: cannot be created ({err})") from None
     except OSError as err:
         raise ConfigError(f"output-dir={output_dir!r}: cannot be created ({err.strerror})") from None
     if not os.access(root, os.W_OK | os.X_OK):

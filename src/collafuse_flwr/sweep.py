@@ -21,6 +21,11 @@ A sweep file (TOML):
     [strategy.published]               # one strategy's runs: its own cut points (and run config)
     t-zeta = [200, 500]
 
+The four lists are non-empty and name each value once (datasets and strategies are strings,
+t-zeta and seeds integers; a bool is no integer); num-supernodes is an integer >= 1. The sweep
+gives every run its dataset, strategy, t-zeta, seed and output-dir: no table sets them, except
+that [strategy.<name>] may list its own t-zeta. Overlay and sweep file are UTF-8 TOML.
+
 A `fedavg` run has no cut point: it runs once per dataset and seed, named
 `<dataset>-fedavg-seed<s>` (its t_zeta column holds T). Every run's config is validated before the first run starts. Run `<name>` writes into
 `<out>/runs/<name>/` and, when it ends, `status.json` there with the final status `flwr ls`
@@ -43,15 +48,20 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from collafuse_flwr.config import ConfigError, RunConfig
+from collafuse_flwr.config import PATH_KEYS, ConfigError, RunConfig
 from collafuse_flwr.launch import flwr_run, format_run_config
 
 SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes", "overlay"}
+# [sweep]'s lists and the type of their entries
+SWEEP_LISTS = {"datasets": str, "strategies": str, "t-zeta": int, "seeds": int}
 SECTIONS = {"sweep", "run-config", "dataset", "strategy"}
-PATH_KEYS = ("data-dir", "fid-weights", "fcd-weights")
+# Run-config keys the sweep gives every run itself ([sweep] lists, --out): no table may set them
+# (a strategy's table may set its own t-zeta list)
+SET_BY_SWEEP = ("dataset", "strategy", "t-zeta", "seed", "output-dir")
 
 
 @dataclass(frozen=True)
@@ -93,68 +103,111 @@ class SweepRun:
 
 def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
     """The runs of sweep file `path` writing below `out`, and the number of SuperNodes;
-    raises `ConfigError` for any unknown key or invalid run config, before anything runs."""
+    raises `ConfigError` naming the file and the key for bad TOML, an unknown key or section,
+    a list entry of the wrong type or listed twice, or any invalid run config, before anything
+    runs."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
-    spec = tomllib.loads(path.read_text())
+    spec = _read_toml(path)
     if set(spec) - SECTIONS or "sweep" not in spec:
         raise ConfigError(f"{path}: sections must be [sweep] (required), [run-config], [dataset.<name>], "
                           f"[strategy.<name>]; got {sorted(spec)}")
-    sweep = spec["sweep"]
-    if set(sweep) - SWEEP_KEYS or not {"datasets", "strategies", "t-zeta", "seeds"} <= set(sweep):
+    sweep = _table(path, "sweep", spec["sweep"])
+    if set(sweep) - SWEEP_KEYS or not set(SWEEP_LISTS) <= set(sweep):
         raise ConfigError(f"{path}: [sweep] needs datasets, strategies, t-zeta, seeds (and may set "
                           f"num-supernodes, overlay); got {sorted(sweep)}")
-    for key in ("datasets", "strategies", "t-zeta", "seeds"):
-        if not isinstance(sweep[key], list) or not sweep[key]:
-            raise ConfigError(f"{path}: [sweep] {key} must be a non-empty list")
+    for key, kind in SWEEP_LISTS.items():
+        _distinct(path, "sweep", key, sweep[key], kind)
+    supernodes = sweep.get("num-supernodes", RunConfig().num_clients)
+    if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < 1:
+        raise ConfigError(f"{path}: [sweep] num-supernodes={supernodes!r}: must be an integer >= 1")
+    tables = {"run-config": _table(path, "run-config", spec.get("run-config", {}))}
     for section, listed in (("dataset", sweep["datasets"]), ("strategy", sweep["strategies"])):
-        unknown = set(spec.get(section, {})) - set(listed)
+        named = _table(path, section, spec.get(section, {}))
+        unknown = set(named) - set(listed)
         if unknown:
             raise ConfigError(f"{path}: [{section}.{sorted(unknown)[0]}] is not one of the sweep's {section} values")
-    run_config = spec.get("run-config", {})
+        tables |= {f"{section}.{name}": _table(path, f"{section}.{name}", table) for name, table in named.items()}
+    for name, table in tables.items():
+        own_cuts = name.startswith("strategy.") and name != "strategy.fedavg"
+        taken = [key for key in SET_BY_SWEEP if key in table and not (key == "t-zeta" and own_cuts)]
+        if taken:
+            raise ConfigError(f"{path}: [{name}] sets {taken[0]}, which the sweep gives every run "
+                              "([sweep] datasets, strategies, t-zeta, seeds; output-dir: --out; "
+                              "fedavg has no cut point)")
+    run_config = tables["run-config"]
     if "overlay" in sweep:
+        if not isinstance(sweep["overlay"], str):
+            raise ConfigError(f"{path}: [sweep] overlay={sweep['overlay']!r}: must be a file name (a string)")
         overlay = path.parent / sweep["overlay"]
         if not overlay.is_file():
             raise ConfigError(f"{path}: overlay {overlay} does not exist")
-        run_config = {**tomllib.loads(overlay.read_text()), **run_config}
-    strategies = {name: dict(spec.get("strategy", {}).get(name, {})) for name in sweep["strategies"]}
+        run_config = {**_read_toml(overlay), **run_config}
+    strategies = {name: dict(tables.get(f"strategy.{name}", {})) for name in sweep["strategies"]}
     for name, table in strategies.items():
-        cuts = table.get("t-zeta", sweep["t-zeta"])
-        if not isinstance(cuts, list) or not cuts:
-            raise ConfigError(f"{path}: [strategy.{name}] t-zeta must be a non-empty list")
+        if "t-zeta" in table:
+            _distinct(path, f"strategy.{name}", "t-zeta", table["t-zeta"], int)
     runs = []
     for dataset, strategy, seed in itertools.product(sweep["datasets"], sweep["strategies"], sweep["seeds"]):
         overrides = dict(strategies[strategy])
         cuts = overrides.pop("t-zeta", sweep["t-zeta"])
-        base = {**run_config, **spec.get("dataset", {}).get(dataset, {}), **overrides,
+        base = {**run_config, **tables.get(f"dataset.{dataset}", {}), **overrides,
                 "dataset": dataset, "strategy": strategy, "seed": seed}
         if strategy == "fedavg":  # no cut point: one run, recorded at t_zeta = T
-            cuts = [int(base.get("timesteps", RunConfig().timesteps))]
+            cuts = [base.get("timesteps", RunConfig().timesteps)]
         for t_zeta in cuts:
             name = f"{dataset}-fedavg-seed{seed}" if strategy == "fedavg" else f"{dataset}-{strategy}-tz{t_zeta}-seed{seed}"
             runs.append(_sweep_run(path, out, name, {**base, "t-zeta": t_zeta}))
     runs.sort(key=lambda r: (sweep["datasets"].index(r.dataset), sweep["strategies"].index(r.strategy),
                              r.t_zeta, r.seed))
-    supernodes = int(sweep.get("num-supernodes", RunConfig().num_clients))
     mismatched = [r.name for r in runs if RunConfig.from_flower(r.run_config).num_clients != supernodes]
     if mismatched:
         raise ConfigError(f"{path}: num-clients differs from num-supernodes={supernodes} in {mismatched[0]}")
     return runs, supernodes
 
 
+def _read_toml(path: Path) -> dict:
+    """The TOML file `path` (UTF-8), or a `ConfigError` naming it."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{path}: not a readable TOML file ({err})") from None
+
+
+def _table(path: Path, name: str, value: Any) -> dict:
+    """`value` if it is a TOML table, else a `ConfigError` naming the file and [name]."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table; got {value!r}")
+    return value
+
+
+def _distinct(path: Path, table: str, key: str, value: Any, kind: type) -> None:
+    """A `ConfigError` naming the file, [table] and key unless `value` is a non-empty list of
+    `kind` (a bool is no integer) with no entry twice (two runs would share one directory)."""
+    if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, kind) for v in value):
+        what = "integers" if kind is int else "strings"
+        raise ConfigError(f"{path}: [{table}] {key} must be a non-empty list of {what}; got {value!r}")
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        raise ConfigError(f"{path}: [{table}] {key} lists {twice} more than once; each value names one run")
+
+
 def _sweep_run(path: Path, out: Path, name: str, config: dict) -> SweepRun:
     """One validated run of sweep file `path` (relative paths resolved, output below `out`)."""
     run_out = (out / "runs" / name).resolve()
     config = {**config, "output-dir": str(run_out)}
-    for key in PATH_KEYS:  # runs start elsewhere: relative paths are resolved here
-        if config.get(key):
-            config[key] = str(Path(config[key]).expanduser().resolve())
     try:
-        RunConfig.from_flower(config)
+        checked = RunConfig.from_flower(config)  # before resolving: refuses NUL bytes, unknown homes
     except ConfigError as err:
         raise ConfigError(f"{path}, run {name}: {err}") from err
-    return SweepRun(name, config["dataset"], config["strategy"], config["t-zeta"], config["seed"], config, run_out)
+    for key in PATH_KEYS:  # runs start elsewhere: relative paths are resolved here
+        if config.get(key):
+            try:
+                config[key] = str(Path(config[key]).expanduser().resolve())
+            except RuntimeError as err:  # a symlink loop
+                raise ConfigError(f"{path}, run {name}: {key}={config[key]!r}: {err}") from None
+    return SweepRun(name, checked.dataset, checked.strategy, checked.t_zeta, checked.seed, config, run_out)
 
 
 def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | None = None,
