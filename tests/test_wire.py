@@ -13,17 +13,34 @@ from collafuse_flwr.data import client_data
 from collafuse_flwr.schedule import CutSchedule
 
 
-def train_reply(run_config: dict, run_dir, partition_id: int = 0, server_round: int = 1) -> Message:
-    msg = Message(
-        RecordDict({"config": ConfigRecord({"server-round": server_round, "run-dir": str(run_dir)})}),
-        dst_node_id=1,
-        message_type="train",
-    )
-    context = Context(
+RUN_KEY = "5eed" * 8
+
+
+def client_context(run_config: dict, state_root) -> Context:
+    """A simulated SuperNode's context whose private state lives below `state_root`."""
+    return Context(
         run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
-        node_config={"partition-id": partition_id, "num-partitions": run_config["num-clients"]},
+        node_config={"num-partitions": run_config["num-clients"], "state-dir": str(state_root)},
     )
-    return client_app.train(msg, context)
+
+
+def server_message(message_type: str, partition_id: int, server_round: int = 1, run_key: str = RUN_KEY,
+                   **records) -> Message:
+    """A message as the server sends it: the round, the assigned partition, the run key."""
+    config = ConfigRecord({"server-round": server_round, "partition-id": partition_id, "run-key": run_key,
+                           **records.pop("config", {})})
+    return Message(RecordDict({"config": config, **records}), dst_node_id=1, message_type=message_type)
+
+
+def train_metrics(partition_id: int = 0, n: int = 4, **overrides) -> dict:
+    """A complete training reply's metrics."""
+    return {"partition-id": partition_id, "num-examples": n, "train-loss": 0.5, "images-seen": 64,
+            "train-seconds": 1.0, "nfe-train": 64.0, "flops-train": 1e6, **overrides}
+
+
+def train_reply(run_config: dict, state_root, partition_id: int = 0, server_round: int = 1) -> Message:
+    msg = server_message("train", partition_id, server_round)
+    return client_app.train(msg, client_context(run_config, state_root))
 
 
 def test_train_reply_holds_only_cut_point_uploads(tiny_run_config, tmp_path, task_identity):
@@ -47,20 +64,53 @@ def test_train_reply_holds_only_cut_point_uploads(tiny_run_config, tmp_path, tas
     residual = (torch.from_numpy(x_cut.numpy()).double() - abar**0.5 * data.train) / (1 - abar) ** 0.5
     assert abs(residual.mean()) < 0.05
     assert abs(residual.std() - 1) < 0.05
-    # the private model stays on the client's disk and never enters the reply
-    assert (tmp_path / "clients" / "client-0" / "round-001" / "config.json").exists()
+    # the private model stays on the client's disk, below the root the client chose, and never
+    # enters the reply
+    assert (tmp_path / "partition-0" / "runs" / RUN_KEY / "round-001" / "config.json").exists()
     # the counted size is the serialised message content: the payload plus a small envelope
     assert x_cut.numpy().nbytes < wire.content_bytes(content) < x_cut.numpy().nbytes + 1024
 
 
-def test_noise_policy_once_resends_the_same_upload(tiny_run_config, tmp_path, task_identity):
-    first = train_reply(tiny_run_config, tmp_path, server_round=1)
-    second = train_reply(tiny_run_config, tmp_path, server_round=2)
+@pytest.mark.parametrize("policy", ["once", "fresh"])
+def test_noise_policy_once_resends_the_same_upload(policy, tiny_run_config, tmp_path, task_identity):
+    run_config = dict(tiny_run_config, **{"num-server-rounds": 2, "noise-policy": policy})
     get = lambda r: r.content.array_records[wire.UPLOADS][wire.UPLOAD_KEY].numpy()
-    assert np.array_equal(get(first), get(second))
-    fresh = dict(tiny_run_config, **{"noise-policy": "fresh"})
-    third = train_reply(fresh, tmp_path / "fresh", server_round=3)
-    assert not np.array_equal(get(first), get(third))
+    first, second = (get(train_reply(run_config, tmp_path, server_round=r)) for r in (1, 2))
+    assert np.array_equal(first, second) == (policy == "once")
+
+
+def test_upload_noise_is_the_clients_secret(tiny_run_config, tmp_path, task_identity):
+    """The same client state gives the same uploads; another client state (a fresh deployment
+    of the same config) other noise; the secret is created on the client, readable by it alone,
+    and is in no message."""
+    get = lambda r: r.content.array_records[wire.UPLOADS][wire.UPLOAD_KEY].numpy()
+    first = train_reply(tiny_run_config, tmp_path / "a")
+    again = train_reply(tiny_run_config, tmp_path / "a")
+    other = train_reply(tiny_run_config, tmp_path / "b")
+    assert np.array_equal(get(first), get(again)) and not np.array_equal(get(first), get(other))
+    secret = tmp_path / "a" / "partition-0" / "secret"
+    assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o777 == 0o600
+    from flwr.common.serde import recorddict_to_proto
+
+    assert secret.read_bytes() not in recorddict_to_proto(first.content).SerializeToString()
+
+
+@pytest.mark.parametrize("config,reason", [
+    ({"run-key": "../../etc"}, "run-key"),
+    ({"run-key": "/tmp/x" + "0" * 26}, "run-key"),
+    ({"partition-id": 5}, "partition-id"),
+    ({"partition-id": "0"}, "partition-id"),
+    ({"server-round": 0}, "server-round"),
+    ({"server-round": True}, "server-round"),
+])
+def test_client_checks_what_the_server_names(config, reason, tiny_run_config, tmp_path, task_identity):
+    """A client's state lives below the root it chose: a message can name neither a path nor a
+    partition or round outside the run's."""
+    msg = server_message("train", 0)
+    msg.content.config_records["config"].update(config)
+    with pytest.raises(Exception, match=reason):
+        client_app.train(msg, client_context(tiny_run_config, tmp_path / "state"))
+    assert not list(tmp_path.glob("**/round-001"))
 
 
 def test_local_only_sends_nothing(tiny_run_config, tmp_path, task_identity):
@@ -74,7 +124,7 @@ def _content(array: np.ndarray, declared: int, **extra) -> RecordDict:
     content = RecordDict(
         {
             wire.UPLOADS: ArrayRecord({wire.UPLOAD_KEY: Array(array)}),
-            wire.METRICS: MetricRecord({"partition-id": 0, "num-examples": declared}),
+            wire.METRICS: MetricRecord(train_metrics(n=declared)),
         }
     )
     for key, value in extra.items():
@@ -86,7 +136,7 @@ def _content(array: np.ndarray, declared: int, **extra) -> RecordDict:
     "array,declared,extra,reason",
     [
         (np.zeros((4, 1, 8, 8), np.float32), 4, {}, "dtype"),
-        (np.zeros((4, 3, 8, 8), np.float16), 4, {}, "shape"),
+        (np.zeros((4, 3, 8, 8), np.float16), 4, {}, "shape|cap"),
         (np.zeros((4, 1, 8), np.float16), 4, {}, "shape"),
         (np.full((4, 1, 8, 8), np.nan, np.float16), 4, {}, "non-finite"),
         (np.full((4, 1, 8, 8), 100, np.float16), 4, {}, "exceeds"),
@@ -98,12 +148,12 @@ def _content(array: np.ndarray, declared: int, **extra) -> RecordDict:
 )
 def test_server_rejects_malformed_uploads(array, declared, extra, reason):
     with pytest.raises(wire.UploadRejected, match=reason):
-        wire.unpack_uploads(_content(array, declared, **extra), (1, 8, 8), "float16", cap=8)
+        wire.unpack_uploads(_content(array, declared, **extra), (1, 8, 8), "float16", cap=8, images_per_round=64)
 
 
 def test_server_accepts_a_valid_upload():
     x, metrics = wire.unpack_uploads(
-        _content(np.ones((4, 1, 8, 8), np.float16), 4), (1, 8, 8), "float16", cap=8
+        _content(np.ones((4, 1, 8, 8), np.float16), 4), (1, 8, 8), "float16", cap=8, images_per_round=64
     )
     assert x.dtype == torch.float32 and x.shape == (4, 1, 8, 8)
     assert metrics["num-examples"] == 4
@@ -112,7 +162,7 @@ def test_server_accepts_a_valid_upload():
 def test_client_validates_the_handover():
     good = RecordDict({wire.HANDOVER: wire.pack_handover(torch.zeros(4, 1, 8, 8))})
     assert wire.unpack_handover(good, (1, 8, 8), max_count=4).shape == (4, 1, 8, 8)
-    with pytest.raises(wire.UploadRejected, match="at most 2"):
+    with pytest.raises(wire.UploadRejected, match="cap"):
         wire.unpack_handover(good, (1, 8, 8), max_count=2)
     with pytest.raises(wire.UploadRejected, match="shape"):
         wire.unpack_handover(good, (3, 8, 8), max_count=4)
@@ -128,15 +178,14 @@ def test_fedavg_client_replies_with_its_trained_weights_only(tiny_run_config, tm
     config = RunConfig.from_flower(run_config)
     sent = wire.pack_weights(Denoiser(build_denoiser(config.image_size, 1, config.block_channels), 1e-3,
                                       config.ema_decay).state())
-    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
-                      node_config={"partition-id": 2, "num-partitions": config.num_clients})
+    context = client_context(run_config, tmp_path)
 
     def message(arrays):
-        return Message(RecordDict({wire.WEIGHTS: arrays, "config": ConfigRecord(
-            {"server-round": 1, "run-dir": str(tmp_path)})}), dst_node_id=1, message_type="train")
+        return server_message("train", 2, **{wire.WEIGHTS: arrays})
 
     content = client_app.train(message(sent), context).content
-    received, metrics = wire.unpack_weights(content, sent, config.max_uploads_per_client)
+    received, metrics = wire.unpack_weights(content, sent, config.max_uploads_per_client,
+                                            config.client_images_per_round)
     assert set(content.keys()) == {wire.WEIGHTS, wire.METRICS} and not content.config_records
     assert metrics["num-examples"] == client_data(config, 2).train.shape[0]
     assert metrics["images-seen"] == config.client_images_per_round
@@ -173,10 +222,10 @@ def test_fedavg_replies_are_checked_against_the_sent_weights(change):
     else:
         extra_record = True
     content = RecordDict({wire.WEIGHTS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          wire.METRICS: MetricRecord({"partition-id": 0, "num-examples": declared})})
+                          wire.METRICS: MetricRecord(train_metrics(n=declared))})
     if extra_record:
         content["labels"] = ArrayRecord({"y": Array(np.zeros(4, np.int64))})
     with pytest.raises(wire.UploadRejected):
-        wire.unpack_weights(content, sent, cap=100)
-    ok = RecordDict({wire.WEIGHTS: sent, wire.METRICS: MetricRecord({"partition-id": 0, "num-examples": 4})})
-    wire.unpack_weights(ok, sent, cap=100)
+        wire.unpack_weights(content, sent, cap=100, images_per_round=64)
+    ok = RecordDict({wire.WEIGHTS: sent, wire.METRICS: MetricRecord(train_metrics(n=4))})
+    wire.unpack_weights(ok, sent, cap=100, images_per_round=64)

@@ -7,7 +7,8 @@ evaluate: receive the server's handed-over states x_{t_zeta}, finish sampling wi
           and fid / kid / fcd when their weights are available) against the client's held-out
           images, the cost of sampling, and (pooled-metrics) the features for the pooled row.
 The denoiser, its optimizer and EMA persist on disk between rounds (one checkpoint per
-round, the last two kept), not in `context.state`, so a resumed round starts from the
+round, the last two kept) below the client's own state directory (client_state.py), not in
+`context.state` and never at a path a message names, so a resumed round starts from the
 previous round's state.
 With strategy "fedavg" both handlers run the FedAvg baseline instead (fedavg_client.py).
 """
@@ -26,26 +27,27 @@ from collafuse_flwr.losses import client_loss
 from collafuse_flwr.metrics.cost import train_cost
 from collafuse_flwr.protocols import handover_time
 from collafuse_flwr.sampling import denoise, make_sampler, split_at_cut
-from collafuse_flwr.seeds import derive_seed
 from collafuse_flwr.training import train_for_images
 
 app = ClientApp()
 
 
 def cut_point_uploads(client: ClientRound) -> torch.Tensor:
-    """x_{t_zeta} for every training image, (n, C, H, W); empty when the server owns no step.
+    """x_{t_zeta} = sqrt(abar_r) x0 + sqrt(1 - abar_r) eps for every training image,
+    (n, C, H, W); empty when the server owns no step.
 
-    Noise policy "once": eps is drawn from a generator seeded by (seed, client), so an image
-    yields the same upload in every round and the server never sees two views of it.
-    "fresh": a new eps every round.
+    eps comes from the client's secret "upload" stream (client_state.py, seeds.py), keyed by
+    the configuration's identity and, under the noise policy "fresh", the round: nothing the
+    server holds or sends determines it. "once": the same eps in every round, so an image
+    yields the same upload and the server never sees two views of it; "fresh": a new eps
+    every round.
     """
     config, train_images = client.config, client.data.train
     if client.schedule.server_range.is_empty:
         return train_images[:0]
-    key = [config.seed, client.partition_id]
-    if config.noise_policy == "fresh":
-        key.append(client.server_round)
-    eps = torch.randn(train_images.shape, generator=torch.Generator().manual_seed(derive_seed(*key)))
+    coordinates = (config.identity_hash(), client.server_round if config.noise_policy == "fresh" else "once")
+    generator = torch.Generator().manual_seed(client.state.seed("upload", *coordinates))
+    eps = torch.randn(train_images.shape, generator=generator)
     return client.schedule.noise_to_cut(train_images, eps)
 
 
@@ -67,9 +69,7 @@ def collafuse_train(client: ClientRound) -> RecordDict:
     """Train the private denoiser on t in [1, t_zeta]; the reply with the cut-point uploads."""
     config, partition_id, schedule = client.config, client.partition_id, client.schedule
     denoiser = client.denoiser()
-    generator = torch.Generator().manual_seed(
-        derive_seed(config.seed, partition_id, client.server_round, 1)
-    )
+    generator = torch.Generator().manual_seed(client.seed("client-train"))
     start = time.perf_counter()
     budget = 0 if schedule.client_range.is_empty else config.client_images_per_round
     stats = train_for_images(
@@ -108,7 +108,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     net = None
     if len(client_steps):
         net = client.trained_denoiser().for_sampling()
-        seed = int(client.message_config["sample-seed"])
+        seed = wire.config_int(client.message_config, "sample-seed", 0, 2**63 - 1)
         x = denoise(net, sampler, x, client_steps, seed, config.ddim_eta)
     images = x.clamp(-1, 1)
     content = evaluation_reply(client, images, net, len(client_steps), time.perf_counter() - start)

@@ -14,10 +14,11 @@ from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, Record
 
 from collafuse_flwr import wire
 from collafuse_flwr.checkpoint import complete_rounds, drop_rounds_before
+from collafuse_flwr.client_state import ClientState, state_root
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import ClientData, client_data, partition_key
 from collafuse_flwr.metrics.cost import sampling_cost
-from collafuse_flwr.metrics.distances import named_distances
+from collafuse_flwr.metrics.distances import feature_moments, named_distances
 from collafuse_flwr.metrics.features import cached_features, load_feature_networks, pretrained_weights
 from collafuse_flwr.models import Denoiser, build_denoiser, on_device, resolve_device
 from collafuse_flwr.outputs import save_grid
@@ -26,20 +27,27 @@ from collafuse_flwr.schedule import CutSchedule
 
 @dataclass(frozen=True)
 class ClientRound:
-    """What a client knows when a message arrives: its validated config, identity, data."""
+    """What a client knows when a message arrives: its validated config, the partition the
+    server assigned it, the round, its private state (client_state.py) and its data."""
 
     config: RunConfig
     partition_id: int
     server_round: int
     message_config: ConfigRecord
-    run_dir: Path
+    state: ClientState
+    run_key: str
     schedule: CutSchedule
     data: ClientData
 
     @property
     def client_dir(self) -> Path:
-        """Where this client's private state lives between rounds (it stays with the client)."""
-        return self.run_dir / "clients" / f"client-{self.partition_id}"
+        """This client's directory of the run (below its own state root, never the server's)."""
+        return self.state.run_dir(self.run_key)
+
+    @property
+    def samples_dir(self) -> Path:
+        """Where this client saves its generated images."""
+        return self.client_dir / "samples"
 
     def model_dir(self, server_round: int) -> Path:
         """The client's denoiser (weights, optimizer, EMA) as trained in `server_round`."""
@@ -55,23 +63,38 @@ class ClientRound:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.data.train.shape[1:])
 
+    def seed(self, stream: str) -> int:
+        """This client's seed of a secret stream in this round; keyed by the configuration's
+        identity too, so another cut point (say) never reuses the noise of this one."""
+        return self.state.seed(stream, self.config.identity_hash(), self.server_round)
+
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> "ClientRound":
+        """Check the server's message (round, assigned partition, run key) and set up the round.
+        In simulation the partition the server assigns is the data this client plays; its
+        private state is below the state root the client chooses (`client_state.state_root`)."""
         config = RunConfig.from_flower(context.run_config)
-        partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config.get("num-partitions", config.num_clients))
         if num_partitions != config.num_clients:
             raise ConfigError(
                 f"num-clients={config.num_clients} but the federation has {num_partitions} "
                 "SuperNodes; run with --federation-config 'num-supernodes=<num-clients>'"
             )
-        message_config = msg.content.config_records["config"]
+        message_config = msg.content.config_records.get("config")
+        if message_config is None:
+            raise wire.UploadRejected("message without a config record")
+        server_round = wire.config_int(message_config, "server-round", 1, config.num_server_rounds)
+        partition_id = wire.config_int(message_config, "partition-id", 0, num_partitions - 1)
+        run_key = message_config.get("run-key")
+        state = ClientState(state_root(context.node_config) / f"partition-{partition_id}")
+        state.run_dir(run_key)  # checks the key's form
         return cls(
             config,
             partition_id,
-            int(message_config["server-round"]),
+            server_round,
             message_config,
-            Path(str(message_config["run-dir"])),
+            state,
+            run_key,
             CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule),
             client_data(config, partition_id),
         )
@@ -127,11 +150,13 @@ def evaluation_reply(
 ) -> RecordDict:
     """Save the client's generated `images` (n, C, H, W) in [-1, 1] as a grid and report their
     quality against the client's held-out images, and the cost of the `steps` sampling steps
-    the client ran with `net` (none when `net` is None)."""
+    the client ran with `net` (none when `net` is None). With pooled-metrics the reply adds,
+    per feature network, the mean and covariance of the held-out and of the generated images'
+    features (`wire.pack_moments`): statistics of each set, never a per-image feature."""
     config, partition_id = client.config, client.partition_id
-    save_grid(images, client.run_dir / "samples" / f"round-{client.server_round:03d}-client-{partition_id}.png")
+    save_grid(images, client.samples_dir / f"round-{client.server_round:03d}-client-{partition_id}.png")
     start = time.perf_counter()
-    quality, features = _quality(client, images)
+    quality, moments = _quality(client, images)
     metrics = {
         "partition-id": partition_id,
         "num-generated": int(images.shape[0]),
@@ -144,23 +169,26 @@ def evaluation_reply(
         "eval-seconds": time.perf_counter() - start,
     }
     content = RecordDict({wire.METRICS: MetricRecord(metrics)})
-    if features and config.pooled_metrics:
-        content[wire.FEATURES] = wire.pack_features(features)
+    if config.pooled_metrics:
+        content[wire.MOMENTS] = wire.pack_moments(moments)
     return content
 
 
-def _quality(client: ClientRound, images: torch.Tensor) -> tuple[dict, dict]:
+def _quality(client: ClientRound, images: torch.Tensor) -> tuple[dict[str, float], dict[str, tuple]]:
     """Distances between the generated images and the held-out images on every available
-    feature network (the held-out features are cached), and the features for the pooled row."""
+    feature network (the held-out features are cached), and for the pooled row the moments
+    {"<network>-<real|generated>": (mean (d,), covariance (d, d))} of both sets' features."""
     config = client.config
     weights = pretrained_weights(config.fid_weights, config.fcd_weights)
     networks = load_feature_networks(Path(str(client.message_config["classifier-path"])), weights)
-    cache_dir = client.run_dir.parent / ".cache" / "features"
+    cache_dir = client.state.directory / ".cache" / "features"
     key = f"{partition_key(config)}:client-{client.partition_id}:held-out"
-    quality, features = {}, {}
+    quality, moments = {}, {}
     for network in networks:
         real = cached_features(network, client.data.held_out, cache_dir, key)
         fake = network.features(images)
         quality.update(named_distances(network.fd_name, network.kid_name, real, fake))
-        features.update({f"{network.name}-real": real, f"{network.name}-generated": fake})
-    return quality, features
+        for kind, features in (("real", real), ("generated", fake)):
+            m = feature_moments(features)
+            moments[f"{network.name}-{kind}"] = (m.mean, m.covariance)
+    return quality, moments

@@ -7,7 +7,8 @@ train:    check the received weights against this client's own model (keys, shap
           (client_loss with t_zeta = T), reply with the new weights and
           num-examples = the client's number of training images (FedAvg's averaging weight).
 evaluate: load the averaged sampling weights, sample from x_T ~ N(0, I) through all steps
-          with the same seed a CollaFuse client of this partition uses, report quality and cost.
+          with the seed the server sends (the one a CollaFuse client of this partition gets),
+          report quality and cost.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from collafuse_flwr.losses import client_loss
 from collafuse_flwr.metrics.cost import train_cost
 from collafuse_flwr.sampling import denoise, initial_noise, make_sampler
 from collafuse_flwr.schedule import CutSchedule
-from collafuse_flwr.seeds import derive_seed
 from collafuse_flwr.training import train_for_images
 
 
@@ -40,11 +40,8 @@ def train(client: ClientRound, content: RecordDict) -> RecordDict:
     received = content.array_records.get(wire.WEIGHTS)
     if received is None:
         raise wire.UploadRejected("train message without weights")
-    wire.check_weights(received, wire.pack_weights(denoiser.state()))
-    denoiser.load_state(wire.weights_state(received))
-    generator = torch.Generator().manual_seed(
-        derive_seed(config.seed, client.partition_id, client.server_round, 1)
-    )
+    denoiser.load_state(wire.weights_state(wire.check_weights(received, wire.pack_weights(denoiser.state()))))
+    generator = torch.Generator().manual_seed(client.seed("client-train"))
     start = time.perf_counter()
     stats = train_for_images(
         denoiser, client.data.train, config.client_images_per_round, config.batch_size,
@@ -69,10 +66,10 @@ def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
     received = content.array_records.get(wire.WEIGHTS)
     if received is None:
         raise wire.UploadRejected("evaluate message without weights")
-    wire.check_weights(received, wire.pack_weights({f"net.{k}": v for k, v in net.state_dict().items()}))
-    net.load_state_dict({k[4:]: v for k, v in wire.weights_state(received).items()})
+    reference = wire.pack_weights({f"net.{k}": v for k, v in net.state_dict().items()})
+    net.load_state_dict({k[4:]: v for k, v in wire.weights_state(wire.check_weights(received, reference)).items()})
     sampler = make_sampler(config.sampler, full_chain(client), config.sampling_steps, config.clip_denoised)
-    seed = derive_seed(config.seed, client.server_round, client.partition_id)
+    seed = wire.config_int(client.message_config, "sample-seed", 0, 2**63 - 1)
     start = time.perf_counter()
     x = initial_noise(config.eval_num_samples, client.image_shape, seed)
     images = denoise(net.eval(), sampler, x, sampler.timesteps, seed, config.ddim_eta).clamp(-1, 1)

@@ -79,8 +79,9 @@ def isolated_env(home: Path) -> dict[str, str]:
     """An environment for `flwr run` with a local SuperLink of its own, e.g. for tests and
     benchmarks beside other runs: FLWR_HOME=`home`, two free ports for its APIs
     (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, FLWR_LOCAL_CONTROL_API_PORT), no runtime dependency
-    installation, the Hugging Face hub offline, and empty torch / Hugging Face caches under
-    `home` with no weights variables (FID, KID and FCD are skipped unless a run names weights)."""
+    installation, the Hugging Face hub offline, the clients' private state under
+    `home`/client-state, and empty torch / Hugging Face caches under `home` with no weights
+    variables (FID, KID and FCD are skipped unless a run names weights)."""
     env = dict(
         os.environ,
         FLWR_HOME=str(home),
@@ -91,6 +92,7 @@ def isolated_env(home: Path) -> dict[str, str]:
         RAY_DEDUP_LOGS="0",
         TORCH_HOME=str(Path(home) / "torch"),
         HF_HOME=str(Path(home) / "hf"),
+        COLLAFUSE_CLIENT_STATE=str(Path(home) / "client-state"),
     )
     for var in ("COLLAFUSE_FID_WEIGHTS", "COLLAFUSE_FCD_WEIGHTS", "HF_HUB_CACHE"):
         env.pop(var, None)

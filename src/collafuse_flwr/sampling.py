@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.seeds import sub_seed
 
 
 def make_sampler(
@@ -57,12 +58,12 @@ def denoise(
 ) -> torch.Tensor:
     """Run the sampler's steps `timesteps` on state x: (n, C, H, W); return the new state.
 
-    Each step's ancestral noise comes from a generator seeded by (seed, step), so splitting
+    Each step's ancestral noise comes from the stream (seed, "sampler-step", k), so splitting
     a loop into two calls changes nothing: split sampling equals the single loop exactly.
     """
     for k in timesteps:
         eps = net(x, k.expand(x.shape[0])).sample
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(k))
+        generator = torch.Generator().manual_seed(sub_seed(seed, "sampler-step", int(k)))
         kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
         x = sampler.step(eps, k, x, generator=generator, **kwargs).prev_sample
     return x

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import secrets
 import time
 from logging import INFO, WARNING
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from collafuse_flwr.client_state import RUN_KEY
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_indices, image_shape, load_table, partition_key
+from collafuse_flwr.data.clients import reference_images
 from collafuse_flwr.data.report import write_partition_report
 from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
 from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
@@ -41,23 +44,25 @@ def wait_for_clients(grid: Grid, count: int, seconds: float) -> list[int]:
 
 
 def feature_network(config: RunConfig) -> tuple[Path, float]:
-    """Train (once, cached) the fd_classifier feature network on the pooled training images of
-    all clients; return its path and its accuracy on the pooled held-out images."""
-    key = f"{partition_key(config)}:{config.metric_classifier_epochs}"
+    """Train (once, cached) the fd_classifier feature network on reference images that no
+    client holds (`reference_images`: the dataset's official test split, else a share of the
+    dataset kept aside from all clients before partitioning); return its path and its accuracy
+    on the reference images held back from its training. No client's image or label is read."""
+    reference = reference_images(config)
+    key = json.dumps(["reference", partition_key(config), config.metric_classifier_epochs])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = Path(config.output_dir).expanduser().resolve() / ".cache" / f"fd_classifier-{digest}.safetensors"
-    table, splits = load_table(config), client_indices(config)
-    train, held = (np.concatenate([s[i] for s in splits]) for i in (0, 1))  # client by client
-    targets = table.targets()
+    images, targets = reference.table.images, reference.table.targets()
     net = cache_classifier(
-        path, torch.from_numpy(table.images[train]), targets[train],
+        path, torch.from_numpy(images[reference.train]), targets[reference.train],
         config.metric_classifier_epochs, config.seed,
     )
-    return path, classifier_accuracy(net, torch.from_numpy(table.images[held]), targets[held])
+    return path, classifier_accuracy(net, torch.from_numpy(images[reference.check]), targets[reference.check])
 
 
 def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
-    """What summary.json says beside the numbers: skipped metrics and sample sizes."""
+    """What summary.json says beside the numbers: sample sizes, the feature network's data,
+    what the pooled row is made of, skipped metrics, why disclosure figures may be missing."""
     notes: dict[str, object] = {
         "samples": (
             f"quality distances compare eval-num-samples={config.eval_num_samples} generated images "
@@ -65,7 +70,18 @@ def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
             "distances are biased upward at a few hundred samples (the usual FID uses 50,000): "
             "compare them only at equal sample counts"
         ),
-        "fd_classifier": "Fréchet distance on the offline classifier's features; not Inception FID",
+        "fd_classifier": (
+            "Fréchet distance on the features of a small classifier trained on "
+            f"{reference_images(config).description}; feature-network-accuracy is measured on the "
+            "part of them held back from its training; not Inception FID"
+        ),
+        "pooled": (
+            "Fréchet distances only, pooled exactly from each client's count, mean and covariance of "
+            "its held-out and of its generated images' features (what the clients send: statistics "
+            "of each set, such as its class mix, never one image's features); no pooled KID, which "
+            "would need every image's features, from which the server recovers the held-out labels"
+            if config.pooled_metrics else "pooled-metrics = false: the clients send no feature moments, no pooled row"
+        ),
     }
     skipped = {w.backbone.name: w.skip_message() for w in weights.values() if not w.available}
     if skipped:
@@ -83,6 +99,19 @@ def run_name(config: RunConfig) -> str:
     """The run directory's name: dataset, strategy and (except for FedAvg) the cut point."""
     cut = "" if config.strategy == "fedavg" else f"-tz{config.t_zeta}"
     return f"{config.dataset}-{config.strategy}{cut}"
+
+
+def run_key(run_dir: Path) -> str:
+    """The run's key: 32 random hex digits made with the run directory (its file `run-key`)
+    and read back when the run resumes. Every message carries it; clients keep their state of
+    the run under it. It names the run and is no secret: the clients' secrets are their own."""
+    path = run_dir / "run-key"
+    if not path.exists():
+        path.write_text(secrets.token_hex(16) + "\n")
+    key = path.read_text().strip()
+    if not RUN_KEY.fullmatch(key):
+        raise RuntimeError(f"{path} holds no run key (32 hex digits); the run directory is damaged")
+    return key
 
 
 @app.main()
@@ -108,6 +137,7 @@ def main(grid: Grid, context: Context) -> None:
         line = f"resumed after round {rounds_done} of {config.num_server_rounds} (config {config.identity_hash()})"
         log(INFO, "CollaFuse %s", line)
         append_log(run_dir, line)
+    key = run_key(run_dir)
     log(INFO, "CollaFuse run directory: %s (server denoiser on %s)", run_dir, device)
     classifier_path, accuracy = feature_network(config)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
@@ -129,10 +159,11 @@ def main(grid: Grid, context: Context) -> None:
         model = Denoiser(net, config.server_lr, config.ema_decay, device)
     networks = load_feature_networks(classifier_path, weights)
     if config.strategy == "fedavg":
-        strategy = FedAvgDiffusion(config, run_dir, model, classifier_path, networks, notes)
+        strategy = FedAvgDiffusion(config, run_dir, key, model, classifier_path, networks, notes)
         initial = strategy.initial_arrays()
     else:
-        strategy, initial = CollaFuseStrategy(config, run_dir, model, shape, classifier_path, networks, notes), ArrayRecord()
+        strategy = CollaFuseStrategy(config, run_dir, key, model, shape, classifier_path, networks, notes)
+        initial = ArrayRecord()
     if checkpoint:
         strategy.restore(checkpoint)
     start = time.perf_counter()

@@ -11,15 +11,21 @@ client -> server, training:  RecordDict {"arrays": ArrayRecord (the same keys, s
                                          "metrics": MetricRecord {partition-id, num-examples, ...}}
 server -> client, sampling:  RecordDict {"arrays": ArrayRecord {"ema.<name>"}, "config": ...}
 client -> server, evaluation (not part of the protocol; measurement only):
-                             RecordDict {"metrics": MetricRecord {quality and cost figures},
-                                         "features": ArrayRecord {"<network>-real": (m, d),
-                                                                  "<network>-generated": (n, d)}}
+                             RecordDict {"metrics": MetricRecord {sample sizes, quality, cost},
+                                         "moments": ArrayRecord {"<network>-<kind>-mean": (d,),
+                                                                 "<network>-<kind>-covariance": (d, d)}}
+                             kind "real" (the client's held-out images, num-real of them) and
+                             "generated" (num-generated); "moments" only with pooled-metrics
 
 x_cut holds one cut-point sample x_{t_zeta} per training image and nothing else: no x0,
 eps, t, labels or weights. Everything received is checked before it is used.
 """
 
 from __future__ import annotations
+
+import io
+import math
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -31,15 +37,27 @@ UPLOAD_KEY = "x_cut"
 HANDOVER = "handover"
 HANDOVER_KEY = "x_handover"
 METRICS = "metrics"
-FEATURES = "features"
+MOMENTS = "moments"
+# The two sets of images behind each feature network's moments in an evaluation reply.
+MOMENT_KINDS = ("real", "generated")
+# A reply's covariance may miss symmetry and positive semi-definiteness by float32 round-off:
+# this much of its largest diagonal entry.
+COVARIANCE_TOLERANCE = 1e-3
 WEIGHTS = "arrays"  # Flower's FedAvg default `arrayrecord_key`
 # |weight| beyond this is no trained U-Net's: a diverged or hostile update
 MAX_ABS_WEIGHT = 1e4
-# Keys a client may report with its uploads: counts, its loss, timing and compute, no data.
-TRAIN_METRIC_KEYS = frozenset(
-    {"partition-id", "num-examples", "train-loss", "images-seen", "train-seconds", "nfe-train",
-     "flops-train"}
-)
+# A training reply's metrics, every key required: (kind, low, high); high None = no bound.
+# Counts are ints, the rest finite floats (ints accepted); nothing else (no lists, no bools).
+TRAIN_METRICS = {
+    "partition-id": (int, 0, None),
+    "num-examples": (int, 0, None),
+    "train-loss": (float, 0.0, None),
+    "images-seen": (int, 0, None),
+    "train-seconds": (float, 0.0, None),
+    "nfe-train": (float, 0.0, None),
+    "flops-train": (float, 0.0, None),
+}
+TRAIN_METRIC_KEYS = frozenset(TRAIN_METRICS)
 # x_t = a x0 + b eps with a^2 + b^2 = 1 and |x0| <= 1: |x_t| > 10 is a >9-sigma event.
 MAX_ABS_VALUE = 10.0
 
@@ -59,36 +77,62 @@ def pack_uploads(x_cut: torch.Tensor, dtype: str, metrics: dict) -> RecordDict:
 
 
 def unpack_uploads(
-    content: RecordDict, image_shape: tuple[int, int, int], dtype: str, cap: int
-) -> tuple[torch.Tensor, MetricRecord]:
+    content: RecordDict, image_shape: tuple[int, int, int], dtype: str, cap: int, images_per_round: int,
+) -> tuple[torch.Tensor, dict]:
     """Validate a training reply and return (x_cut as float32 (n, C, H, W), its metrics).
 
     Rejects (raises `UploadRejected`): any record other than "uploads" and "metrics", any
-    array other than "x_cut", metric keys outside `TRAIN_METRIC_KEYS`, a shape other than
-    (n, *image_shape), a dtype other than `dtype`, n different from the declared
-    "num-examples" or above `cap`, and non-finite or out-of-range values.
+    array other than "x_cut", metrics failing `check_metrics(TRAIN_METRICS)` (images-seen at
+    most `images_per_round`), decoded values that are not `dtype` of shape (n, *image_shape),
+    n different from "num-examples" or above `cap`, and non-finite or out-of-range values.
     """
     extra = set(content.keys()) - {UPLOADS, METRICS}
     if extra or METRICS not in content.metric_records:
         raise UploadRejected(f"unexpected records {sorted(extra)} or no metrics record")
-    metrics = content.metric_records[METRICS]
-    if set(metrics) - TRAIN_METRIC_KEYS:
-        raise UploadRejected(f"unexpected metrics {sorted(set(metrics) - TRAIN_METRIC_KEYS)}")
-    declared = metrics.get("num-examples")
-    if not isinstance(declared, int) or declared < 0:
-        raise UploadRejected(f"num-examples={declared!r} is not a count")
+    metrics = check_metrics(content.metric_records[METRICS], TRAIN_METRICS)
+    if metrics["images-seen"] > images_per_round:
+        raise UploadRejected(f"images-seen={metrics['images-seen']} exceeds the budget {images_per_round}")
+    declared = metrics["num-examples"]
     if declared == 0:
         if UPLOADS in content.array_records:
             raise UploadRejected("uploads sent although num-examples is 0")
         return torch.empty((0, *image_shape)), metrics
-    array = _image_batch(content, UPLOADS, UPLOAD_KEY, dtype, image_shape)
-    if array.shape[0] != declared or array.shape[0] > cap:
-        raise UploadRejected(f"{array.shape[0]} samples; declared {declared}, cap {cap}")
-    values = _finite(array)
+    values = _image_batch(content, UPLOADS, UPLOAD_KEY, dtype, image_shape, cap)
+    if values.shape[0] != declared:
+        raise UploadRejected(f"{values.shape[0]} samples; declared {declared}")
     peak = float(np.abs(values).max())
     if peak > MAX_ABS_VALUE:
         raise UploadRejected(f"|value| up to {peak:.3g} exceeds {MAX_ABS_VALUE}")
     return torch.from_numpy(values.astype(np.float32)), metrics
+
+
+def check_metrics(metrics: Mapping, schema: dict[str, tuple[type, float, float | None]]) -> dict:
+    """`metrics` as a plain dict if its keys are exactly `schema`'s and every value has the
+    schema's kind (int: an int, not a bool; float: a finite int or float) and lies in
+    [low, high]; raises `UploadRejected` naming the first key that does not."""
+    keys = set(metrics.keys())
+    if keys != set(schema):
+        raise UploadRejected(
+            f"metrics: missing {sorted(set(schema) - keys)}, unexpected {sorted(keys - set(schema))}"
+        )
+    out = {}
+    for key, (kind, low, high) in schema.items():
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (kind is int and not isinstance(value, int)) or not math.isfinite(value):
+            raise UploadRejected(f"{key}={value!r}: must be a finite {kind.__name__}")
+        if value < low or (high is not None and value > high):
+            raise UploadRejected(f"{key}={value!r}: outside [{low}, {'inf' if high is None else high}]")
+        out[key] = kind(value)
+    return out
+
+
+def config_int(config: Mapping, key: str, low: int, high: int) -> int:
+    """An int of a config record the server sent, checked to lie in [low, high] (client side)."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UploadRejected(f"message config {key}={value!r}: must be an int in [{low}, {high}]")
+    return value
 
 
 def pack_handover(x: torch.Tensor) -> ArrayRecord:
@@ -100,72 +144,150 @@ def unpack_handover(
     content: RecordDict, image_shape: tuple[int, int, int], max_count: int
 ) -> torch.Tensor:
     """Validate the handed-over states on the client; return (n, C, H, W) float32."""
-    array = _image_batch(content, HANDOVER, HANDOVER_KEY, "float32", image_shape)
-    if not 0 < array.shape[0] <= max_count:
-        raise UploadRejected(f"handover of {array.shape[0]} states; at most {max_count} allowed")
-    return torch.from_numpy(_finite(array).copy())
+    values = _image_batch(content, HANDOVER, HANDOVER_KEY, "float32", image_shape, max_count)
+    return torch.from_numpy(values.copy())
 
 
 def _image_batch(
-    content: RecordDict, record: str, key: str, dtype: str, image_shape: tuple[int, int, int]
-) -> Array:
-    """The one array `key` of ArrayRecord `record`, checked to be (n, *image_shape) of `dtype`."""
+    content: RecordDict, record: str, key: str, dtype: str, image_shape: tuple[int, int, int], cap: int
+) -> np.ndarray:
+    """The decoded values of the one array `key` of ArrayRecord `record`: `dtype`, shape
+    (n, *image_shape) with 1 <= n <= cap, finite."""
     if record not in content.array_records:
         raise UploadRejected(f"no {record} record")
     arrays = content.array_records[record]
     if list(arrays.keys()) != [key]:
         raise UploadRejected(f"{record} must hold exactly '{key}', got {list(arrays.keys())}")
-    array = arrays[key]
-    if array.dtype != dtype:
-        raise UploadRejected(f"{record}: dtype {array.dtype}, expected {dtype}")
-    shape = tuple(array.shape)
-    if len(shape) != 4 or shape[1:] != tuple(image_shape):
+    values = decode(arrays[key], dtype, cap * math.prod(image_shape), f"{record}.{key}")
+    if values.ndim != 4 or values.shape[1:] != tuple(image_shape) or not 1 <= values.shape[0] <= cap:
         raise UploadRejected(
-            f"{record}: shape {shape}, expected (n, {', '.join(map(str, image_shape))})"
+            f"{record}: shape {values.shape}, expected (n, {', '.join(map(str, image_shape))}) with 1 <= n <= cap={cap}"
         )
-    return array
-
-
-def _finite(array: Array) -> np.ndarray:
-    """The array's values, rejected if any is NaN or infinite."""
-    values = array.numpy()
-    if not np.isfinite(values).all():
-        raise UploadRejected("non-finite values")
     return values
 
 
-def pack_features(features: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An evaluation reply's feature arrays, {"<network>-real"|"<network>-generated": (n, d)}, float32."""
-    return ArrayRecord({k: Array(v.detach().float().contiguous().cpu().numpy()) for k, v in features.items()})
+def decode(array: Array, dtype: str, max_items: int, name: str) -> np.ndarray:
+    """The values an Array carries, decoded from its bytes (never from what it declares):
+    a .npy payload without pickles, of `dtype`, at most `max_items` values, all finite."""
+    itemsize = np.dtype(dtype).itemsize
+    if not isinstance(array.data, bytes) or len(array.data) > max_items * itemsize + 4096:
+        raise UploadRejected(f"{name}: payload of {len(array.data)} bytes exceeds the cap of {max_items} {dtype} values")
+    try:
+        values = np.lib.format.read_array(io.BytesIO(array.data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise UploadRejected(f"{name}: not a .npy array ({err})") from None
+    if values.dtype != np.dtype(dtype) or values.size > max_items:
+        raise UploadRejected(f"{name}: dtype {values.dtype} with {values.size} values, expected dtype {dtype} "
+                             f"with at most {max_items} (the cap)")
+    if not np.isfinite(values).all():
+        raise UploadRejected(f"{name}: non-finite values")
+    return values
 
 
-def unpack_features(
-    content: RecordDict, networks: dict[str, int], max_generated: int, max_real: int
-) -> dict[str, torch.Tensor]:
-    """Validate an evaluation reply's features against `networks` ({name: feature size});
-    return {"<network>-real"|"<network>-generated": (n, d) float32}. An absent record gives {}.
+def pack_moments(moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> ArrayRecord:
+    """An evaluation reply's feature statistics for the pooled row, never a per-image feature:
+    {"<network>-<real|generated>": (mean (d,), covariance (d, d))} as the float32 arrays
+    "<network>-<real|generated>-mean" and "<network>-<real|generated>-covariance"."""
+    arrays = {}
+    for key, (mean, covariance) in moments.items():
+        arrays[f"{key}-mean"] = Array(mean.detach().float().contiguous().cpu().numpy())
+        arrays[f"{key}-covariance"] = Array(covariance.detach().float().contiguous().cpu().numpy())
+    return ArrayRecord(arrays)
 
-    Rejects keys of unknown networks or without their pair, dtype other than float32, shape
-    other than (n, d) with 2 <= n <= the cap (`max_generated`, `max_real`), non-finite values.
+
+def unpack_moments(arrays: ArrayRecord, sizes: Mapping[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Validate an evaluation reply's feature statistics against `sizes` ({network: feature
+    size d} of every feature network the server knows); return {"<network>-<real|generated>":
+    (mean (d,), covariance (d, d))} as float64 tensors.
+
+    Rejects: keys other than exactly the mean and covariance of "real" and "generated" per
+    network; decoded values other than float32 of shape (d,) and (d, d), or non-finite; a
+    covariance that is not symmetric or not positive semi-definite (`_covariance`).
     """
-    if FEATURES not in content.array_records:
-        return {}
-    arrays = content.array_records[FEATURES]
-    expected = {f"{name}-{kind}" for name in networks for kind in ("real", "generated")}
-    names = {key.rsplit("-", 1)[0] for key in arrays.keys()}
-    wanted = {f"{name}-{kind}" for name in names for kind in ("real", "generated")}
-    if set(arrays.keys()) - expected or wanted != set(arrays.keys()):
-        raise UploadRejected(f"features {sorted(arrays.keys())}: allowed are pairs of {sorted(expected)}")
+    expected = {f"{name}-{kind}-{stat}" for name in sizes for kind in MOMENT_KINDS for stat in ("mean", "covariance")}
+    if set(arrays.keys()) != expected:
+        missing, extra = sorted(expected - set(arrays.keys())), sorted(set(arrays.keys()) - expected)
+        raise UploadRejected(f"moments: missing {missing[:4]}, unexpected {extra[:4]}")
     out = {}
-    for key, array in arrays.items():
-        name, kind = key.rsplit("-", 1)
-        cap = max_generated if kind == "generated" else max_real
-        if array.dtype != "float32" or len(array.shape) != 2 or array.shape[1] != networks[name]:
-            raise UploadRejected(f"{key}: {array.dtype} {tuple(array.shape)}, expected float32 (n, {networks[name]})")
-        if not 2 <= array.shape[0] <= cap:
-            raise UploadRejected(f"{key}: {array.shape[0]} rows, allowed 2..{cap}")
-        out[key] = torch.from_numpy(_finite(array).copy())
+    for name, d in sizes.items():
+        for kind in MOMENT_KINDS:
+            key = f"{name}-{kind}"
+            mean = decode(arrays[f"{key}-mean"], "float32", d, f"{key}-mean")
+            covariance = decode(arrays[f"{key}-covariance"], "float32", d * d, f"{key}-covariance")
+            if mean.shape != (d,) or covariance.shape != (d, d):
+                raise UploadRejected(
+                    f"{key}: decoded mean {mean.shape} and covariance {covariance.shape}, expected ({d},) and ({d}, {d})"
+                )
+            out[key] = (torch.from_numpy(mean.astype(np.float64)), _covariance(covariance, f"{key}-covariance"))
     return out
+
+
+def _covariance(values: np.ndarray, name: str) -> torch.Tensor:
+    """A decoded (d, d) covariance as float64, symmetrised, if it is symmetric and positive
+    semi-definite up to COVARIANCE_TOLERANCE times its largest diagonal entry (float32 round-off:
+    C + tolerance I must have a Cholesky factor); raises `UploadRejected` otherwise."""
+    c = torch.from_numpy(values.astype(np.float64))
+    tolerance = COVARIANCE_TOLERANCE * max(float(c.diagonal().abs().max()), float(np.finfo(np.float32).tiny))
+    if float((c - c.T).abs().max()) > tolerance:
+        raise UploadRejected(f"{name}: not symmetric")
+    c = (c + c.T) / 2
+    if torch.linalg.cholesky_ex(c + tolerance * torch.eye(len(c), dtype=c.dtype)).info != 0:
+        raise UploadRejected(f"{name}: not positive semi-definite")
+    return c
+
+
+def _evaluation_schema(
+    distances: list[tuple[str, str]], num_generated: int, max_real: int, max_steps: int
+) -> dict[str, tuple[type, float, float | None]]:
+    """The `check_metrics` schema of an evaluation reply: sample sizes, the client's sampling
+    cost, its evaluation time, and the quality of every feature network the server knows,
+    `distances` = their (Fréchet distance, KID) names: FD >= 0, KID finite (its unbiased
+    estimate dips below 0), KID's standard deviation >= 0."""
+    schema = {
+        "partition-id": (int, 0, None),
+        "num-generated": (int, num_generated, num_generated),
+        "num-real": (int, 2, max_real),
+        "client-sampling-steps": (int, 0, max_steps),
+        "sample-seconds": (float, 0.0, None),
+        "nfe-sample": (float, 0.0, None),
+        "flops-sample": (float, 0.0, None),
+        "eval-seconds": (float, 0.0, None),
+    }
+    for fd_name, kid_name in distances:
+        schema.update({fd_name: (float, 0.0, None), kid_name: (float, -math.inf, None),
+                       f"{kid_name}_std": (float, 0.0, None)})
+    return schema
+
+
+def unpack_evaluation(
+    content: RecordDict, networks: Mapping[str, tuple[str, str, int]], num_generated: int, max_real: int,
+    max_steps: int, pooled: bool,
+) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Validate an evaluation reply; return (its metrics, its feature moments: `unpack_moments`,
+    {} unless `pooled`).
+
+    networks: {name: (Fréchet distance name, KID name, feature size d)} of every feature network
+    the server knows; the reply must report exactly these.
+    Rejects: records other than "metrics" and, exactly when `pooled`, "moments"; metrics failing
+    `check_metrics` against `_evaluation_schema` (every key required, nothing else: num-generated
+    equal to `num_generated`, num-real in [2, max_real], client-sampling-steps in [0, max_steps],
+    seconds, NFEs and FLOPs >= 0), an nfe-sample other than num-generated x client-sampling-steps,
+    and moments failing `unpack_moments`.
+    """
+    wanted = {METRICS, MOMENTS} if pooled else {METRICS}
+    if set(content.keys()) != wanted or METRICS not in content.metric_records or \
+            (pooled and MOMENTS not in content.array_records):
+        raise UploadRejected(f"records {sorted(content.keys())}; expected {sorted(wanted)}")
+    schema = _evaluation_schema([(fd, kid) for fd, kid, _ in networks.values()], num_generated, max_real, max_steps)
+    metrics = check_metrics(content.metric_records[METRICS], schema)
+    if metrics["nfe-sample"] != metrics["num-generated"] * metrics["client-sampling-steps"]:
+        raise UploadRejected(
+            f"nfe-sample={metrics['nfe-sample']!r}: must be num-generated x client-sampling-steps = "
+            f"{metrics['num-generated'] * metrics['client-sampling-steps']}"
+        )
+    if not pooled:
+        return metrics, {}
+    return metrics, unpack_moments(content.array_records[MOMENTS], {name: d for name, (_, _, d) in networks.items()})
 
 
 def pack_weights(state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -178,44 +300,46 @@ def weights_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
 
 
-def check_weights(arrays: ArrayRecord, reference: ArrayRecord) -> None:
-    """Reject weights whose keys, shapes or dtypes differ from `reference`'s, or with
-    non-finite values or |w| > MAX_ABS_WEIGHT."""
+def check_weights(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """The weights as a new ArrayRecord of their decoded values, if their keys are
+    `reference`'s and every array decodes to the reference's dtype and shape, finite, with
+    |w| <= MAX_ABS_WEIGHT; raises `UploadRejected` otherwise."""
     if set(arrays.keys()) != set(reference.keys()):
         missing, extra = set(reference.keys()) - set(arrays.keys()), set(arrays.keys()) - set(reference.keys())
         raise UploadRejected(f"weights: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    clean = {}
     for key, expected in reference.items():
-        array = arrays[key]
-        if array.dtype != expected.dtype or tuple(array.shape) != tuple(expected.shape):
-            raise UploadRejected(
-                f"{key}: {array.dtype} {tuple(array.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
-            )
-        values = _finite(array)
+        shape = tuple(expected.shape)
+        values = decode(arrays[key], expected.dtype, math.prod(shape), key)
+        if values.shape != shape:
+            raise UploadRejected(f"{key}: decoded shape {values.shape}, expected {shape}")
         if values.size and float(np.abs(values).max()) > MAX_ABS_WEIGHT:
             raise UploadRejected(f"{key}: |w| exceeds {MAX_ABS_WEIGHT:g}")
+        clean[key] = Array(values)
+    return ArrayRecord(clean)
 
 
 def unpack_weights(
-    content: RecordDict, reference: ArrayRecord, cap: int
-) -> tuple[ArrayRecord, MetricRecord]:
+    content: RecordDict, reference: ArrayRecord, cap: int, images_per_round: int
+) -> tuple[ArrayRecord, dict]:
     """Validate a FedAvg training reply against the weights the server sent (`reference`);
-    return (its ArrayRecord, its metrics).
+    return (its weights' decoded values as a new ArrayRecord, its metrics).
 
     Rejects: records other than "arrays" and "metrics", weights failing `check_weights`,
-    metric keys outside `TRAIN_METRIC_KEYS`, and a "num-examples" (the averaging weight)
-    that is not a count in [1, cap].
+    metrics failing `check_metrics(TRAIN_METRICS)` (images-seen at most `images_per_round`),
+    and a "num-examples" (the averaging weight) that is not a count in [1, cap]: the server
+    cannot see a client's data, so one client's share of the average is bounded by
+    cap / (cap + the other clients' counts), never verified.
     """
     if set(content.keys()) != {WEIGHTS, METRICS} or WEIGHTS not in content.array_records \
             or METRICS not in content.metric_records:
         raise UploadRejected(f"records {sorted(content.keys())}; expected ['{WEIGHTS}', '{METRICS}']")
-    metrics = content.metric_records[METRICS]
-    if set(metrics) - TRAIN_METRIC_KEYS:
-        raise UploadRejected(f"unexpected metrics {sorted(set(metrics) - TRAIN_METRIC_KEYS)}")
-    declared = metrics.get("num-examples")
-    if not isinstance(declared, int) or not 1 <= declared <= cap:
-        raise UploadRejected(f"num-examples={declared!r} is not a count in [1, {cap}]")
-    check_weights(content.array_records[WEIGHTS], reference)
-    return content.array_records[WEIGHTS], metrics
+    metrics = check_metrics(content.metric_records[METRICS], TRAIN_METRICS)
+    if not 1 <= metrics["num-examples"] <= cap:
+        raise UploadRejected(f"num-examples={metrics['num-examples']} is not a count in [1, {cap}]")
+    if metrics["images-seen"] > images_per_round:
+        raise UploadRejected(f"images-seen={metrics['images-seen']} exceeds the budget {images_per_round}")
+    return check_weights(content.array_records[WEIGHTS], reference), metrics
 
 
 def content_bytes(content: RecordDict) -> int:

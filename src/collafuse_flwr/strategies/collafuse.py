@@ -39,7 +39,7 @@ from collafuse_flwr.outputs import append_log, append_metrics, save_grid
 from collafuse_flwr.protocols import clamps_handover, handover_time, server_objective
 from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
 from collafuse_flwr.schedule import CutSchedule
-from collafuse_flwr.seeds import derive_seed
+from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.strategies.rounds import ResumableRounds
@@ -51,7 +51,9 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
 
     Args:
         config: the validated run config.
-        run_dir: the run directory (absolute); clients write their files below it too.
+        run_dir: the run directory (absolute), the server's alone.
+        run_key: the run's key (32 hex digits) sent with every message; clients keep their own
+            state of the run under it, below a directory they choose.
         denoiser: the server denoiser (a diffusers UNet2DModel) with optimizer and EMA.
         image_shape: (C, H, W) of the dataset's images, for validating uploads.
         classifier_path: the cached fd_classifier feature network the clients load.
@@ -63,6 +65,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self,
         config: RunConfig,
         run_dir: Path,
+        run_key: str,
         denoiser: Denoiser,
         image_shape: tuple[int, int, int],
         classifier_path: Path,
@@ -77,9 +80,9 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.networks = networks
         self.notes = notes
         self.schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(public_seed(config.seed, "server-train"))
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
-        self.parties = Parties(config.num_clients, run_dir, config.min_replies)
+        self.parties = Parties(config.num_clients, run_dir, run_key, config.min_replies)
         self.audit = DisclosureAudit(config, self.schedule, networks, run_dir.parent / ".cache" / "features")
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -106,27 +109,13 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             c.client_images_per_round, c.server_images_per_round,
         )
 
-    def _messages(self, grid: Grid, message_type: str, server_round: int) -> list[Message]:
-        """One message per node, each with its own config record (round and run directory)."""
-        return [
-            Message(
-                RecordDict({"config": ConfigRecord(
-                    {"server-round": server_round, "run-dir": str(self.run_dir)}
-                )}),
-                dst_node_id=node,
-                message_type=message_type,
-            )
-            for node in sorted(grid.get_node_ids())
-        ]
-
     # ----------------------------------------------------------------- training
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One train message per client; it carries config only, never weights."""
-        messages = self._messages(grid, "train", server_round)
-        self.parties.count_sent(server_round, messages, "bytes-down-train")
-        return messages
+        messages = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in grid.get_node_ids()]
+        return self.parties.address(server_round, messages, "bytes-down-train")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -160,8 +149,9 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         def read(reply: Message) -> tuple[int, tuple]:
             x_cut, metrics = wire.unpack_uploads(
                 reply.content, self.image_shape, self.config.upload_dtype, self.config.max_uploads_per_client,
+                self.config.client_images_per_round,
             )
-            return self.parties.claim(reply.metadata.src_node_id, metrics), (x_cut, metrics)
+            return self.parties.check_partition(reply.metadata.src_node_id, metrics), (x_cut, metrics)
 
         received, rows = self.parties.receive(server_round, "train", replies, read)
         losses = []
@@ -172,7 +162,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             if metrics["images-seen"]:
                 losses.append(float(metrics["train-loss"]))
             for key in sorted(wire.TRAIN_METRIC_KEYS - {"partition-id"}):
-                rows.append((server_round, str(reply.partition_id), key, float(metrics.get(key, float("nan")))))
+                rows.append((server_round, str(reply.partition_id), key, float(metrics[key])))
             rows.append((server_round, str(reply.partition_id), "bytes-up-train", float(reply.nbytes)))
         summary = {
             "client-train-loss": sum(losses) / len(losses) if losses else float("nan"),
@@ -218,22 +208,19 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         net = self.denoiser.for_sampling()
         messages, shown = [], []
         start = time.perf_counter()
-        # seeds and grid rows follow the partition ids the clients reported in training
-        # (node ids change from run to run); a node that never reported keeps its node id
-        order = lambda m: self.parties.order(m.metadata.dst_node_id)
-        for msg in sorted(self._messages(grid, "evaluate", server_round), key=order):
-            seed = derive_seed(c.seed, server_round, order(msg))
+        # seeds and grid rows follow the partition ids (node ids change from run to run)
+        for node in self.parties.assign(grid.get_node_ids()):
+            seed = public_seed(c.seed, "sample", server_round, self.parties.partition_of[node])
             x = initial_noise(c.eval_num_samples, self.image_shape, seed)
             x = denoise(net, sampler, x, server_steps, seed, c.ddim_eta)
             if clamps_handover(c):
                 x = x.clamp(-1, 1)
-            msg.content.config_records["config"]["sample-seed"] = seed
-            msg.content.config_records["config"]["classifier-path"] = str(self.classifier_path)
-            msg.content[wire.HANDOVER] = wire.pack_handover(x)
-            messages.append(msg)
+            config = ConfigRecord({"sample-seed": seed, "classifier-path": str(self.classifier_path)})
+            content = RecordDict({"config": config, wire.HANDOVER: wire.pack_handover(x)})
+            messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
             shown.append(x[:8])
         cost = sampling_cost(net, self.image_shape, c.eval_num_samples * len(messages), len(server_steps))
-        self.parties.count_sent(server_round, messages, "bytes-down-sample")
+        messages = self.parties.address(server_round, messages, "bytes-down-sample")
         self.parties.sent += [(server_round, "server", k, v) for k, v in cost.items()]
         self.parties.sent.append((server_round, "server", "sample-seconds", time.perf_counter() - start))
         if shown:
@@ -259,7 +246,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         c = self.config
         sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
         net = self.denoiser.for_sampling()
-        seed = derive_seed(c.seed, server_round, 2**20)
+        seed = public_seed(c.seed, "server-only", server_round)
         x = initial_noise(c.eval_num_samples, self.image_shape, seed)
         server_only = denoise(net, sampler, x, sampler.timesteps, seed, c.ddim_eta).clamp(-1, 1)
         save_grid(server_only, self.run_dir / "samples" / f"round-{server_round:03d}-server-only.png")

@@ -20,7 +20,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -31,6 +31,7 @@ from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.models import Denoiser
 from collafuse_flwr.outputs import append_log, append_metrics
+from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.strategies.rounds import ResumableRounds
@@ -41,7 +42,8 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
 
     Args:
         config: the validated run config.
-        run_dir: the run directory (absolute).
+        run_dir: the run directory (absolute), the server's alone.
+        run_key: the run's key (32 hex digits) sent with every message.
         model: the global denoiser (weights and EMA; its optimizer is unused): its state is the
             initial ArrayRecord and it holds the latest average.
         classifier_path: the cached fd_classifier feature network the clients load.
@@ -53,6 +55,7 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
         self,
         config: RunConfig,
         run_dir: Path,
+        run_key: str,
         model: Denoiser,
         classifier_path: Path,
         networks: list[FeatureNetwork],
@@ -66,7 +69,7 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
         self.classifier_path = classifier_path
         self.networks = networks
         self.notes = notes
-        self.parties = Parties(n, run_dir, config.min_replies)
+        self.parties = Parties(n, run_dir, run_key, config.min_replies)
         self.sent_weights = wire.pack_weights(model.state())
 
     def initial_arrays(self) -> ArrayRecord:
@@ -76,20 +79,24 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's train messages (the global weights and EMA) with the run directory."""
-        config["run-dir"] = str(self.run_dir)
+        """FedAvg's train messages (the global weights and EMA), stamped by `Parties.address`."""
         self.sent_weights = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.parties.count_sent(server_round, messages, "bytes-down-train")
-        return messages
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self.parties.address(server_round, messages, "bytes-down-train")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply, then FedAvg's weighted average of the accepted ones."""
         def read(reply: Message) -> tuple[int, tuple]:
-            _, metrics = wire.unpack_weights(reply.content, self.sent_weights, self.config.max_uploads_per_client)
-            return self.parties.claim(reply.metadata.src_node_id, metrics), (reply, metrics)
+            weights, metrics = wire.unpack_weights(
+                reply.content, self.sent_weights, self.config.max_uploads_per_client,
+                self.config.client_images_per_round,
+            )
+            pid = self.parties.check_partition(reply.metadata.src_node_id, metrics)
+            # FedAvg averages exactly the validated values
+            reply.content = RecordDict({wire.WEIGHTS: weights, wire.METRICS: MetricRecord(metrics)})
+            return pid, (reply, metrics)
 
         received, rows = self.parties.receive(server_round, "train", replies, read)
         accepted = [r.payload[0] for r in received]
@@ -120,12 +127,15 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
         """On evaluation rounds, the averaged sampling weights (the EMA) to every client."""
         if not self.config.is_eval_round(server_round):
             return []
-        config["run-dir"] = str(self.run_dir)
         config["classifier-path"] = str(self.classifier_path)
         sampling = wire.pack_weights(self.model.sampling_state())
         messages = list(super().configure_evaluate(server_round, sampling, config, grid))
-        self.parties.count_sent(server_round, messages, "bytes-down-sample")
-        return messages
+        self.parties.assign(m.metadata.dst_node_id for m in messages)
+        for msg in messages:  # each its own config: the seed a CollaFuse client of this partition gets
+            pid = self.parties.partition_of.get(msg.metadata.dst_node_id, -1)
+            seed = public_seed(self.config.seed, "sample", server_round, pid)
+            msg.content = RecordDict({wire.WEIGHTS: sampling, "config": ConfigRecord({**config, "sample-seed": seed})})
+        return self.parties.address(server_round, messages, "bytes-down-sample")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Quality and cost rows per client, the pooled row, summary.json."""

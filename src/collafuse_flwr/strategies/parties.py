@@ -1,12 +1,17 @@
 """Who is who, what was sent to whom, and what came back: shared by the server strategies.
 
-`Parties` binds each Flower node to the partition id it reported in training (one node per
-partition, never changing), names nodes by partition in metrics.csv, remembers the size of
-every outgoing message until the replies are written, and sorts the replies of a phase into
-accepted ones and faults:
+`Parties` assigns each Flower node a partition id with the first message it sends the node
+(nodes in node-id order take the lowest free ids; a node keeps its id for the whole run and no
+reply can change it), stamps every message with the round, the node's partition id and the
+run key (the name of the run that clients use for their own state), names nodes by partition
+in metrics.csv, remembers every outgoing message and its size until the replies are written,
+and sorts the replies of a phase into accepted ones and faults:
 
     raised    the ClientApp raised (Flower's error reply carries the reason);
-    rejected  the reply broke the protocol (`wire.UploadRejected`: shape, dtype, values, records);
+    rejected  the reply broke the protocol: it answers no message this phase sent to its node
+              (or answers one twice), or its content fails validation (`wire.UploadRejected`:
+              records, keys, types, decoded dtype, shape, count, values); any other error
+              while reading a reply is a rejection too, so no reply can abort a round;
     missing   no reply within `round-timeout-seconds` (timed out, crashed or vanished).
 
 Every fault is logged with its reason (Flower's log and log.txt) and becomes a metrics.csv row
@@ -21,7 +26,7 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from flwr.app import Message, MetricRecord
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
 from collafuse_flwr import wire
@@ -49,44 +54,63 @@ class Parties:
     Args:
         num_clients: the number of partitions (valid ids are 0 .. num_clients - 1).
         run_dir: where log.txt is (faults are written there with their reasons).
+        run_key: the run's key (32 hex digits), sent with every message.
         min_replies: accepted replies a phase needs to proceed.
     """
 
-    def __init__(self, num_clients: int, run_dir: Path, min_replies: int = 1):
+    def __init__(self, num_clients: int, run_dir: Path, run_key: str, min_replies: int = 1):
         self.num_clients = num_clients
         self.run_dir = run_dir
+        self.run_key = run_key
         self.min_replies = min_replies
-        self.partition_of: dict[int, int] = {}  # node id -> partition id
+        self.partition_of: dict[int, int] = {}  # node id -> partition id, assigned by the server
         self.sent: list[tuple] = []  # (round, node id or party, metric, value) of the current phase
-        self.awaiting: set[int] = set()  # nodes sent a message in the current phase
+        self.awaiting: dict[int, Message] = {}  # node id -> the message of the current phase sent to it
 
-    def claim(self, node: int, metrics: MetricRecord) -> int:
-        """The partition id a training reply claims, if valid and not claimed by another node;
+    def assign(self, nodes: Iterable[int]) -> list[int]:
+        """Give every node of `nodes` without a partition id the lowest free one (in node-id
+        order); return the nodes that have one, in partition-id order. Nodes beyond
+        `num_clients` get none and are sent nothing."""
+        nodes = set(nodes)
+        for node in sorted(nodes - set(self.partition_of)):
+            free = sorted(set(range(self.num_clients)) - set(self.partition_of.values()))
+            if free:
+                self.partition_of[node] = free[0]
+        return sorted((n for n in nodes if n in self.partition_of), key=self.partition_of.get)
+
+    def address(self, server_round: int, messages: Iterable[Message], metric: str) -> list[Message]:
+        """The messages (one per node) to nodes with a partition id, each with its own config
+        record stamped with server-round, partition-id and run-key; remembered as this phase's
+        (replies must answer them) with their sizes as (round, node id, `metric`, bytes)."""
+        messages = list(messages)
+        nodes = set(self.assign(m.metadata.dst_node_id for m in messages))
+        stamped = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in nodes:
+                continue
+            content = RecordDict({k: v for k, v in msg.content.items() if k != "config"})
+            config = dict(msg.content.config_records.get("config", ConfigRecord()))
+            content["config"] = ConfigRecord({**config, "server-round": server_round,
+                                              "partition-id": self.partition_of[node], "run-key": self.run_key})
+            msg.content = content
+            stamped.append(msg)
+        self.sent = [(server_round, m.metadata.dst_node_id, metric, float(wire.content_bytes(m.content)))
+                     for m in stamped]
+        self.awaiting = {m.metadata.dst_node_id: m for m in stamped}
+        return stamped
+
+    def check_partition(self, node: int, metrics: dict) -> int:
+        """The partition id assigned to `node`, if the reply's "partition-id" repeats it;
         raises `wire.UploadRejected` otherwise."""
         pid = metrics.get("partition-id")
-        if not isinstance(pid, int) or not 0 <= pid < self.num_clients:
-            raise wire.UploadRejected(f"partition-id {pid!r} outside [0, {self.num_clients})")
-        claimed = {p: n for n, p in self.partition_of.items()}
-        if claimed.get(pid, node) != node or self.partition_of.get(node, pid) != pid:
-            raise wire.UploadRejected(f"partition-id {pid} claimed by more than one node")
-        self.partition_of[node] = pid
+        if node not in self.partition_of or pid != self.partition_of[node]:
+            raise wire.UploadRejected(f"partition-id {pid!r} is not the one assigned to node {node}")
         return pid
 
     def label(self, node: int) -> str:
-        """The partition id a node reported in training, else "node-<id>"."""
+        """The partition id assigned to a node, else "node-<id>"."""
         return str(self.partition_of[node]) if node in self.partition_of else f"node-{node}"
-
-    def order(self, node: int) -> int:
-        """Sort key and seed index of a node: its partition id once known, else its node id."""
-        return self.partition_of.get(node, node)
-
-    def count_sent(self, server_round: int, messages: list[Message], metric: str) -> None:
-        """Remember the size of every outgoing message as (round, node id, metric, bytes) and
-        which nodes now owe a reply."""
-        self.sent = [
-            (server_round, m.metadata.dst_node_id, metric, float(wire.content_bytes(m.content))) for m in messages
-        ]
-        self.awaiting = {m.metadata.dst_node_id for m in messages}
 
     def sent_rows(self) -> list[tuple]:
         """The remembered rows for metrics.csv, nodes named by partition id; clears the ledger."""
@@ -100,7 +124,8 @@ class Parties:
     ) -> tuple[list[Received], list[tuple]]:
         """Sort a phase's replies into accepted ones and faults.
 
-        `read(reply)` validates one reply and returns (partition id, payload), raising
+        A reply counts only if it answers the message this phase sent to its source node, and
+        only once. `read(reply)` validates it and returns (partition id, payload), raising
         `wire.UploadRejected` for a reply that breaks the protocol. Returns the accepted replies
         in partition-id order (arrival order must not change what the server computes) and the
         metrics.csv rows of the faults. Raises `RoundFailed` below `min_replies` accepted.
@@ -108,17 +133,23 @@ class Parties:
         received, rows, answered = [], [], set()
         for reply in replies:
             node = reply.metadata.src_node_id
+            sent = self.awaiting.get(node)
+            if sent is None or node in answered or reply.metadata.reply_to_message_id != sent.metadata.message_id:
+                reason = "a second reply" if node in answered else "answers no message sent to this node in this phase"
+                rows.append(self._fault(server_round, phase, node, "rejected", reason))
+                continue
             answered.add(node)
             if reply.has_error():
                 rows.append(self._fault(server_round, phase, node, "raised", reply.error.reason))
                 continue
             try:
                 pid, payload = read(reply)
-            except wire.UploadRejected as err:
-                rows.append(self._fault(server_round, phase, node, "rejected", str(err)))
+            except Exception as err:  # noqa: BLE001 - whatever a reply holds, it is the client's fault
+                reason = str(err) if isinstance(err, wire.UploadRejected) else f"{type(err).__name__}: {err}"
+                rows.append(self._fault(server_round, phase, node, "rejected", reason))
                 continue
             received.append(Received(pid, payload, wire.content_bytes(reply.content)))
-        expected, self.awaiting = self.awaiting | answered, set()
+        expected, self.awaiting = set(self.awaiting), {}
         for node in sorted(expected - answered):
             rows.append(self._fault(server_round, phase, node, "missing", "no reply within round-timeout-seconds"))
         if expected and len(received) < self.min_replies:

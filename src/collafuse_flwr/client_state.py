@@ -1,0 +1,96 @@
+"""A client's private state: where it lives, the secret its upload noise comes from, and its
+denoiser between rounds. The client decides where; no message names a path.
+
+    <root>/                           node config "state-dir" (a deployed SuperNode:
+                                      --node-config "state-dir='/srv/collafuse'"), else
+                                      $COLLAFUSE_CLIENT_STATE, else
+                                      $XDG_DATA_HOME/collafuse-flwr/clients (~/.local/share/...)
+        partition-3/                  one data holder (in simulation, one per partition)
+            secret                    32 random bytes from os.urandom, created on first use
+                                      (mode 0600), never sent
+            runs/<run-key>/round-004/ the private denoiser after round 4 (this round's and the
+                                      previous round's are kept)
+            runs/<run-key>/samples/   the client's generated images
+
+The server's messages carry a run key (32 hex digits, made by the ServerApp when it creates a
+run): the client checks its form and uses it only as a directory name below its own root, so a
+resumed run finds its denoisers and a new run starts fresh ones. The secret does not depend on
+the run key: a server cannot buy a client a new secret (and new views of its images) by sending
+a new key; what it would take is another configuration, which `upload_seed` keys anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from collafuse_flwr.seeds import stream_seed
+
+STATE_DIR_KEY = "state-dir"  # node config key
+STATE_DIR_VARIABLE = "COLLAFUSE_CLIENT_STATE"
+SECRET_BYTES = 32
+RUN_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+class ClientStateError(RuntimeError):
+    """The client's state directory or secret cannot be used."""
+
+
+def state_root(node_config) -> Path:
+    """The client's state root, chosen on the client's side only (see the module docstring)."""
+    configured = node_config.get(STATE_DIR_KEY) or os.environ.get(STATE_DIR_VARIABLE)
+    if configured:
+        return Path(str(configured)).expanduser().resolve()
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home).expanduser().resolve() / "collafuse-flwr" / "clients"
+
+
+class ClientState:
+    """One data holder's directory: its secret and its runs.
+
+    Args:
+        directory: `<root>/partition-<k>` (created with mode 0700 if absent).
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as err:
+            raise ClientStateError(f"client state directory {self.directory}: {err.strerror}") from None
+        self.secret = _secret(self.directory / "secret")
+
+    def run_dir(self, run_key: str) -> Path:
+        """Where this holder keeps its state of the run `run_key` (checked: 32 hex digits)."""
+        if not isinstance(run_key, str) or not RUN_KEY.fullmatch(run_key):
+            raise ClientStateError(f"run-key {run_key!r} is not 32 hex digits")
+        return self.directory / "runs" / run_key
+
+    def seed(self, stream: str, *coordinates: int | str) -> int:
+        """A seed of a secret stream (seeds.py): only this client can compute it."""
+        return stream_seed(self.secret, stream, *coordinates)
+
+
+def _secret(path: Path) -> bytes:
+    """The 32-byte secret at `path`, created from os.urandom on first use. Created in a
+    temporary file and linked into place, so concurrent first uses agree on one secret."""
+    if not path.exists():
+        tmp = path.with_name(f".secret.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, os.urandom(SECRET_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    secret = path.read_bytes()
+    if len(secret) != SECRET_BYTES:
+        raise ClientStateError(f"{path}: {len(secret)} bytes, a client secret has {SECRET_BYTES}; "
+                               "remove it to start a new client identity")
+    return secret
