@@ -4,13 +4,23 @@
         model/         the server's denoiser (CollaFuse) or the global model (FedAvg):
                        weights, AdamW state and EMA (`Denoiser.save`)
         strategy.pt    the strategy's own state: its RNG, the pool of uploads, the audit's views
-        state.json     {"round", "num_server_rounds", "config_hash"}, written last
+        state.json     {"round", "num_server_rounds", "config_hash"}
 
-A checkpoint is written into `round-NNN.tmp/` and renamed when complete, so a kill leaves either
-the new checkpoint or none of it. The clients checkpoint their private denoisers per round in
+A checkpoint directory is written whole (`write_directory_atomically`: into `round-NNN.tmp/`,
+every file fsync'd, then renamed), so a kill leaves either the new checkpoint or none of it; a
+`round-NNN.tmp/` is never read. The clients checkpoint their private denoisers per round in
 their own directories (`ClientRound.save`). The hash is `RunConfig.identity_hash()`: a
 checkpoint is only ever loaded by a run of the same configuration (another cut point, seed or
 budget gets a new run directory).
+
+A damaged checkpoint stops the run. The newest `round-NNN/` of the run to resume is read in
+full before anything is written: state.json (present, JSON, its keys and their types, its
+round, the configuration's hash), strategy.pt (tensors and plain values only, never a pickle)
+and model/ (`Denoiser.load`). Anything wrong raises `DamagedFileError` naming the file and
+what is wrong, and saying how to go on: delete that directory to resume from the round before,
+or run with resume=false to start a new run. It never steps back on its own: the clients keep
+their denoisers of the last two rounds only, so a silent step back could restart clients from
+scratch beside a server that is a round behind them.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ import torch
 
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.models import Denoiser
-from collafuse_flwr.outputs import METRICS_HEADER
+from collafuse_flwr.outputs import (METRICS_HEADER, DamagedFileError, read_tensors, write_atomically,
+                                    write_directory_atomically)
 
 ROUND_DIR = re.compile(r"round-(\d{3,})$")
 
@@ -58,62 +69,87 @@ def drop_rounds_before(root: Path, server_round: int) -> None:
 
 
 def save_checkpoint(run_dir: Path, server_round: int, config: RunConfig, model: Denoiser, strategy_state: dict) -> None:
-    """Write the checkpoint of `server_round` atomically; drop those older than the previous round."""
+    """Write the checkpoint of `server_round` atomically; drop those older than the previous round.
+    `strategy_state` holds tensors, containers of them and plain values only (it is loaded
+    with `weights_only=True`)."""
     root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"round-{server_round:03d}", root / f"round-{server_round:03d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save(tmp / "model")
-    torch.save(strategy_state, tmp / "strategy.pt")
     state = {"round": server_round, "num_server_rounds": config.num_server_rounds,
              "config_hash": config.identity_hash()}
-    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+
+    def write(tmp: Path) -> None:
+        model.save(tmp / "model")
+        torch.save(strategy_state, tmp / "strategy.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    write_directory_atomically(root / f"round-{server_round:03d}", write)
     drop_rounds_before(root, server_round - 1)
 
 
-def _latest(run_dir: Path, config: RunConfig) -> tuple[int, Path] | None:
-    """(round, directory) of the newest complete checkpoint in `run_dir`, or None; raises
-    `ConfigError` if it was written by another configuration (it must never be reused)."""
-    rounds = complete_rounds(Path(run_dir) / "checkpoints", lambda d: (d / "state.json").exists())
-    if not rounds:
-        return None
-    server_round = max(rounds)
-    state = json.loads((rounds[server_round] / "state.json").read_text())
-    if state["config_hash"] != config.identity_hash():
-        raise ConfigError(
-            f"{rounds[server_round]} was written by a run of another configuration (hash {state['config_hash']}, "
-            f"this run {config.identity_hash()}); it is never reused"
-        )
-    return server_round, rounds[server_round]
+STATE_KEYS = {"round": int, "num_server_rounds": int, "config_hash": str}
 
 
 def latest_checkpoint(run_dir: Path, config: RunConfig) -> Checkpoint | None:
-    """The newest complete checkpoint in `run_dir`, or None. Raises `ConfigError` if it was
-    written by another configuration (it must never be reused)."""
-    latest = _latest(run_dir, config)
-    if latest is None:
+    """The newest checkpoint in `run_dir`, read and checked in full (see above; the model is
+    loaded once on the CPU to check it), or None if there is none. `DamagedFileError` if it is
+    damaged; `ConfigError` if it was written by another configuration (it is never reused)."""
+    rounds = complete_rounds(Path(run_dir) / "checkpoints", Path.is_dir)
+    if not rounds:
         return None
-    server_round, directory = latest
-    return Checkpoint(server_round, directory / "model", torch.load(directory / "strategy.pt", weights_only=False))
+    server_round = max(rounds)
+    directory = rounds[server_round]
+    try:
+        _check_state(directory / "state.json", server_round, config)
+        strategy_state = read_tensors(directory / "strategy.pt")
+        if not isinstance(strategy_state, dict):
+            raise DamagedFileError(f"{directory / 'strategy.pt'}: not a strategy state (a dict)")
+        Denoiser.load(directory / "model", config.server_lr, config.ema_decay)
+    except DamagedFileError as err:
+        raise DamagedFileError(
+            f"{err}. The newest checkpoint {directory} is damaged, so the run stops: delete that directory "
+            "to resume from the round before it, or run with resume=false to start a new run"
+        ) from None
+    return Checkpoint(server_round, directory / "model", strategy_state)
+
+
+def _check_state(path: Path, server_round: int, config: RunConfig) -> None:
+    """Check `round-NNN/state.json`: `DamagedFileError` if it is missing, empty, not JSON, lacks
+    a key of `STATE_KEYS` or names another round; `ConfigError` if another configuration wrote it."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DamagedFileError(f"{path}: cannot be read ({err})") from None
+    if not text.strip():
+        raise DamagedFileError(f"{path}: empty")
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DamagedFileError(f"{path}: not JSON, cut off? ({err})") from None
+    if not isinstance(state, dict) or any(type(state.get(k)) is not t for k, t in STATE_KEYS.items()):
+        raise DamagedFileError(f"{path}: not a checkpoint state (needs "
+                               f"{', '.join(f'{k}: {t.__name__}' for k, t in STATE_KEYS.items())}): {text[:200]!r}")
+    if state["round"] != server_round:
+        raise DamagedFileError(f"{path}: says round {state['round']}, its directory round {server_round}")
+    if state["config_hash"] != config.identity_hash():
+        raise ConfigError(
+            f"{path} was written by a run of another configuration (hash {state['config_hash']}, "
+            f"this run {config.identity_hash()}); it is never reused"
+        )
 
 
 def resumable_run(output_dir: str, name: str, config: RunConfig) -> Path | None:
     """The newest run directory `<output_dir>/NNNNN-<name>` of the same configuration (by
-    `identity_hash`) that has not completed all its rounds, or None."""
+    `identity_hash` of its config.json) whose newest checkpoint directory is of a round before
+    the last, or None. Its checkpoint is checked by `latest_checkpoint`."""
     root = Path(output_dir).expanduser().resolve()
     pattern = re.compile(rf"\d{{5}}-{re.escape(name)}$")
     for run_dir in sorted((d for d in root.glob(f"*-{name}") if pattern.match(d.name)), reverse=True):
         try:
             same = RunConfig.from_flower(json.loads((run_dir / "config.json").read_text())).identity_hash() \
                 == config.identity_hash()
-            latest = _latest(run_dir, config) if same else None
-        except (OSError, ValueError, KeyError):  # no or unreadable config.json, another config
+        except (OSError, ValueError):  # no config.json (cut off before it was written), another version's
             continue
-        if same and (latest is None or latest[0] < config.num_server_rounds):
+        rounds = complete_rounds(run_dir / "checkpoints", Path.is_dir)
+        if same and max(rounds, default=0) < config.num_server_rounds:
             return run_dir
     return None
 
@@ -127,6 +163,4 @@ def truncate_metrics(run_dir: Path, completed_rounds: int) -> None:
     table = pd.read_csv(path, dtype={"client": str}, on_bad_lines="skip")
     rounds = pd.to_numeric(table["round"], errors="coerce")
     table = table[(rounds >= 1) & (rounds <= completed_rounds)]
-    tmp = path.with_suffix(".csv.tmp")
-    table.to_csv(tmp, index=False, columns=list(METRICS_HEADER))
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: table.to_csv(tmp, index=False, columns=list(METRICS_HEADER)))

@@ -8,7 +8,6 @@ only the network's arithmetic moves."""
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,6 +15,9 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from collafuse_flwr.config import ConfigError
+from collafuse_flwr.outputs import DamagedFileError, read_tensors, write_directory_atomically
+
+DENOISER_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "optimizer.pt")  # + ema.pt with an EMA
 
 
 def build_denoiser(
@@ -136,33 +138,43 @@ class Denoiser:
 
     def save(self, directory: Path) -> None:
         """Write `directory/`: the network as a diffusers model (config.json + safetensors),
-        `optimizer.pt` and `ema.pt`. Atomic: a crash leaves the previous checkpoint intact."""
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.net.save_pretrained(tmp, safe_serialization=True)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        if self.ema is not None:
-            torch.save(self.ema.state_dict(), tmp / "ema.pt")
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-        if old.exists():
-            shutil.rmtree(old)
+        `optimizer.pt` and, with an EMA, `ema.pt` (tensors and plain values only). Atomic and
+        fsync'd (`write_directory_atomically`): a crash leaves the previous directory intact."""
+
+        def write(tmp: Path) -> None:
+            self.net.save_pretrained(tmp, safe_serialization=True)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), tmp / "ema.pt")
+
+        write_directory_atomically(directory, write)
 
     @classmethod
     def load(cls, directory: Path, lr: float, ema_decay: float, device: torch.device | str = "cpu") -> "Denoiser":
-        """Load what `save` wrote, onto `device`."""
+        """Load what `save` wrote, onto `device`, from `directory` only (never the network, never
+        a pickle: safetensors and `weights_only` loads). `DamagedFileError` naming the directory
+        if a file is missing, or the file that is cut off or of another format."""
         directory = Path(directory)
-        net = UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=False).eval()
+        needed = DENOISER_FILES + (("ema.pt",) if ema_decay > 0 else ())
+        missing = [name for name in needed if not (directory / name).is_file()]
+        if missing:
+            raise DamagedFileError(f"{directory}: not a saved denoiser (missing {', '.join(missing)})")
+        try:
+            net = UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=False, local_files_only=True,
+                                              use_safetensors=True).eval()
+        except (OSError, RuntimeError, TypeError, ValueError) as err:  # e.g. cut-off weights, config.json not JSON
+            raise DamagedFileError(f"{directory}: the network cannot be loaded ({err})") from None
         denoiser = cls(net, lr, ema_decay, device)
-        denoiser.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
-        if denoiser.ema is not None:
-            denoiser.ema.load_state_dict(torch.load(directory / "ema.pt", map_location=device, weights_only=False))
+        for name, target in (("optimizer.pt", denoiser.optimizer), ("ema.pt", denoiser.ema)):
+            if target is None:
+                continue
+            try:
+                target.load_state_dict(read_tensors(directory / name, map_location=device))
+            except (AttributeError, KeyError, TypeError, ValueError) as err:  # another structure
+                raise DamagedFileError(f"{directory / name}: not this denoiser's state ({err})") from None
         return denoiser
 
     @staticmethod
     def exists(directory: Path) -> bool:
-        return (Path(directory) / "config.json").exists()
+        """Whether `directory` holds every file `save` writes for any denoiser (the EMA's aside)."""
+        return all((Path(directory) / name).is_file() for name in DENOISER_FILES)

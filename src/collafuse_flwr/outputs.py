@@ -9,6 +9,12 @@
         samples/round-004-handover.png     the server's handed-over states, one row per client
         checkpoints/round-004/   the server's state after round 4 (checkpoint.py)
         clients/client-2/round-004/  a client's private denoiser after round 4 (stays on the client)
+
+Every completed write is atomic and durable: a file is replaced with `write_atomically`, a
+directory written as a whole with `write_directory_atomically`, and an append to metrics.csv or
+log.txt is fsync'd before it returns, so a crash or power loss leaves each file (or directory)
+either as it was or as it is meant to be. `read_tensors` reads what torch.save wrote without ever
+unpickling anything but tensors and plain values.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import csv
 import json
 import os
 import re
+import shutil
+import uuid
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torchvision.utils import save_image
@@ -25,6 +34,90 @@ from torchvision.utils import save_image
 from collafuse_flwr.config import ConfigError
 
 METRICS_HEADER = ("round", "client", "metric", "value")
+
+
+class DamagedFileError(RuntimeError):
+    """A file that cannot be read as what it should be (missing, cut off, or of another format)."""
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's contents and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, content: str | bytes | Callable[[Path], Any]) -> None:
+    """Replace the file `path` by `content` (text, bytes, or a function that writes the file
+    at the path it is given) so that a crash at any moment leaves the old file or the new one,
+    whole: write a temporary file in the same directory, fsync it, rename it over `path`, and
+    fsync the directory. The temporary file keeps `path`'s extension (writers such as np.save
+    go by it); it is deleted if the write fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "xb") as f:
+                f.write(content.encode() if isinstance(content, str) else content)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def write_directory_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Replace the directory `path` by what `write` puts into the empty directory it is given,
+    so that a crash leaves the old directory or the new one, whole: `write` fills
+    `<name>.tmp/`, every file and directory in it is fsync'd, an existing `path` is moved
+    aside to `<name>.old/`, `<name>.tmp/` is renamed to `path`, the parent is fsync'd and
+    `<name>.old/` deleted. A `<name>.tmp/` left by a crash is never read and is cleared by
+    the next write."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        for item in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            fsync_path(item)
+        fsync_path(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    fsync_path(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_tensors(path: Path, map_location: torch.device | str = "cpu", mmap: bool = False) -> Any:
+    """What `torch.save` wrote at `path`, loaded with `weights_only=True`: tensors, containers
+    and plain values only, so nothing in the file is ever executed. With `mmap` (files of
+    torch's zip format) the tensors' data is mapped, not read. `DamagedFileError` naming the
+    file if it is missing, cut off, not torch's format, or holds any other object (a pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFileError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # torch.load reports a cut-off or foreign file in many ways
+        message = str(err).strip()
+        if "Weights only load failed" in message:
+            reason = "it holds objects other than tensors and plain values (a pickle; nothing was run)"
+        else:
+            reason = f"cut off or not torch.save's format ({type(err).__name__}: " \
+                     f"{message.splitlines()[0] if message else 'ends early'})"
+    raise DamagedFileError(f"{path}: {reason}")
 
 
 def check_output_dir(output_dir: str) -> Path:
@@ -51,6 +144,7 @@ def create_run_dir(output_dir: str, name: str) -> Path:
         run_dir = root / f"{index:05d}-{name}"
         try:
             run_dir.mkdir()
+            fsync_path(root)
             return run_dir
         except FileExistsError:
             continue
@@ -58,12 +152,13 @@ def create_run_dir(output_dir: str, name: str) -> Path:
 
 
 def write_config(run_dir: Path, config: dict) -> None:
-    """Write the resolved config as `config.json`."""
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """Write the resolved config as `config.json` (atomically)."""
+    write_atomically(Path(run_dir) / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def append_metrics(run_dir: Path, rows: list[tuple[int, str, str, float]]) -> None:
-    """Append (round, client, metric, value) rows to `metrics.csv` (header on first write)."""
+    """Append (round, client, metric, value) rows to `metrics.csv` (header on first write),
+    on the disk when this returns."""
     path = run_dir / "metrics.csv"
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -71,12 +166,19 @@ def append_metrics(run_dir: Path, rows: list[tuple[int, str, str, float]]) -> No
         if new:
             writer.writerow(METRICS_HEADER)
         writer.writerows(rows)
+        _flush(f)
 
 
 def append_log(run_dir: Path, line: str) -> None:
-    """Append one line to `log.txt`."""
+    """Append one line to `log.txt`, on the disk when this returns."""
     with open(run_dir / "log.txt", "a") as f:
         f.write(line + "\n")
+        _flush(f)
+
+
+def _flush(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -87,4 +189,4 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     if shown.shape[-1] < 64:
         factor = 64 // shown.shape[-1]
         shown = torch.nn.functional.interpolate(shown, scale_factor=factor, mode="nearest")
-    save_image(shown, path, nrow=nrow, padding=2, pad_value=0.5)
+    write_atomically(path, lambda tmp: save_image(shown, tmp, nrow=nrow, padding=2, pad_value=0.5))

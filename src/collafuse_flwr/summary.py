@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from collafuse_flwr.config import RunConfig
+from collafuse_flwr.outputs import write_atomically
 
 QUALITY = ("fd_classifier", "kid_classifier", "kid_classifier_std", "fid", "kid", "kid_std", "fcd",
            "kid_clip", "kid_clip_std", "num-generated", "num-real")
@@ -69,9 +69,7 @@ def write_summary(run_dir: Path, config: RunConfig, notes: dict) -> None:
     """Rewrite `run_dir/summary.json` from `run_dir/metrics.csv` (atomically)."""
     summary = summarise(read_metrics(run_dir), config, notes)
     summary["run"] = Path(run_dir).name
-    tmp = Path(run_dir) / "summary.json.tmp"
-    tmp.write_text(json.dumps(_finite(summary), indent=2) + "\n")
-    os.replace(tmp, Path(run_dir) / "summary.json")
+    write_atomically(Path(run_dir) / "summary.json", json.dumps(_finite(summary), indent=2) + "\n")
 
 
 def _latest(rows: pd.DataFrame) -> dict:

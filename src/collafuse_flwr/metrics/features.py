@@ -12,17 +12,23 @@ Grey images are repeated to three channels for the pretrained networks.
 from __future__ import annotations
 
 import hashlib
-import os
+import threading
+import zipfile
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.common.logger import log
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from collafuse_flwr.config import ConfigError
 from collafuse_flwr.metrics.classifier import load_classifier
 from collafuse_flwr.metrics.weights import Weights, resolve_weights
+from collafuse_flwr.outputs import DamagedFileError, read_tensors, write_atomically
 
 BATCH = 32
 
@@ -47,18 +53,14 @@ class FeatureNetwork:
 
 
 class InceptionFeatures(nn.Module):
-    """torch-fidelity's FID InceptionV3 (via torchmetrics), 2048 pool features."""
+    """torch-fidelity's FID InceptionV3 (via torchmetrics), 2048 pool features. The weights are
+    read here (`read_weights`) and handed to torch-fidelity as tensors: it never opens the file."""
 
     num_features = 2048
 
     def __init__(self, weights: Path):
         super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        try:
-            self.net = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(weights))
-        except Exception as err:  # a wrong file must not pass silently
-            raise ValueError(f"{weights} is not torch-fidelity's InceptionV3 FID weights: {err}") from err
+        self.net = _inception_v3(weights, read_weights(weights))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(((_rgb(x).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
@@ -66,23 +68,15 @@ class InceptionFeatures(nn.Module):
 
 class ClipFeatures(nn.Module):
     """The image tower of OpenAI's CLIP ViT-B/32 (QuickGELU) from an open_clip checkpoint
-    (the full model or its `visual.*` weights, .safetensors or a torch pickle)."""
+    (the full model or its `visual.*` weights, .safetensors or torch's format; `read_weights`)."""
 
     num_features = 512
 
     def __init__(self, weights: Path):
         super().__init__()
-        import open_clip
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-        self.visual = open_clip.create_model("ViT-B-32", force_quick_gelu=True).visual
-        state = _load_state(weights)
-        visual = {k.removeprefix("module.").removeprefix("visual."): v for k, v in state.items()
-                  if k.removeprefix("module.").startswith("visual.")}
-        try:
-            self.visual.load_state_dict(visual, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{weights} is not an open_clip CLIP ViT-B/32 checkpoint: {err}") from err
+        self.visual = _clip_visual(weights, read_weights(weights))
         self.register_buffer("mean", torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1))
 
@@ -93,18 +87,84 @@ class ClipFeatures(nn.Module):
         return self.visual((resized.clamp(0, 1) - self.mean) / self.std)
 
 
+_FIDELITY_LOADER = threading.Lock()
+
+
+def _inception_v3(path: Path, state: dict[str, torch.Tensor]) -> nn.Module:
+    """torchmetrics' `NoTrainInceptionV3` (torch-fidelity's FID network) on the current default
+    device, with `state` as its weights (strict: every key and shape). torch-fidelity's
+    constructor loads its weights itself (a URL, or `torch.load` of a path); it is given the
+    tensors instead, by standing in for its URL loader while it is built. ValueError naming
+    `path` if `state` does not fit."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    with _FIDELITY_LOADER:
+        url_loader = fidelity.load_state_dict_from_url
+        fidelity.load_state_dict_from_url = lambda *args, **kwargs: state
+        try:
+            return NoTrainInceptionV3("inception-v3-compat", ["2048"], None)
+        except RuntimeError as err:
+            raise _not_weights_of(path, "torch-fidelity's InceptionV3 FID weights", err) from None
+        finally:
+            fidelity.load_state_dict_from_url = url_loader
+
+
+def _clip_visual(path: Path, state: dict[str, torch.Tensor]) -> nn.Module:
+    """open_clip's ViT-B/32 (QuickGELU) image tower on the current default device, with the
+    `visual.*` tensors of `state` as its weights (strict). ValueError naming `path` if they do
+    not fit."""
+    import open_clip
+
+    visual = open_clip.create_model("ViT-B-32", force_quick_gelu=True, device=torch.get_default_device()).visual
+    weights = {k.removeprefix("module.").removeprefix("visual."): v for k, v in state.items()
+               if k.removeprefix("module.").startswith("visual.")}
+    try:
+        visual.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise _not_weights_of(path, "an open_clip CLIP ViT-B/32 checkpoint", err) from None
+    return visual
+
+
+def _not_weights_of(path: Path, network: str, err: RuntimeError) -> ValueError:
+    """The error for weights that do not fit a network: load_state_dict's message, its list
+    of missing keys cut short."""
+    message = str(err)
+    return ValueError(f"{path} is not {network}: {message[:400] + ' ...' if len(message) > 400 else message}")
+
+
+NETWORK_OF_WEIGHTS = {"inception": _inception_v3, "clip": _clip_visual}
+
+
 def _rgb(x: torch.Tensor) -> torch.Tensor:
     """Images (n, C, H, W) with C = 1 repeated to 3 channels; RGB unchanged."""
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
+def read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file by name, read without ever unpickling: .safetensors through
+    safetensors, any other file through `read_tensors` (`torch.load(weights_only=True)`); a
+    {"state_dict": ...} wrapper is unwrapped. With `shapes_only`, tensors on the "meta" device:
+    only the safetensors header, or the pickle of a memory-mapped torch file, is read.
+    ValueError naming the file if it is cut off, of another format, or not a dict of tensors."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") if shapes_only
+                         else f.get_tensor(k) for k in f.keys()}
+        else:
+            state = read_tensors(path, mmap=shapes_only and zipfile.is_zipfile(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path}: cut off or not a safetensors file ({err})") from None
+    except DamagedFileError as err:
+        raise ValueError(str(err)) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{path}: not a state dict (names to tensors)")
+    return {k: v.to("meta") for k, v in state.items()} if shapes_only else state
 
 
 def file_identity(path: Path) -> str:
@@ -114,9 +174,21 @@ def file_identity(path: Path) -> str:
 
 
 def pretrained_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]:
-    """Resolved weights of InceptionV3 and CLIP (see weights.py); raises `ConfigError` for a
-    configured path that does not exist."""
-    return {"inception": resolve_weights("inception", fid_weights), "clip": resolve_weights("clip", fcd_weights)}
+    """Resolved weights of InceptionV3 and CLIP (see weights.py), each checked against its
+    network before any is built: the file's names and shapes are read (not its data) and
+    loaded into the network on the "meta" device. `ConfigError` naming the key (or the
+    environment variable, or the cache) and the file for a configured path that does not
+    exist, or a file that is cut off, a pickle, or not that network's weights."""
+    weights = {"inception": resolve_weights("inception", fid_weights), "clip": resolve_weights("clip", fcd_weights)}
+    for name, found in weights.items():
+        if found.available:
+            try:
+                with torch.device("meta"):
+                    NETWORK_OF_WEIGHTS[name](found.path, read_weights(found.path, shapes_only=True))
+            except ValueError as err:
+                source = found.found_in if found.found_in != "cache" else f"the cached {name} weights"
+                raise ConfigError(f"{source}: {err}; {found.backbone.how_to_get}") from None
+    return weights
 
 
 def load_feature_networks(classifier_path: Path, weights: dict[str, Weights]) -> list[FeatureNetwork]:
@@ -134,14 +206,19 @@ def load_feature_networks(classifier_path: Path, weights: dict[str, Weights]) ->
 def cached_features(network: FeatureNetwork, images: torch.Tensor, cache_dir: Path, key: str) -> torch.Tensor:
     """`network.features(images)`, stored once as `<cache_dir>/<network>-<digest>.npy`; the
     digest covers the network's identity and `key`, which must identify the images. Written
-    atomically (a temporary file renamed into place)."""
+    atomically and fsync'd (`write_atomically`); a cached file that cannot be read as (n, d)
+    float32 features of these n images is computed again and replaced, with a logged line."""
     digest = hashlib.sha256(f"{network.identity}:{key}:{tuple(images.shape)}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{network.name}-{digest}.npy"
     if path.exists():
-        return torch.from_numpy(np.load(path))
+        try:
+            cached = np.load(path, allow_pickle=False)
+            if cached.dtype == np.float32 and cached.ndim == 2 and len(cached) == len(images):
+                return torch.from_numpy(cached)
+            reason = f"features of shape {cached.shape} and type {cached.dtype}"
+        except (OSError, ValueError, EOFError) as err:
+            reason = str(err)
+        log(WARNING, "feature cache %s is damaged (%s); computing it again", path, reason)
     features = network.features(images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, features.numpy())
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: np.save(tmp, features.numpy()))
     return features

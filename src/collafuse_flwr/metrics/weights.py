@@ -9,6 +9,12 @@ needs OpenAI's CLIP ViT-B/32. Nothing is downloaded: a run looks, in this order,
    cache of `timm/vit_base_patch32_clip_224.openai` for CLIP (where open_clip downloads it).
 Without weights, the metrics are skipped with a message saying how to supply them; no other
 network is ever substituted under their names.
+
+A weights file is only ever read by this project (features.py: safetensors, or `torch.load` with
+`weights_only=True`; torch-fidelity and open_clip are handed the tensors) and never unpickled.
+`features.pretrained_weights` checks each resolved file against its network (names and shapes)
+before any run directory exists: a pickle, a cut-off file or another network's weights are a
+`ConfigError` naming the key and the file.
 """
 
 from __future__ import annotations
