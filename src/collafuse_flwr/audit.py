@@ -11,6 +11,11 @@ them needs the truth, the clients' training images, which the audit reads from t
   (its sampler continued below t_zeta with its own model) and the training images, per client
   and pooled;
 - reconstruction-{psnr,ssim}-{tweedie,wiener}: the server's estimates of x0 from the views;
+- reconstruction-{psnr,ssim}-recompute: the server recomputes the noise of the client's latest
+  upload from every seed it can derive from what it holds (run seed, configuration, partition
+  ids, rounds, run key; the public streams of seeds.py and the derivation this project used
+  before the noise became the client's secret) and subtracts it; at best chance-level
+  candidates, so no better than Wiener, unless the noise is not the client's secret;
 - linkage-top1 (and linkage-chance = 1/n): matching each view to its source image;
 With t_zeta = T nothing is uploaded: only the server-only rows exist.
 Whether or not the attacks run, every evaluation round reports per client the views of each
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 from collafuse_flwr.config import RunConfig
@@ -31,6 +37,7 @@ from collafuse_flwr.metrics import disclosure
 from collafuse_flwr.metrics.distances import named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
 from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.seeds import public_seed, stream_seed
 
 
 class DisclosureAudit:
@@ -41,10 +48,13 @@ class DisclosureAudit:
         schedule: the cut schedule (a = sqrt(abar_r) of the views).
         networks: feature networks for the distance rows.
         cache_dir: where the training images' features are cached.
+        run_key: the run's key (the server holds it; the "recompute" attack tries it too).
     """
 
-    def __init__(self, config: RunConfig, schedule: CutSchedule, networks: list[FeatureNetwork], cache_dir):
+    def __init__(self, config: RunConfig, schedule: CutSchedule, networks: list[FeatureNetwork], cache_dir,
+                 run_key: str):
         self.config = config
+        self.run_key = run_key
         self.schedule = schedule
         self.networks = networks
         self.cache_dir = cache_dir
@@ -52,20 +62,24 @@ class DisclosureAudit:
         self.view_sum: dict[int, tuple[torch.Tensor, int]] = {}
         self.last_digest: dict[int, str] = {}  # partition id -> SHA-256 of its latest upload
         self.views: dict[int, int] = {}  # partition id -> distinct uploads received
+        # partition id -> (first images of its latest upload, that upload's shape, its round)
+        self.latest: dict[int, tuple[torch.Tensor, tuple[int, ...], int]] = {}
 
     def state(self) -> dict:
         """The views collected so far (for checkpoints)."""
-        return {"view_sum": self.view_sum, "last_digest": self.last_digest, "views": self.views}
+        return {"view_sum": self.view_sum, "last_digest": self.last_digest, "views": self.views,
+                "latest": self.latest}
 
     def load_state(self, state: dict) -> None:
         """Continue with the views of a checkpoint (`state()`)."""
         self.view_sum, self.last_digest, self.views = state["view_sum"], state["last_digest"], state["views"]
+        self.latest = state["latest"]
 
     @property
     def enabled(self) -> bool:
         return self.config.disclosure_num_images > 0
 
-    def record(self, partition_id: int, x_cut: torch.Tensor) -> None:
+    def record(self, partition_id: int, x_cut: torch.Tensor, server_round: int) -> None:
         """Count a client's accepted upload (n, C, H, W) as a new view of each of its images
         unless it is byte-identical to the client's previous one; keep the sum of the views of
         the first `disclosure-num-images` images for the attacks. The server links views of
@@ -83,6 +97,8 @@ class DisclosureAudit:
             if total.shape != view.shape:  # another number of images: views by position no longer align
                 total, count = torch.zeros_like(view), 0
             self.view_sum[partition_id] = (total + view, count + 1)
+            self.latest[partition_id] = (x_cut[: self.config.disclosure_num_images].clone(), tuple(x_cut.shape),
+                                         server_round)
 
     def view_rows(self) -> list[tuple[str, str, float]]:
         """(client, "views-per-image" | "effective-snr", value) for every client that uploaded."""
@@ -113,6 +129,20 @@ class DisclosureAudit:
                 n.fd_name, n.kid_name, torch.cat(pooled_truth[n.name]), fake[n.name]))
         return rows
 
+    def derivable_seeds(self, pid: int, server_round: int) -> list[int]:
+        """Every upload seed the server can derive from what it holds for partition `pid`'s
+        upload of `server_round`: the public "upload" stream keyed by the run seed, the
+        configuration's identity and the run key at every round so far (and "once"), and
+        numpy's SeedSequence over (seed, partition[, round]), the derivation used before."""
+        c, identity = self.config, self.config.identity_hash()
+        rounds = ["once", *range(1, server_round + 1)]
+        seeds = [public_seed(c.seed, "upload", identity, r) for r in rounds]
+        seeds += [public_seed(c.seed, "upload", pid, r) for r in rounds]
+        seeds += [stream_seed(self.run_key.encode(), "upload", identity, r) for r in rounds]
+        seeds += [int(np.random.SeedSequence([c.seed, pid, *r]).generate_state(1)[0])
+                  for r in ([], *([k] for k in range(1, server_round + 1)))]
+        return seeds
+
     def _attack(self, pid: int, truth: torch.Tensor, truth_features: dict, server_net) -> list[tuple]:
         total, count = self.view_sum[pid]
         views = (total / count).float()
@@ -122,9 +152,13 @@ class DisclosureAudit:
             (str(pid), "linkage-top1", disclosure.linkage_top1(views, truth, a)),
             (str(pid), "linkage-chance", 1.0 / len(views)),
         ]
+        latest, upload_shape, server_round = self.latest[pid]
+        a1, b1 = disclosure.view_noise(self.schedule, 1)
         estimates = {
             "wiener": disclosure.wiener_estimate(views, a, sigma),
             "tweedie": disclosure.tweedie_estimate(server_net, self.schedule, views, count),
+            "recompute": disclosure.recompute_estimate(
+                latest, upload_shape, a1, b1, self.derivable_seeds(pid, server_round)),
         }
         for name, estimate in estimates.items():
             scores = disclosure.reconstruction_scores(estimate, truth)

@@ -7,7 +7,9 @@ v_i^(k) = a x0_i + b eps_i^(k) with a = sqrt(abar_r), b = sqrt(1 - abar_r), r = 
 attacker who links the views of one image averages them: v_i = a x0_i + (b / sqrt(K)) eps_i,
 signal-to-noise ratio SNR = K a^2 / b^2. Attacks on v (all images (n, C, H, W) in [-1, 1]):
 - reconstruction: estimate x0 by Tweedie's formula with the server's own denoiser, or by the
-  Wiener filter with a per-pixel Gaussian prior fitted to the uploads; score by PSNR and SSIM;
+  Wiener filter with a per-pixel Gaussian prior fitted to the uploads, or by recomputing eps
+  from every seed the server can derive from what it holds (exact if the upload noise were
+  derived from the run config); score by PSNR and SSIM;
 - linkage: match each v_i to its source among the client's images; top-1 accuracy
   (chance 1 / n).
 """
@@ -81,6 +83,24 @@ def tweedie_estimate(net: nn.Module, schedule: CutSchedule, views: torch.Tensor,
         for x, kk in zip(x_t.split(64), k.split(64))
     ]
     return torch.cat(estimates).clamp(-1, 1)
+
+
+def recompute_estimate(
+    view: torch.Tensor, upload_shape: tuple[int, ...], a: float, b: float, seeds: list[int]
+) -> torch.Tensor:
+    """The "recompute eps" attack on one view v = a x0 + b eps, v (m, C, H, W) being the first m
+    images of an upload of shape `upload_shape` (n, C, H, W): for every candidate seed, the
+    noise eps' = randn(upload_shape)[:m] it would have given and x0_hat = (v - b eps') / a.
+    The right eps puts every pixel of x0_hat in [-1, 1]; a wrong one adds noise of variance
+    2 b^2 / a^2. The candidate with the most pixels in [-1, 1] is the answer (clamped)."""
+    best, inside = None, -1.0
+    for seed in seeds:
+        eps = torch.randn(upload_shape, generator=torch.Generator().manual_seed(seed))[: len(view)]
+        estimate = (view.double() - b * eps.double()) / a
+        share = float((estimate.abs() <= 1 + 1e-2).double().mean())
+        if share > inside:
+            best, inside = estimate, share
+    return best.clamp(-1, 1).float()
 
 
 def reconstruction_scores(estimate: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
