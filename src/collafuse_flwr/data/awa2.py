@@ -66,17 +66,17 @@ def load_awa2(root: Path, split: str, image_size: int, download: bool) -> ImageT
 
 def _load_folder(root: Path, image_size: int) -> ImageTable:
     """The image folder layout: labels.csv plus the per-class class_attributes.csv."""
-    path = root / "labels.csv"
+    path, classes_path = root / "labels.csv", root / "class_attributes.csv"
     index = folder.read_index(path, ("filename", "label"))
-    table = folder.read_index(root / "class_attributes.csv", ("label", "label_name"))
-    if not np.array_equal(table["label"].to_numpy(), np.arange(len(table))):
-        raise DatasetError(f"{root / 'class_attributes.csv'}: rows must be the classes 0, 1, ... in order")
+    table = folder.read_index(classes_path, ("label", "label_name"))
+    if not np.array_equal(folder.integer_cells(table[["label"]], classes_path)[:, 0], np.arange(len(table))):
+        raise DatasetError(f"{classes_path}: rows must be the classes 0, 1, ... in order")
     classes = tuple(table["label_name"])
     predicates = tuple(c for c in table.columns if c not in ("label", "label_name"))
-    matrix = folder.binary_attributes(table[list(predicates)], root / "class_attributes.csv")
+    matrix = folder.binary_attributes(table[list(predicates)], classes_path)
     labels = folder.labels_of(index, path, classes)
     return ImageTable(
-        folder.read_images(root, index, image_size), labels, classes, matrix[labels], predicates, str(root)
+        folder.read_images(path, index, image_size), labels, classes, matrix[labels], predicates, str(root)
     )
 
 

@@ -42,7 +42,7 @@ def load_celeba(root: Path, split: str, image_size: int, download: bool) -> Imag
         index = folder.read_split(path, ("filename",), split, "train")
         names = tuple(c for c in index.columns if c not in folder.NON_ATTRIBUTE_COLUMNS)
         return ImageTable(
-            folder.read_images(root, index, image_size), None, (),
+            folder.read_images(path, index, image_size), None, (),
             folder.binary_attributes(index[list(names)], path), names, str(root),
         )
     base = root / CelebA.base_folder

@@ -35,7 +35,7 @@ def load_cifar10(root: Path, split: str, image_size: int, download: bool) -> Ima
         path = root / "labels.csv"
         index = folder.read_split(path, ("filename", "label"), split, "train")
         return ImageTable(
-            folder.read_images(root, index, image_size),
+            folder.read_images(path, index, image_size),
             folder.labels_of(index, path, CLASSES),
             CLASSES, None, (), str(root),
         )

@@ -26,7 +26,7 @@ from collafuse_flwr.data.digits import load_digits
 from collafuse_flwr.data.table import DatasetError, ImageTable
 
 LOADERS = {"cifar10": load_cifar10, "celeba": load_celeba, "awa2": load_awa2}
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # raised whenever decoding changes what a cached table holds
 
 
 def data_root(config: RunConfig) -> Path:

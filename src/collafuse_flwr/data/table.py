@@ -16,6 +16,11 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as transforms
 
 
+# Images with more pixels than this (e.g. 8000 x 5000) are refused before decoding: photos of
+# CIFAR-10, CelebA and AwA2 are far smaller, and a tiny file can declare billions of pixels.
+MAX_PIXELS = 40_000_000
+
+
 class DatasetError(RuntimeError):
     """Dataset files are missing, unreadable or inconsistent; the message says which and how to fix."""
 
@@ -90,18 +95,61 @@ def square_resize(image_size: int, crop_fraction: float = 1.0):
 
 
 def decode_images(paths: list[Path], image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
-    """Decode image files as RGB, centre-crop and resize (`square_resize`): (N, 3, S, S) uint8.
-
-    A missing or undecodable file raises `DatasetError` naming it.
+    """Decode image files as RGB (`read_rgb`), centre-crop and resize (`square_resize`):
+    (N, 3, S, S) uint8. A missing, undecodable or oversized file raises `DatasetError` naming it.
     """
     transform = square_resize(image_size, crop_fraction)
     out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
     for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                out[i] = transform(transforms.functional.pil_to_tensor(img.convert("RGB"))).numpy()
-        except FileNotFoundError as err:
-            raise DatasetError(f"image file {path} is missing") from err
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise DatasetError(f"image file {path} cannot be decoded ({err})") from err
+        out[i] = transform(transforms.functional.pil_to_tensor(read_rgb(path))).numpy()
     return out
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """The image file at `path` as an 8-bit RGB image (H, W, 3).
+
+    - 16-bit grey (PIL modes I;16*, or I with values in [0, 65535]): v -> round(v * 255 / 65535).
+      16-bit RGB(A) PNGs arrive from PIL already 8-bit (the high byte, v // 256).
+    - Transparency (RGBA, LA, PA, or a palette / colour-key transparency): composited over black,
+      i.e. each colour channel times alpha / 255, so a transparent pixel is black whatever colour
+      it hides.
+    - Palette, 1-bit, grey, CMYK, YCbCr: PIL's conversion to RGB.
+
+    A `DatasetError` names the file when it is missing, not an image, truncated or corrupt,
+    floating-point (mode F, whose range is unknown), or larger than MAX_PIXELS. The size is read
+    from the header, before any pixel is decoded; PIL's own global limit
+    (PIL.Image.MAX_IMAGE_PIXELS) is left unchanged, and its refusal becomes the same error.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise DatasetError(
+                    f"image file {path} is {img.width}x{img.height} pixels, more than the "
+                    f"{MAX_PIXELS:,} this project decodes (a corrupt header or a decompression bomb?)"
+                )
+            return _as_rgb(img, path)
+    except FileNotFoundError as err:
+        raise DatasetError(f"image file {path} is missing") from err
+    except Image.DecompressionBombError as err:
+        raise DatasetError(f"image file {path} is too large to decode ({err})") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DatasetError(f"image file {path} cannot be decoded ({err})") from err
+
+
+def _as_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """An opened image as 8-bit RGB, by the rules of `read_rgb`."""
+    if img.mode == "F":
+        raise DatasetError(f"image file {path} has floating-point pixels (mode F); save it as 8 or 16 bits")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.asarray(img, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise DatasetError(
+                f"image file {path} has integer pixels in [{values.min()}, {values.max()}]; "
+                "only 8- and 16-bit images are read"
+            )
+        eight = (values + 128) // 257  # round(v / 257), and v / 257 = v * 255 / 65535 is never a tie
+        return Image.fromarray(eight.astype(np.uint8)).convert("RGB")
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
