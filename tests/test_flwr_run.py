@@ -60,6 +60,13 @@ def _values(tmp_path, **overrides) -> dict:
     return {k: f"'{v}'" if isinstance(v, str) else v for k, v in values.items()}
 
 
+def _client_dir(flwr_env, run_dir: Path, pid: int) -> Path:
+    """Client `pid`'s own directory of the run: below the state root its environment chose
+    (COLLAFUSE_CLIENT_STATE), under the run's key; never in the server's run directory."""
+    root = Path(flwr_env[0]["COLLAFUSE_CLIENT_STATE"])
+    return root / f"partition-{pid}" / "runs" / (run_dir / "run-key").read_text().strip()
+
+
 def _run(flwr_env, tmp_path, **overrides):
     env, cwd = flwr_env
     run_config = " ".join(f"{k}={v}" for k, v in _values(tmp_path, **overrides).items())
@@ -87,8 +94,9 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
     server_seen = metrics[(metrics["client"] == "server") & (metrics["metric"] == "images-seen")]
     assert (server_seen["value"] == 64).all()
     for pid in range(5):
-        assert (run_dir / "samples" / f"round-002-client-{pid}.png").stat().st_size > 0
-        assert (run_dir / "clients" / f"client-{pid}" / "round-002" / "config.json").exists()
+        assert (_client_dir(flwr_env, run_dir, pid) / "samples" / f"round-002-client-{pid}.png").stat().st_size > 0
+        assert (_client_dir(flwr_env, run_dir, pid) / "round-002" / "config.json").exists()
+    assert not (run_dir / "clients").exists() and not list(run_dir.glob("samples/*client*"))
     assert (run_dir / "samples" / "round-002-handover.png").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001", "round-002"]
     assert (run_dir / "checkpoints" / "round-002" / "model" / "diffusion_pytorch_model.safetensors").exists()
@@ -181,7 +189,8 @@ def test_flwr_run_on_a_dataset_fixture(flwr_env, tmp_path, shared_data, dataset,
     config = json.loads((run_dir / "config.json").read_text())
     assert config["partition"] == ("label-groups" if dataset == "cifar10" else "attribute-groups")
     for pid in range(5):
-        grid = np.asarray(Image.open(run_dir / "samples" / f"round-001-client-{pid}.png").convert("RGB"))
+        grid = np.asarray(Image.open(_client_dir(flwr_env, run_dir, pid) / "samples" / f"round-001-client-{pid}.png")
+                          .convert("RGB"))
         assert (grid[..., 0] != grid[..., 2]).any()  # colour samples, not grey
     metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"client": str})
     assert len(metrics[(metrics["metric"] == "fd_classifier") & (metrics["client"] != "pooled")]) == 5
@@ -340,7 +349,13 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_en
         env=env, cwd=flwr_env[1]))
     launch.start()
     deadline = time.monotonic() + 600
-    while not list(killed_dir.glob("runs/*/clients/client-*/round-002")):
+    state_root = Path(env["COLLAFUSE_CLIENT_STATE"])
+
+    def round_2_started() -> bool:
+        keys = [p.read_text().strip() for p in killed_dir.glob("runs/*/run-key")]
+        return bool(keys and list(state_root.glob(f"partition-*/runs/{keys[0]}/round-002")))
+
+    while not round_2_started():
         assert time.monotonic() < deadline and launch.is_alive(), "round 2 never started"
         time.sleep(0.05)
     assert _kill_everything_of(env["FLWR_HOME"]) > 0
