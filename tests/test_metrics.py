@@ -10,7 +10,9 @@ from scipy import linalg
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import load_table
 from collafuse_flwr.metrics.classifier import cache_classifier, load_classifier
-from collafuse_flwr.metrics.distances import feature_distances
+from collafuse_flwr.metrics.distances import (
+    Moments, feature_distances, feature_moments, frechet_distance, pooled_moments,
+)
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
 
 
@@ -58,6 +60,26 @@ def test_distances_need_two_samples_and_matching_sizes():
         feature_distances(torch.zeros(1, 4), torch.zeros(5, 4))
     with pytest.raises(ValueError, match="equal d"):
         feature_distances(torch.zeros(5, 4), torch.zeros(5, 3))
+
+
+def test_pooled_moments_are_those_of_all_features_together():
+    """Within + between scatter gives exactly the moments of the concatenated sets; the
+    Fréchet distance from pooled moments sent as float32 (as clients send them) equals that
+    of the concatenated features to float32 precision."""
+    g = torch.Generator().manual_seed(7)
+    sets = lambda shift: [torch.randn(n, 5, generator=g) * scale + shift + offset
+                          for n, scale, offset in ((6, 1.0, 0.0), (11, 2.0, 1.0), (3, 0.5, -2.0))]
+    real, fake = sets(0.0), sets(0.7)
+    pooled = pooled_moments([feature_moments(part) for part in real])
+    whole = feature_moments(torch.cat(real))
+    assert pooled.count == whole.count == 20
+    torch.testing.assert_close(pooled.mean, whole.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pooled.covariance, whole.covariance, rtol=1e-12, atol=1e-12)
+    sent = lambda m: Moments(m.count, m.mean.float().double(), m.covariance.float().double())
+    fd = frechet_distance(pooled_moments([sent(feature_moments(p)) for p in real]),
+                          pooled_moments([sent(feature_moments(p)) for p in fake]))
+    assert fd == pytest.approx(feature_distances(torch.cat(real), torch.cat(fake))["fd"], rel=1e-5)
+    assert fd > 1.0
 
 
 def test_classifier_features_separate_same_from_shifted(tmp_path):

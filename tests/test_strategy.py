@@ -10,8 +10,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.metrics.distances import feature_distances
-from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.models import Denoiser, build_denoiser
 from collafuse_flwr.strategies import collafuse
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
@@ -142,41 +140,6 @@ def test_too_few_replies_stop_the_run(tiny_run_config, tmp_path, task_identity):
     sent = send_train(strategy, [10, 11, 12])
     with pytest.raises(RoundFailed, match="2 accepted replies, min-replies=3"):
         strategy.aggregate_train(1, [answer(sent[10], _upload(0)), answer(sent[11], _upload(1))])
-
-
-class Pixels(torch.nn.Module):
-    num_features = 16
-
-
-def test_evaluation_replies_are_validated_and_pooled(tiny_run_config, tmp_path, task_identity):
-    network = FeatureNetwork("pixels", Pixels(), "fd_pixels", "kid_pixels", "v1")
-    strategy = _strategy(dict(tiny_run_config, **{"disclosure-num-images": 0}), tmp_path, [network])
-    strategy.parties.partition_of = {10: 0, 11: 1, 12: 2, 13: 3}
-    g = torch.Generator().manual_seed(0)
-    feats = lambda n, d=16: torch.randn(n, d, generator=g)
-
-    def reply(node, pid, features):
-        content = RecordDict({wire.METRICS: MetricRecord({"partition-id": pid, "fd_pixels": 1.0})})
-        content[wire.FEATURES] = wire.pack_features(features)
-        return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type="evaluate"))
-
-    first = {"pixels-real": feats(6), "pixels-generated": feats(8)}
-    second = {"pixels-real": feats(7), "pixels-generated": feats(8) + 1}
-    replies = [
-        reply(10, 0, first), reply(11, 1, second),
-        reply(12, 2, {"pixels-real": feats(6, 15), "pixels-generated": feats(8, 15)}),  # wrong size
-        reply(13, 0, first),  # claims another node's partition
-        reply(13, 3, {"pixels-real": feats(6), "pixels-generated": feats(9)}),  # more than eval-num-samples
-    ]
-    strategy.aggregate_evaluate(1, replies)
-    metrics = pd.read_csv(tmp_path / "metrics.csv", dtype={"client": str})
-    assert sorted(metrics[metrics["metric"] == "evaluate-fault-rejected"]["client"]) == ["2", "3", "3"]
-    pooled = metrics[metrics["client"] == "pooled"].set_index("metric")["value"]
-    expected = feature_distances(torch.cat([first["pixels-real"], second["pixels-real"]]),
-                                 torch.cat([first["pixels-generated"], second["pixels-generated"]]))
-    assert pooled["num-generated"] == 16 and pooled["num-real"] == 13
-    assert abs(pooled["fd_pixels"] - expected["fd"]) < 1e-4 * expected["fd"]
-    assert (tmp_path / "summary.json").exists()
 
 
 @pytest.mark.parametrize("policy,views", [("once", 1), ("fresh", 3)])

@@ -1,7 +1,9 @@
-"""What one client holds: its training images and a held-out split for evaluation."""
+"""What one client holds (its training images and a held-out split for evaluation), and the
+reference images that no client holds (the evaluation feature network's data)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -12,7 +14,14 @@ import torch
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data.loaders import data_root, load_table
 from collafuse_flwr.data.partitions import partition
-from collafuse_flwr.data.table import as_model_input
+from collafuse_flwr.data.table import DatasetError, ImageTable, as_model_input
+from collafuse_flwr.seeds import public_seed
+
+# Share of the clients' split kept aside from all clients, before partitioning, when the
+# dataset offers no official test split beside it (digits, AwA2, folders without splits).
+KEPT_ASIDE_FRACTION = 0.2
+# The distances need two held-out images per client.
+MIN_HELD_OUT = 2
 
 
 @dataclass(frozen=True)
@@ -27,16 +36,87 @@ class ClientData:
     held_out_targets: torch.Tensor
 
 
+@dataclass(frozen=True)
+class ReferenceImages:
+    """Labelled images that no client holds: the evaluation feature network is trained on
+    `table.images[train]` and its accuracy measured on `table.images[check]` (sorted indices).
+
+    kept_aside: True when they were taken out of the clients' own split before partitioning;
+        False when `table` is the dataset's official test split (the clients' split is whole).
+    description: where they come from, for summary.json's notes.
+    """
+
+    table: ImageTable
+    train: np.ndarray
+    check: np.ndarray
+    kept_aside: bool
+    description: str
+
+    @property
+    def indices(self) -> np.ndarray:
+        """All reference images' indices into `table`, sorted."""
+        return np.union1d(self.train, self.check)
+
+
+@lru_cache(maxsize=4)
+def reference_images(config: RunConfig) -> ReferenceImages:
+    """The images the evaluation feature network learns from and is checked on.
+
+    When the clients hold the training split (dataset-split "" or "train") and the dataset
+    offers an official test split (CIFAR-10; CelebA with list_eval_partition.txt; an image
+    folder whose `split` column has "test" rows), that whole split. Otherwise (digits, AwA2,
+    CelebA or a folder without splits, dataset-split "valid", "test" or "all") a share
+    KEPT_ASIDE_FRACTION of the clients' split, drawn with the run seed before partitioning,
+    that no client gets (`client_indices`). Either way held-out-fraction of the reference
+    images (at least 1) check the network's accuracy and the rest (at least 1) train it.
+    """
+    table = load_table(config)
+    reason = f"dataset-split={config.dataset_split!r} is not the training split"
+    if config.dataset_split in ("", "train"):
+        try:
+            test = load_table(dataclasses.replace(config, dataset_split="test"))
+        except DatasetError as err:
+            reason = f"no official test split beside the clients' images (asked for one: {err})"
+        else:
+            description = f"the official test split ({len(test)} images), which no client holds"
+            return _reference(test, np.arange(len(test)), False, description, config)
+    count = max(2, round(KEPT_ASIDE_FRACTION * len(table)))
+    rng = np.random.default_rng(public_seed(config.seed, "reference", "kept-aside"))
+    kept = rng.permutation(len(table))[:count]
+    description = (
+        f"{count} of the {len(table)} images ({KEPT_ASIDE_FRACTION:.0%}, drawn with seed={config.seed}) "
+        f"kept aside from all clients before partitioning: {reason}"
+    )
+    return _reference(table, kept, True, description, config)
+
+
+def _reference(
+    table: ImageTable, indices: np.ndarray, kept_aside: bool, description: str, config: RunConfig
+) -> ReferenceImages:
+    """`indices` of `table` split at random (run seed) into the feature network's training
+    images and, like a client's held-out images, held-out-fraction of them for its check."""
+    order = np.random.default_rng(public_seed(config.seed, "reference", "check")).permutation(indices)
+    n_check = max(1, round(config.held_out_fraction * len(order)))
+    if len(order) - n_check < 1:
+        raise DatasetError(f"the evaluation feature network's {len(order)} reference images are too few: {description}")
+    return ReferenceImages(table, np.sort(order[n_check:]), np.sort(order[:n_check]), kept_aside, description)
+
+
 @lru_cache(maxsize=4)
 def client_indices(config: RunConfig) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """(train, held-out) dataset indices of every client: the client's partition, shuffled by
-    (seed, client), with round(held-out-fraction * n) images (at least 1) held out."""
+    """(train, held-out) dataset indices of every client: the client's partition of the
+    images the reference set leaves (`reference_images`), shuffled by (seed, client), with
+    round(held-out-fraction * n) images (at least MIN_HELD_OUT) held out."""
+    table, reference = load_table(config), reference_images(config)
+    kept = reference.indices if reference.kept_aside else np.empty(0, dtype=np.int64)
     out = []
-    for pid, part in enumerate(partition(load_table(config), config)):
+    for pid, part in enumerate(partition(table, config, np.setdiff1d(np.arange(len(table)), kept))):
         idx = np.random.default_rng([config.seed, pid]).permutation(part)
-        n_held = max(1, int(round(len(idx) * config.held_out_fraction)))
+        n_held = max(MIN_HELD_OUT, int(round(len(idx) * config.held_out_fraction)))
         if len(idx) - n_held < 1:
-            raise ConfigError(f"client {pid} has too few images ({len(idx)}) to hold some out")
+            raise ConfigError(
+                f"client {pid} has too few images ({len(idx)}) to hold {MIN_HELD_OUT} out; lower num-clients"
+            )
         out.append((np.sort(idx[n_held:]), np.sort(idx[:n_held])))
     return tuple(out)
 
@@ -68,7 +148,7 @@ def partition_key(config: RunConfig) -> str:
     return json.dumps(
         [config.dataset, str(data_root(config)), config.dataset_split, config.image_size,
          config.num_clients, config.partition, config.classes_per_client, config.dirichlet_alpha,
-         config.attribute_groups, config.held_out_fraction, config.seed]
+         config.attribute_groups, config.held_out_fraction, config.seed, KEPT_ASIDE_FRACTION, MIN_HELD_OUT]
     )
 
 

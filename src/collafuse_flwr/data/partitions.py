@@ -27,20 +27,25 @@ DEFAULT_ATTRIBUTE_GROUPS = {
 }
 
 
-def partition(table: ImageTable, config: RunConfig) -> tuple[np.ndarray, ...]:
-    """One sorted array of indices into `table` per client; disjoint and covering.
+def partition(table: ImageTable, config: RunConfig, pool: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """One sorted array of indices into `table` per client, drawn from `pool` (the sorted
+    indices of the images clients may hold; default: all); disjoint and covering `pool`.
     `config` is validated: label schemes only for datasets with classes, attribute groups
     only for datasets with attributes."""
-    n, k = len(table), config.num_clients
+    pool = np.arange(len(table)) if pool is None else np.asarray(pool)
+    n, k = len(pool), config.num_clients
     if k > n:
-        raise ConfigError(f"num-clients={k}: more clients than images ({n})")
+        raise ConfigError(f"num-clients={k}: more clients than images to share among them ({n})")
     if config.partition == "attribute-groups":
-        return tuple(attribute_groups(table, attribute_group_names(config), config.seed))
-    if config.partition == "iid":
-        return tuple(flower_partition(np.zeros(n, dtype=np.int64), k, "iid", 1.0, config.seed))
-    if config.partition == "label-groups":
-        return tuple(label_groups(table.labels, k, config.classes_per_client, config.seed))
-    return tuple(flower_partition(table.labels, k, "dirichlet", config.dirichlet_alpha, config.seed))
+        parts = attribute_groups(table.attributes[pool], table.attribute_names, attribute_group_names(config),
+                                 config.seed)
+    elif config.partition == "iid":
+        parts = flower_partition(np.zeros(n, dtype=np.int64), k, "iid", 1.0, config.seed)
+    elif config.partition == "label-groups":
+        parts = label_groups(table.labels[pool], k, config.classes_per_client, config.seed)
+    else:
+        parts = flower_partition(table.labels[pool], k, "dirichlet", config.dirichlet_alpha, config.seed)
+    return tuple(pool[part] for part in parts)
 
 
 def label_groups(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int):
@@ -127,23 +132,26 @@ def attribute_group_names(config: RunConfig) -> list[list[str]]:
     return groups
 
 
-def attribute_groups(table: ImageTable, groups: list[list[str]], seed: int) -> list[np.ndarray]:
-    """Disjoint attribute-keyed clients: client k may hold an image only if the image has at
-    least one attribute of `groups[k]`. In a seeded random order, each image goes to the
-    eligible client holding the fewest images so far (ties broken at random), which keeps the
-    clients balanced; images with no grouped attribute are spread uniformly at random.
+def attribute_groups(
+    attributes: np.ndarray, attribute_names: tuple[str, ...], groups: list[list[str]], seed: int
+) -> list[np.ndarray]:
+    """Disjoint attribute-keyed clients of the images with `attributes` (N, A) {0, 1}: client k
+    may hold an image only if the image has at least one attribute of `groups[k]`. In a seeded
+    random order, each image goes to the eligible client holding the fewest images so far (ties
+    broken at random), which keeps the clients balanced; images with no grouped attribute are
+    spread uniformly at random. Returns one array of row indices per client.
     """
-    names = list(table.attribute_names)
+    names = list(attribute_names)
     unknown = sorted({a for g in groups for a in g} - set(names))
     if unknown:
         raise ConfigError(f"attribute-groups: unknown attribute(s) {unknown}; the dataset has {names}")
     eligible = np.stack(
-        [table.attributes[:, [names.index(a) for a in g]].any(axis=1) for g in groups], axis=1
+        [attributes[:, [names.index(a) for a in g]].any(axis=1) for g in groups], axis=1
     )
     rng = np.random.default_rng(seed)
-    owner = np.full(len(table), -1)
+    owner = np.full(len(attributes), -1)
     counts = np.zeros(len(groups))
-    for i in rng.permutation(len(table)):
+    for i in rng.permutation(len(attributes)):
         candidates = np.flatnonzero(eligible[i])
         if len(candidates):
             load = counts[candidates] + rng.random(len(candidates)) * 0.5  # random tie-break

@@ -1,6 +1,9 @@
 """The partition report of a run: who holds what, as `partition.csv` and `partition.png`.
 
-partition.csv (long format): client, split (train | held-out), kind, name, count, where kind is
+partition.csv (long format): client, split (train | held-out), kind, name, count, plus client
+"reference", split "kept-aside": the images kept aside from all clients for the evaluation
+feature network (data/clients.py, `reference_images`; none when an official test split serves);
+kind is
     images     name "all": the number of images
     class      one row per class: images of that class
     attribute  one row per attribute: images carrying it
@@ -20,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from collafuse_flwr.config import RunConfig  # noqa: E402
-from collafuse_flwr.data.clients import client_indices  # noqa: E402
+from collafuse_flwr.data.clients import client_indices, reference_images  # noqa: E402
 from collafuse_flwr.data.loaders import load_table  # noqa: E402
 from collafuse_flwr.data.partitions import DEFAULT_ATTRIBUTE_GROUPS, attribute_group_names  # noqa: E402
 
@@ -28,16 +31,20 @@ from collafuse_flwr.data.partitions import DEFAULT_ATTRIBUTE_GROUPS, attribute_g
 def partition_frame(config: RunConfig) -> pd.DataFrame:
     """The rows of partition.csv for `config`."""
     table = load_table(config)
+    groups = [(client, split, idx) for client, splits in enumerate(client_indices(config))
+              for split, idx in zip(("train", "held-out"), splits)]
+    reference = reference_images(config)
+    if reference.kept_aside:
+        groups.append(("reference", "kept-aside", reference.indices))
     rows = []
-    for client, splits in enumerate(client_indices(config)):
-        for split, idx in zip(("train", "held-out"), splits):
-            rows.append((client, split, "images", "all", len(idx)))
-            if table.labels is not None:
-                counts = np.bincount(table.labels[idx], minlength=len(table.class_names))
-                rows += [(client, split, "class", n, int(c)) for n, c in zip(table.class_names, counts)]
-            if table.attributes is not None:
-                counts = table.attributes[idx].sum(axis=0)
-                rows += [(client, split, "attribute", n, int(c)) for n, c in zip(table.attribute_names, counts)]
+    for client, split, idx in groups:
+        rows.append((client, split, "images", "all", len(idx)))
+        if table.labels is not None:
+            counts = np.bincount(table.labels[idx], minlength=len(table.class_names))
+            rows += [(client, split, "class", n, int(c)) for n, c in zip(table.class_names, counts)]
+        if table.attributes is not None:
+            counts = table.attributes[idx].sum(axis=0)
+            rows += [(client, split, "attribute", n, int(c)) for n, c in zip(table.attribute_names, counts)]
     return pd.DataFrame(rows, columns=["client", "split", "kind", "name", "count"])
 
 

@@ -1,5 +1,8 @@
 """Reading the clients' evaluation replies on the server (every strategy): validated quality
-and cost rows per client, the pooled quality row from the clients' features, and writing them."""
+and cost rows per client, the pooled quality row from the clients' feature moments, and
+writing them. No image's features reach the server: each client sends per feature network the
+mean and covariance of its held-out and of its generated images' features (wire.py), and the
+pooled Fréchet distances follow from those exactly (metrics/distances.py, `pooled_moments`)."""
 
 from __future__ import annotations
 
@@ -7,13 +10,12 @@ from logging import INFO
 from pathlib import Path
 from typing import Iterable
 
-import torch
 from flwr.app import Message, MetricRecord
 from flwr.common.logger import log
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.metrics.distances import named_distances
+from collafuse_flwr.metrics.distances import Moments, frechet_distance, pooled_moments
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.outputs import append_log, append_metrics
 from collafuse_flwr.strategies.parties import Parties
@@ -38,40 +40,42 @@ def evaluation_rows(
             if key != "partition-id":
                 rows.append((server_round, str(reply.partition_id), key, float(value)))
                 per_metric.setdefault(key, []).append(float(value))
-    # in partition-id order: reply arrival order must not change KID's subsets
-    pooled = pooled_quality(networks, [reply.payload[1] for reply in received])
+    pooled = pooled_quality(networks, [moments for _, moments in (reply.payload for reply in received) if moments])
     rows += [(server_round, "pooled", k, v) for k, v in pooled.items()]
     return rows, per_metric
 
 
 def _evaluation_reply(
     reply: Message, parties: Parties, networks: list[FeatureNetwork], config: RunConfig
-) -> tuple[int, tuple[dict, dict]]:
-    """The partition id, validated metrics and features of one evaluation reply."""
-    content = reply.content
-    extra = set(content.keys()) - {wire.METRICS, wire.FEATURES}
-    if extra or wire.METRICS not in content.metric_records:
-        raise wire.UploadRejected(f"unexpected records {sorted(extra)} or no metrics record")
-    metrics = content.metric_records[wire.METRICS]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
-        raise wire.UploadRejected("metrics must be numbers")
-    pid = metrics.get("partition-id")
-    if pid is None or parties.partition_of.get(reply.metadata.src_node_id) != pid:
+) -> tuple[int, tuple[dict, dict[str, Moments]]]:
+    """The partition id, validated metrics and feature moments ({"<network>-<real|generated>":
+    Moments}, empty without pooled-metrics) of one evaluation reply (`wire.unpack_evaluation`)."""
+    metrics, moments = wire.unpack_evaluation(
+        reply.content, {n.name: (n.fd_name, n.kid_name, n.module.num_features) for n in networks},
+        config.eval_num_samples, config.max_uploads_per_client, config.sampling_steps, config.pooled_metrics,
+    )
+    pid = metrics["partition-id"]
+    if parties.partition_of.get(reply.metadata.src_node_id) != pid:
         raise wire.UploadRejected(f"partition-id {pid!r} is not the one this node reported in training")
-    sizes = {n.name: n.module.num_features for n in networks}
-    received = wire.unpack_features(content, sizes, config.eval_num_samples, config.max_uploads_per_client)
-    return int(pid), (dict(metrics), received)
+    counts = {"real": metrics["num-real"], "generated": metrics["num-generated"]}
+    return pid, (metrics, {key: Moments(counts[key.rsplit("-", 1)[1]], mean, covariance)
+                           for key, (mean, covariance) in moments.items()})
 
 
-def pooled_quality(networks: list[FeatureNetwork], features: list[dict]) -> dict[str, float]:
-    """Quality over all clients: generated vs held-out features, pooled (empty without features)."""
+def pooled_quality(networks: list[FeatureNetwork], moments: list[dict[str, Moments]]) -> dict[str, float]:
+    """Quality over all clients from each client's `moments` ({"<network>-<real|generated>":
+    Moments}): per feature network, the Fréchet distance between the pooled moments of all
+    generated and of all held-out features (equal to the distance of the concatenated
+    features), and the sample sizes behind it; empty without moments. No pooled KID: it would
+    need every image's features."""
+    if not moments:
+        return {}
     pooled = {}
     for network in networks:
-        real = [f[f"{network.name}-real"] for f in features if f"{network.name}-real" in f]
-        fake = [f[f"{network.name}-generated"] for f in features if f"{network.name}-generated" in f]
-        if real:
-            pooled.update(named_distances(network.fd_name, network.kid_name, torch.cat(real), torch.cat(fake)))
-            pooled["num-generated"], pooled["num-real"] = float(sum(map(len, fake))), float(sum(map(len, real)))
+        real = pooled_moments([m[f"{network.name}-real"] for m in moments])
+        fake = pooled_moments([m[f"{network.name}-generated"] for m in moments])
+        pooled.update({network.fd_name: frechet_distance(real, fake), "num-generated": float(fake.count),
+                       "num-real": float(real.count)})
     return pooled
 
 
