@@ -40,7 +40,7 @@ def evaluation_rows(
             if key != "partition-id":
                 rows.append((server_round, str(reply.partition_id), key, float(value)))
                 per_metric.setdefault(key, []).append(float(value))
-    pooled = pooled_quality(networks, [moments for _, moments in (reply.payload for reply in received) if moments])
+    pooled = pooled_quality(networks, [reply.payload[1] for reply in received if reply.payload[1]])
     rows += [(server_round, "pooled", k, v) for k, v in pooled.items()]
     return rows, per_metric
 
@@ -54,9 +54,7 @@ def _evaluation_reply(
         reply.content, {n.name: (n.fd_name, n.kid_name, n.module.num_features) for n in networks},
         config.eval_num_samples, config.max_uploads_per_client, config.sampling_steps, config.pooled_metrics,
     )
-    pid = metrics["partition-id"]
-    if parties.partition_of.get(reply.metadata.src_node_id) != pid:
-        raise wire.UploadRejected(f"partition-id {pid!r} is not the one this node reported in training")
+    pid = parties.check_partition(reply.metadata.src_node_id, metrics)
     counts = {"real": metrics["num-real"], "generated": metrics["num-generated"]}
     return pid, (metrics, {key: Moments(counts[key.rsplit("-", 1)[1]], mean, covariance)
                            for key, (mean, covariance) in moments.items()})
