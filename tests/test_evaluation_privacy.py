@@ -278,30 +278,32 @@ def test_hostile_evaluation_replies_are_rejected_and_change_nothing_else(case, e
 
 
 @pytest.fixture(scope="module")
-def honest_round(tmp_path_factory):
-    """The digits (8x8) with the feature network trained on the kept-aside images, and every
-    reply that clients 0 and 1 send in a real evaluation round (t_zeta = 0: they run no step)."""
+def digits_feature_network(tmp_path_factory):
+    """The digits (8x8) run config of t_zeta = 0 (clients run no sampler step) and the path of
+    its feature network, trained on the kept-aside images (once for this module)."""
     from conftest import TINY
-    from flwr.supercore.task_identity import TaskIdentity
 
-    root = tmp_path_factory.mktemp("honest")
+    output = tmp_path_factory.mktemp("feature-network")
     run_config = dict(TINY, **{"t-zeta": 0, "metric-classifier-epochs": 15, "disclosure-num-images": 0,
-                               "output-dir": str(root / "runs")})
+                               "output-dir": str(output)})
+    path, _ = server_app.feature_network(RunConfig.from_flower(run_config))
+    return run_config, path
+
+
+@pytest.fixture
+def honest_round(digits_feature_network, tmp_path, task_identity):
+    """Every reply that clients 0 and 1 send in a real evaluation round, and the metrics.csv the
+    server writes from them."""
+    run_config, path = digits_feature_network
     config = RunConfig.from_flower(run_config)
-    path, _ = server_app.feature_network(config)
     networks = load_feature_networks(path, pretrained_weights("", ""))
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    try:
-        net = build_denoiser(config.image_size, 1, config.block_channels)
-        strategy = CollaFuseStrategy(config, root, RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), path, networks, {})
-        sent = send(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid([10, 11])))
-        context = client_context(run_config, root / "clients")
-        replies = [client_app.evaluate(sent[node], context) for node in (10, 11)]
-        strategy.aggregate_evaluate(1, replies)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-    return config, path, replies, pd.read_csv(root / "metrics.csv", dtype={"client": str})
+    net = build_denoiser(config.image_size, 1, config.block_channels)
+    strategy = CollaFuseStrategy(config, tmp_path, RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), path, networks, {})
+    sent = send(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid([10, 11])))
+    context = client_context(run_config, tmp_path / "clients")
+    replies = [client_app.evaluate(sent[node], context) for node in (10, 11)]
+    strategy.aggregate_evaluate(1, replies)
+    return config, path, replies, pd.read_csv(tmp_path / "metrics.csv", dtype={"client": str})
 
 
 def test_honest_replies_pass_the_schema(honest_round):
