@@ -78,11 +78,14 @@ def test_rgb_client_data_in_model_range(shared_data, tmp_path):
     assert data.train.min() >= -1 and data.train.max() <= 1 and data.train.min() < -0.9
 
 
-def test_decoded_tables_are_cached_on_disk(shared_data, tmp_path):
-    config = config_for(shared_data, tmp_path, "cifar10", image_size=16)
+def test_decoded_tables_are_cached_on_disk(shared_data, tmp_path, monkeypatch):
+    """In this machine's own cache, never below a path of the run config (output-dir)."""
+    monkeypatch.setenv("COLLAFUSE_DATA_CACHE", str(tmp_path / "cache"))
+    config = config_for(shared_data, tmp_path, "cifar10", image_size=12)
     table = load_table(config)
-    cached = list((tmp_path / "runs" / ".cache" / "datasets").glob("cifar10-default-16-*/images.npy"))
+    cached = list((tmp_path / "cache").glob("cifar10-default-12-*/images.npy"))
     assert len(cached) == 1 and np.array_equal(np.load(cached[0]), table.images)
+    assert not (tmp_path / "runs").exists()
 
 
 def write_folder(root, names_and_bytes):

@@ -104,7 +104,8 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
 
     # the pooled quality row and the disclosure audit, on the evaluation round only
     pooled = metrics[metrics["client"] == "pooled"]
-    assert {"fd_classifier", "kid_classifier", "num-generated", "server-only-fd_classifier"} <= set(pooled["metric"])
+    assert {"fd_classifier", "num-generated", "server-only-fd_classifier"} <= set(pooled["metric"])
+    assert "kid_classifier" not in set(pooled["metric"])  # KID needs per-image features: never sent
     assert pooled[pooled["metric"] == "num-generated"]["value"].item() == 5 * 8
     linkage = metrics[metrics["metric"] == "linkage-top1"]
     assert len(linkage) == 5 and (linkage["round"] == 2).all()
@@ -206,12 +207,13 @@ def test_flwr_run_with_weights_files_reports_fid_kid_and_fcd(flwr_env, tmp_path,
     metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
     for name in ("fid", "kid", "fcd", "kid_clip", "server-only-fid", "upload-fcd"):
         rows = metrics[metrics["metric"] == name]
-        expected = {"0", "1", "2", "3", "4", "pooled"} if not name.startswith("upload-") else {"0", "1", "2", "3", "4"}
+        pooled = name in ("fid", "fcd", "server-only-fid")  # KID needs per-image features: no pooled row
+        expected = {"0", "1", "2", "3", "4"} | ({"pooled"} if pooled else set())
         assert set(rows["client"]) == expected, name
         assert rows["value"].notna().all(), name
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
     assert "skipped" not in summary["notes"]
-    assert {"fid", "kid", "fcd"} <= set(summary["quality"]["pooled"])
+    assert {"fid", "fcd"} <= set(summary["quality"]["pooled"])
 
 
 def test_a_missing_weights_file_fails_before_any_work(flwr_env, tmp_path):

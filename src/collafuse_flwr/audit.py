@@ -13,9 +13,10 @@ them needs the truth, the clients' training images, which the audit reads from t
 - reconstruction-{psnr,ssim}-{tweedie,wiener}: the server's estimates of x0 from the views;
 - reconstruction-{psnr,ssim}-recompute: the server recomputes the noise of the client's latest
   upload from every seed it can derive from what it holds (run seed, configuration, partition
-  ids, rounds, run key; the public streams of seeds.py and the derivation this project used
-  before the noise became the client's secret) and subtracts it; at best chance-level
-  candidates, so no better than Wiener, unless the noise is not the client's secret;
+  ids, rounds: the public streams of seeds.py and the derivation this project used before the
+  noise became the client's secret) and subtracts it; no better than Wiener unless the noise
+  is not the client's secret (the run key is random and drives no stream: trying it would only
+  make the row differ between runs of one config);
 - linkage-top1 (and linkage-chance = 1/n): matching each view to its source image;
 With t_zeta = T nothing is uploaded: only the server-only rows exist.
 Whether or not the attacks run, every evaluation round reports per client the views of each
@@ -37,7 +38,7 @@ from collafuse_flwr.metrics import disclosure
 from collafuse_flwr.metrics.distances import named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
 from collafuse_flwr.schedule import CutSchedule
-from collafuse_flwr.seeds import public_seed, stream_seed
+from collafuse_flwr.seeds import public_seed
 
 
 class DisclosureAudit:
@@ -48,13 +49,10 @@ class DisclosureAudit:
         schedule: the cut schedule (a = sqrt(abar_r) of the views).
         networks: feature networks for the distance rows.
         cache_dir: where the training images' features are cached.
-        run_key: the run's key (the server holds it; the "recompute" attack tries it too).
     """
 
-    def __init__(self, config: RunConfig, schedule: CutSchedule, networks: list[FeatureNetwork], cache_dir,
-                 run_key: str):
+    def __init__(self, config: RunConfig, schedule: CutSchedule, networks: list[FeatureNetwork], cache_dir):
         self.config = config
-        self.run_key = run_key
         self.schedule = schedule
         self.networks = networks
         self.cache_dir = cache_dir
@@ -131,14 +129,13 @@ class DisclosureAudit:
 
     def derivable_seeds(self, pid: int, server_round: int) -> list[int]:
         """Every upload seed the server can derive from what it holds for partition `pid`'s
-        upload of `server_round`: the public "upload" stream keyed by the run seed, the
-        configuration's identity and the run key at every round so far (and "once"), and
+        upload of `server_round`: the public "upload" stream keyed by the run seed with the
+        configuration's identity or the partition id at every round so far (and "once"), and
         numpy's SeedSequence over (seed, partition[, round]), the derivation used before."""
         c, identity = self.config, self.config.identity_hash()
         rounds = ["once", *range(1, server_round + 1)]
         seeds = [public_seed(c.seed, "upload", identity, r) for r in rounds]
         seeds += [public_seed(c.seed, "upload", pid, r) for r in rounds]
-        seeds += [stream_seed(self.run_key.encode(), "upload", identity, r) for r in rounds]
         seeds += [int(np.random.SeedSequence([c.seed, pid, *r]).generate_state(1)[0])
                   for r in ([], *([k] for k in range(1, server_round + 1)))]
         return seeds

@@ -5,7 +5,7 @@ train:    train the private denoiser on the client's own images for its budget, 
 evaluate: receive the server's handed-over states x_{t_zeta}, finish sampling with the
           private denoiser, save a grid, and report the quality distances (fd_classifier,
           and fid / kid / fcd when their weights are available) against the client's held-out
-          images, the cost of sampling, and (pooled-metrics) the features for the pooled row.
+          images, the cost of sampling, and (pooled-metrics) the feature moments for the pooled row.
 The denoiser, its optimizer and EMA persist on disk between rounds (one checkpoint per
 round, the last two kept) below the client's own state directory (client_state.py), not in
 `context.state` and never at a path a message names, so a resumed round starts from the

@@ -1,5 +1,5 @@
 """What every client handler shares: the validated round context, the client's denoiser on
-disk, and the evaluation reply (quality distances, sampling cost, features for the pooled row)."""
+disk, and the evaluation reply (quality distances, sampling cost, feature moments for the pooled row)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,9 @@ from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accur
 from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
 from collafuse_flwr.models import Denoiser, build_denoiser, resolve_device
 from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, truncate_metrics
-from collafuse_flwr.outputs import append_log, append_metrics, check_output_dir, create_run_dir, write_config
+from collafuse_flwr.outputs import (
+    append_log, append_metrics, check_output_dir, create_run_dir, write_atomically, write_config,
+)
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
 
@@ -107,7 +109,7 @@ def run_key(run_dir: Path) -> str:
     the run under it. It names the run and is no secret: the clients' secrets are their own."""
     path = run_dir / "run-key"
     if not path.exists():
-        path.write_text(secrets.token_hex(16) + "\n")
+        write_atomically(path, secrets.token_hex(16) + "\n")
     key = path.read_text().strip()
     if not RUN_KEY.fullmatch(key):
         raise RuntimeError(f"{path} holds no run key (32 hex digits); the run directory is damaged")

@@ -215,9 +215,8 @@ def unpack_moments(arrays: ArrayRecord, sizes: Mapping[str, int]) -> dict[str, t
             mean = decode(arrays[f"{key}-mean"], "float32", d, f"{key}-mean")
             covariance = decode(arrays[f"{key}-covariance"], "float32", d * d, f"{key}-covariance")
             if mean.shape != (d,) or covariance.shape != (d, d):
-                raise UploadRejected(
-                    f"{key}: decoded mean {mean.shape} and covariance {covariance.shape}, expected ({d},) and ({d}, {d})"
-                )
+                raise UploadRejected(f"{key}: decoded mean {mean.shape} and covariance {covariance.shape}, "
+                                     f"expected ({d},) and ({d}, {d})")
             out[key] = (torch.from_numpy(mean.astype(np.float64)), _covariance(covariance, f"{key}-covariance"))
     return out
 

@@ -1,9 +1,11 @@
 """Load the configured dataset: pick its loader, find its files, cache the decoded images.
 
-Decoding tens of thousands of JPEGs takes minutes and every party (the server and each client
-process) needs the table, so decoded tables are cached below `<output-dir>/.cache/datasets/`
-as .npy files that are memory-mapped on load. The cache key holds the dataset, the resolved
-data directory and the size and time stamps of its top-level files, the split and the size.
+Decoding tens of thousands of JPEGs takes minutes and every process of a machine (a simulation's
+clients, a deployed client) needs the table, so decoded tables are cached as .npy files that
+are memory-mapped on load, in this machine's own cache (`decoded_cache`): never below a path
+the run config names, so a client reads only tables its own machine decoded. The cache key
+holds the dataset, the resolved data directory and the size and time stamps of its top-level
+files, the split and the size.
 """
 
 from __future__ import annotations
@@ -36,13 +38,21 @@ def data_root(config: RunConfig) -> Path:
     return Path.home() / ".cache" / "collafuse-flwr" / "datasets" / config.dataset
 
 
+def decoded_cache() -> Path:
+    """Where decoded tables are cached: $COLLAFUSE_DATA_CACHE, else
+    $XDG_CACHE_HOME/collafuse-flwr/decoded (~/.cache/collafuse-flwr/decoded)."""
+    configured = os.environ.get("COLLAFUSE_DATA_CACHE")
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "collafuse-flwr" / "decoded"
+
+
 def load_table(config: RunConfig) -> ImageTable:
     """The configured dataset split at `image-size` (cached on disk and per process)."""
     if config.dataset == "digits":
         return _digits(config.dataset_split, config.image_size)
-    cache = Path(config.output_dir).expanduser().resolve() / ".cache" / "datasets"
     return _decoded(config.dataset, data_root(config), config.dataset_split, config.image_size,
-                    config.download, cache)
+                    config.download, decoded_cache())
 
 
 @lru_cache(maxsize=2)

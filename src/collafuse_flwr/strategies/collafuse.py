@@ -83,7 +83,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.generator = torch.Generator().manual_seed(public_seed(config.seed, "server-train"))
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
         self.parties = Parties(config.num_clients, run_dir, run_key, config.min_replies)
-        self.audit = DisclosureAudit(config, self.schedule, networks, run_dir.parent / ".cache" / "features", run_key)
+        self.audit = DisclosureAudit(config, self.schedule, networks, run_dir.parent / ".cache" / "features")
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue after `checkpoint`'s round: its RNG state, pool of uploads and audit views
