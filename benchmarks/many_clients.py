@@ -300,7 +300,9 @@ def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool) ->
     if not outcome.ok:
         print(f"{clients} clients: run {outcome.status}; end of its log:\n{outcome.log[-4000:]}",
               file=sys.stderr)
-    models = disk_bytes(outcome.run_dir / "clients") if outcome.run_dir else 0
+    # the clients' private state of this run: below their state root, under the run's key
+    key = (outcome.run_dir / "run-key").read_text().strip() if outcome.run_dir else None
+    models = sum(disk_bytes(d) for d in Path(env["COLLAFUSE_CLIENT_STATE"]).glob(f"partition-*/runs/{key}")) if key else 0
     return {
         "clients": clients, "rounds": rounds, "status": outcome.status,
         **phases(clock.lines, launched, rounds), "total s": round(total, 1),

@@ -63,7 +63,8 @@ MAX_ABS_VALUE = 10.0
 
 
 class UploadRejected(ValueError):
-    """A reply's content does not follow the protocol; the server drops it."""
+    """A message's content does not follow the protocol: the server drops such a reply (a
+    fault of its client); a client refuses such a message (its reply is Flower's error)."""
 
 
 def pack_uploads(x_cut: torch.Tensor, dtype: str, metrics: dict) -> RecordDict:
@@ -89,9 +90,7 @@ def unpack_uploads(
     extra = set(content.keys()) - {UPLOADS, METRICS}
     if extra or METRICS not in content.metric_records:
         raise UploadRejected(f"unexpected records {sorted(extra)} or no metrics record")
-    metrics = check_metrics(content.metric_records[METRICS], TRAIN_METRICS)
-    if metrics["images-seen"] > images_per_round:
-        raise UploadRejected(f"images-seen={metrics['images-seen']} exceeds the budget {images_per_round}")
+    metrics = check_metrics(content.metric_records[METRICS], _train_schema(images_per_round))
     declared = metrics["num-examples"]
     if declared == 0:
         if UPLOADS in content.array_records:
@@ -104,6 +103,11 @@ def unpack_uploads(
     if peak > MAX_ABS_VALUE:
         raise UploadRejected(f"|value| up to {peak:.3g} exceeds {MAX_ABS_VALUE}")
     return torch.from_numpy(values.astype(np.float32)), metrics
+
+
+def _train_schema(images_per_round: int) -> dict[str, tuple[type, float, float | None]]:
+    """TRAIN_METRICS with images-seen bounded by the client's budget per round."""
+    return {**TRAIN_METRICS, "images-seen": (int, 0, images_per_round)}
 
 
 def check_metrics(metrics: Mapping, schema: dict[str, tuple[type, float, float | None]]) -> dict:
@@ -333,11 +337,9 @@ def unpack_weights(
     if set(content.keys()) != {WEIGHTS, METRICS} or WEIGHTS not in content.array_records \
             or METRICS not in content.metric_records:
         raise UploadRejected(f"records {sorted(content.keys())}; expected ['{WEIGHTS}', '{METRICS}']")
-    metrics = check_metrics(content.metric_records[METRICS], TRAIN_METRICS)
+    metrics = check_metrics(content.metric_records[METRICS], _train_schema(images_per_round))
     if not 1 <= metrics["num-examples"] <= cap:
         raise UploadRejected(f"num-examples={metrics['num-examples']} is not a count in [1, {cap}]")
-    if metrics["images-seen"] > images_per_round:
-        raise UploadRejected(f"images-seen={metrics['images-seen']} exceeds the budget {images_per_round}")
     return check_weights(content.array_records[WEIGHTS], reference), metrics
 
 
