@@ -132,3 +132,15 @@ def test_partition_report(shared_data, tmp_path, dataset, overrides):
     else:
         assert set(frame["name"][frame["kind"] == "attribute"]) >= {"Bald", "Eyeglasses"}
     assert (tmp_path / "partition.png").stat().st_size > 10_000
+
+
+def test_partition_report_lists_the_kept_aside_reference_images(tmp_path):
+    """The digits have no test split: the images kept aside for the feature network are a row
+    of their own, and the figure still draws the clients' classes."""
+    config = RunConfig(output_dir=str(tmp_path / "runs"))
+    write_partition_report(tmp_path, config)
+    frame = pd.read_csv(tmp_path / "partition.csv", dtype={"client": str})
+    images = frame[frame["kind"] == "images"]
+    assert images["count"].sum() == len(load_table(config))
+    assert images[images["client"] == "reference"]["split"].tolist() == ["kept-aside"]
+    assert (tmp_path / "partition.png").stat().st_size > 10_000

@@ -52,7 +52,7 @@ def write_partition_report(run_dir: Path, config: RunConfig) -> pd.DataFrame:
     """Write partition.csv and partition.png into `run_dir`; return the frame."""
     frame = partition_frame(config)
     frame.to_csv(run_dir / "partition.csv", index=False)
-    train = frame[frame["split"] == "train"]
+    train = frame[frame["split"] == "train"].astype({"client": int})  # clients only (not "reference")
     totals = train[train["kind"] == "images"].set_index("client")["count"]
     panels = [(draw, counts) for kind, draw in (("class", _class_panel), ("attribute", _attribute_panel))
               if not (counts := _plotted(train, kind, config)).empty]
