@@ -20,7 +20,8 @@ import pandas as pd  # noqa: E402
 QUALITY = (("pooled", "fd_classifier"), ("client-mean", "fd_classifier"), ("pooled", "fid"),
            ("client-mean", "fid"), ("pooled", "fcd"), ("client-mean", "fcd"))
 DISCLOSURE = (("client-mean", "linkage-top1"), ("client-mean", "reconstruction-psnr-tweedie"),
-              ("client-mean", "reconstruction-psnr-wiener"), ("client-mean", "upload-fd_classifier"),
+              ("client-mean", "reconstruction-psnr-wiener"), ("client-mean", "reconstruction-psnr-recompute"),
+              ("client-mean", "upload-fd_classifier"),
               ("pooled", "server-only-fd_classifier"))
 COST = (("client-mean", "flops-train"), ("client-mean", "flops-sample"), ("client-mean", "bytes-up"),
         ("server", "flops-train"), ("server", "flops-sample"), ("client-mean", "bytes-down"))

@@ -15,6 +15,8 @@ COLUMNS = (
     ("FCD pooled", "pooled", "fcd", 1, "{:.1f}"),
     ("linkage top-1", "client-mean", "linkage-top1", 1, "{:.3f}"),
     ("Tweedie PSNR (dB)", "client-mean", "reconstruction-psnr-tweedie", 1, "{:.1f}"),
+    ("Wiener PSNR (dB)", "client-mean", "reconstruction-psnr-wiener", 1, "{:.1f}"),
+    ("recompute-eps PSNR (dB)", "client-mean", "reconstruction-psnr-recompute", 1, "{:.1f}"),
     ("server-only fd pooled", "pooled", "server-only-fd_classifier", 1, "{:.0f}"),
     ("client TFLOPs train", "client-mean", "flops-train", 1e-12, "{:.2f}"),
     ("client GFLOPs sample", "client-mean", "flops-sample", 1e-9, "{:.0f}"),
