@@ -33,7 +33,7 @@ def test_checkpoints_are_complete_or_absent_and_keep_two_rounds(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-002", "round-003", "round-004.tmp"]
     checkpoint = latest_checkpoint(tmp_path, config)
     assert checkpoint.server_round == 3 and checkpoint.strategy_state == {"round": 3}
-    loaded = Denoiser.load(checkpoint.model_dir, 1e-3, 0.99)
+    loaded = checkpoint.model
     for a, b in zip(loaded.net.parameters(), model.net.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -75,7 +75,7 @@ def test_a_resumed_strategy_sees_the_runs_own_round_numbers(tiny_run_config, tmp
 
     config = RunConfig.from_flower(dict(tiny_run_config, strategy="fedavg", **{"num-server-rounds": 4}))
     strategy = FedAvgDiffusion(config, tmp_path, "0" * 32, _model(), tmp_path / "f", [], {})
-    strategy.restore(Checkpoint(2, tmp_path, {}))
+    strategy.restore(Checkpoint(2, _model(), {}))
     # Flower's round 1 is the run's 3 of 4: not an evaluation round (only the last one is)
     assert strategy.configure_evaluate(1, strategy.initial_arrays(), ConfigRecord(), NoNodes()) == []
     strategy.aggregate_evaluate(1, [])

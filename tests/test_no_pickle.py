@@ -77,7 +77,7 @@ def test_the_strategy_state_and_the_ema_load_without_unpickling(tmp_path):
     assert torch.equal(checkpoint.strategy_state["generator"], state["generator"])
     assert checkpoint.strategy_state["audit"]["view_sum"][0][1] == 3
     assert checkpoint.strategy_state["audit"]["last_digest"] == state["audit"]["last_digest"]
-    loaded = Denoiser.load(checkpoint.model_dir, 1e-3, 0.99)
+    loaded = checkpoint.model
     assert loaded.ema.optimization_step == model.ema.optimization_step == 1
     for a, b in zip(loaded.ema.shadow_params, model.ema.shadow_params, strict=True):
         assert torch.equal(a, b)

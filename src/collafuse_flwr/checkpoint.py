@@ -45,10 +45,10 @@ ROUND_DIR = re.compile(r"round-(\d{3,})$")
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A complete checkpoint: the round it ends, the model's directory, the strategy's state."""
+    """A complete checkpoint: the round it ends, its model (loaded), the strategy's state."""
 
     server_round: int
-    model_dir: Path
+    model: Denoiser
     strategy_state: dict
 
 
@@ -88,9 +88,9 @@ def save_checkpoint(run_dir: Path, server_round: int, config: RunConfig, model: 
 STATE_KEYS = {"round": int, "num_server_rounds": int, "config_hash": str}
 
 
-def latest_checkpoint(run_dir: Path, config: RunConfig) -> Checkpoint | None:
-    """The newest checkpoint in `run_dir`, read and checked in full (see above; the model is
-    loaded once on the CPU to check it), or None if there is none. `DamagedFileError` if it is
+def latest_checkpoint(run_dir: Path, config: RunConfig, device: torch.device | str = "cpu") -> Checkpoint | None:
+    """The newest checkpoint in `run_dir`, read and checked in full (see above; its model is
+    loaded onto `device` with the server's learning rate and EMA decay), or None if there is none. `DamagedFileError` if it is
     damaged; `ConfigError` if it was written by another configuration (it is never reused)."""
     rounds = complete_rounds(Path(run_dir) / "checkpoints", Path.is_dir)
     if not rounds:
@@ -102,13 +102,13 @@ def latest_checkpoint(run_dir: Path, config: RunConfig) -> Checkpoint | None:
         strategy_state = read_tensors(directory / "strategy.pt")
         if not isinstance(strategy_state, dict):
             raise DamagedFileError(f"{directory / 'strategy.pt'}: not a strategy state (a dict)")
-        Denoiser.load(directory / "model", config.server_lr, config.ema_decay)
+        model = Denoiser.load(directory / "model", config.server_lr, config.ema_decay, device)
     except DamagedFileError as err:
         raise DamagedFileError(
             f"{err}. The newest checkpoint {directory} is damaged, so the run stops: delete that directory "
             "to resume from the round before it, or run with resume=false to start a new run"
         ) from None
-    return Checkpoint(server_round, directory / "model", strategy_state)
+    return Checkpoint(server_round, model, strategy_state)
 
 
 def _check_state(path: Path, server_round: int, config: RunConfig) -> None:

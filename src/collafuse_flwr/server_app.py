@@ -128,7 +128,7 @@ def main(grid: Grid, context: Context) -> None:
     check_output_dir(config.output_dir)
     device = resolve_device("server-device", config.server_device)
     run_dir = resumable_run(config.output_dir, run_name(config), config) if config.resume else None
-    checkpoint = latest_checkpoint(run_dir, config) if run_dir else None
+    checkpoint = latest_checkpoint(run_dir, config, device) if run_dir else None
     rounds_done = checkpoint.server_round if checkpoint else 0
     if run_dir is None:
         run_dir = create_run_dir(config.output_dir, run_name(config))
@@ -152,7 +152,7 @@ def main(grid: Grid, context: Context) -> None:
             log(WARNING, w.skip_message())
     wait_for_clients(grid, config.num_clients, config.wait_for_clients_seconds)
     if checkpoint:
-        model = Denoiser.load(checkpoint.model_dir, config.server_lr, config.ema_decay, device)
+        model = checkpoint.model
     else:
         net = build_denoiser(
             config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
