@@ -19,7 +19,7 @@ from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import ClientData, client_data, partition_key
 from collafuse_flwr.metrics.cost import sampling_cost
 from collafuse_flwr.metrics.distances import feature_moments, named_distances
-from collafuse_flwr.metrics.features import cached_features, load_feature_networks, pretrained_weights
+from collafuse_flwr.metrics.features import cached_features, load_feature_networks, resolved_weights
 from collafuse_flwr.models import Denoiser, build_denoiser, on_device, resolve_device
 from collafuse_flwr.outputs import save_grid
 from collafuse_flwr.schedule import CutSchedule
@@ -179,7 +179,7 @@ def _quality(client: ClientRound, images: torch.Tensor) -> tuple[dict[str, float
     feature network (the held-out features are cached), and for the pooled row the moments
     {"<network>-<real|generated>": (mean (d,), covariance (d, d))} of both sets' features."""
     config = client.config
-    weights = pretrained_weights(config.fid_weights, config.fcd_weights)
+    weights = resolved_weights(config.fid_weights, config.fcd_weights)
     networks = load_feature_networks(Path(str(client.message_config["classifier-path"])), weights)
     cache_dir = client.state.directory / ".cache" / "features"
     key = f"{partition_key(config)}:client-{client.partition_id}:held-out"

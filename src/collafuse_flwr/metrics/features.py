@@ -173,13 +173,19 @@ def file_identity(path: Path) -> str:
     return hashlib.sha256(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
+def resolved_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]:
+    """Where the InceptionV3 and CLIP weights are (see weights.py), unchecked: what a client
+    uses, once the ServerApp has checked the files (`pretrained_weights`); building a network
+    from them (`load_feature_networks`) still refuses a file that does not fit, never unpickling."""
+    return {"inception": resolve_weights("inception", fid_weights), "clip": resolve_weights("clip", fcd_weights)}
+
+
 def pretrained_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]:
-    """Resolved weights of InceptionV3 and CLIP (see weights.py), each checked against its
-    network before any is built: the file's names and shapes are read (not its data) and
-    loaded into the network on the "meta" device. `ConfigError` naming the key (or the
+    """`resolved_weights`, each checked against its network before any is built: the file's
+    names and shapes are read (not its data) and loaded into the network on the "meta" device. `ConfigError` naming the key (or the
     environment variable, or the cache) and the file for a configured path that does not
     exist, or a file that is cut off, a pickle, or not that network's weights."""
-    weights = {"inception": resolve_weights("inception", fid_weights), "clip": resolve_weights("clip", fcd_weights)}
+    weights = resolved_weights(fid_weights, fcd_weights)
     for name, found in weights.items():
         if found.available:
             try:
