@@ -45,8 +45,8 @@ def cut_point_uploads(client: ClientRound) -> torch.Tensor:
     config, train_images = client.config, client.data.train
     if client.schedule.server_range.is_empty:
         return train_images[:0]
-    coordinates = (config.identity_hash(), client.server_round if config.noise_policy == "fresh" else "once")
-    generator = torch.Generator().manual_seed(client.state.seed("upload", *coordinates))
+    seed = client.seed("upload", per_round=config.noise_policy == "fresh")
+    generator = torch.Generator().manual_seed(seed)
     eps = torch.randn(train_images.shape, generator=generator)
     return client.schedule.noise_to_cut(train_images, eps)
 

@@ -63,10 +63,11 @@ class ClientRound:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.data.train.shape[1:])
 
-    def seed(self, stream: str) -> int:
-        """This client's seed of a secret stream in this round; keyed by the configuration's
-        identity too, so another cut point (say) never reuses the noise of this one."""
-        return self.state.seed(stream, self.config.identity_hash(), self.server_round)
+    def seed(self, stream: str, per_round: bool = True) -> int:
+        """This client's seed of a secret stream, in this round (or the same in every round
+        unless `per_round`); keyed by the configuration's identity too, so another cut point
+        (say) never reuses the noise of this one."""
+        return self.state.seed(stream, self.config.identity_hash(), self.server_round if per_round else "once")
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> "ClientRound":
