@@ -3,6 +3,9 @@
 Flower hands the app a flat dict of kebab-case keys (`t-zeta`, `num-server-rounds`, ...).
 `RunConfig.from_flower` turns it into a frozen dataclass and rejects bad values with a
 message that names the key, the value and what is allowed, before any training starts.
+`KEYS` holds what each key takes on its own (a range or a set of choices); `RunConfig.validate`
+checks it, then what relates two keys or needs parsing. The datasets' facts (names, default
+image sizes and partitions, what each is labelled with) live in `collafuse_flwr.data.facts`.
 """
 
 from __future__ import annotations
@@ -16,17 +19,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-# Resolution used when image-size = 0: the paper's for CIFAR-10 (32), CelebA and AwA2 (64);
-# the 8x8 digits are upsampled to 16.
-DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "celeba": 64, "awa2": 64}
-DATASETS = tuple(DEFAULT_IMAGE_SIZE)
-LABELLED_DATASETS = ("digits", "cifar10", "awa2")  # class labels: label-groups, dirichlet
-ATTRIBUTE_DATASETS = ("celeba", "awa2")  # binary attributes: attribute-groups
-DATASET_SPLITS = ("", "train", "valid", "test", "all")
-PARTITIONS = ("label-groups", "dirichlet", "iid", "attribute-groups")
-# Partition used when partition = "": classes where the dataset has them, else attributes.
-DEFAULT_PARTITION = {"digits": "label-groups", "cifar10": "label-groups", "celeba": "attribute-groups",
-                     "awa2": "attribute-groups"}
+from collafuse_flwr.data.facts import (
+    ATTRIBUTE_DATASETS, DATASET_SPLITS, DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_PARTITION, LABELLED_DATASETS, PARTITIONS,
+)
+
 # collafuse: the exact protocol; published: the authors' variant (protocols.py);
 # fedavg: the FedAvg baseline, full-chain client denoisers averaged by the server (t-zeta unused)
 STRATEGIES = ("collafuse", "published", "fedavg")
@@ -42,31 +38,6 @@ MAX_CUDA_INDEX = 127
 FAULT_KINDS = ("raise", "nan")
 # One fault-injection entry: client and round in ASCII digits (str.isdigit would take '²')
 FAULT_ENTRY = re.compile(rf"([0-9]{{1,9}}):([0-9]{{1,9}}):({'|'.join(FAULT_KINDS)})")
-# Lowest and highest value of every integer key. The upper bounds lie far above any sane run
-# (the paper: T = 1000, 64x64 images, 5 clients, 50 rounds) and keep any one value from
-# exhausting memory or time before training starts. `seed` stays within Flower's signed 64-bit
-# run-config integers; every consumer (torch's manual_seed up to 2^64 - 1 also as
-# seed + 1 + partition id, numpy's SeedSequence, the derived stream seeds) accepts that range.
-# Checked against other keys or the data as well: sampling-steps divides timesteps,
-# classes-per-client <= the dataset's classes; t-zeta, eval-num-samples and min-replies are
-# bounded by other keys only (see `validate`).
-INT_RANGES = {
-    "num-server-rounds": (1, 10_000),
-    "num-clients": (1, 1_000),
-    "image-size": (1, 1_024),
-    "classes-per-client": (1, 1_000),
-    "seed": (0, 2**63 - 1),
-    "timesteps": (1, 100_000),  # the schedule holds a few float arrays of length T
-    "unet-layers-per-block": (1, 8),
-    "batch-size": (1, 4_096),
-    "client-images-per-round": (0, 10_000_000),
-    "server-images-per-round": (0, 10_000_000),
-    "max-uploads-per-client": (1, 1_000_000),
-    "sampling-steps": (1, 100_000),
-    "eval-every": (0, 10_000),
-    "metric-classifier-epochs": (1, 1_000),
-    "disclosure-num-images": (0, 10_000),
-}
 # unet-block-channels: at most this many resolution levels, each 8 to this many channels wide;
 # image-size divisible by 2^(levels - 1) keeps the lowest level at least 1x1
 MAX_UNET_LEVELS = 8
@@ -80,6 +51,86 @@ PATH_KEYS = ("data-dir", "fid-weights", "fcd-weights", "output-dir")
 # Keys that cannot change what a run computes: not part of its identity (`identity_hash`)
 OPERATIONAL_KEYS = ("output-dir", "resume", "wait-for-clients-seconds", "round-timeout-seconds", "server-device",
                     "client-device")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key takes on its own: a number of type `kind` from `low` to `high` (None: no
+    bound on that side; an open end is itself excluded), or one of `choices`. `allowed` is what
+    the error message says; by default it is spelled out from the bounds or the choices."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[str, ...] = ()
+    allowed: str = ""
+
+    def admits(self, value: Any) -> bool:
+        """Whether `value` (already of type `kind`) lies within the bounds or the choices."""
+        if self.choices:
+            return value in self.choices
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        """What is allowed, e.g. "must be >= 1 and <= 1000" or "unknown; allowed: ddpm, ddim"."""
+        if self.allowed:
+            return self.allowed
+        if self.choices:
+            return f"unknown; allowed: {', '.join(self.choices)}"
+        ends = [f"{'>' if self.open_low else '>='} {self.low}" if self.low is not None else "",
+                f"{'<' if self.open_high else '<='} {self.high}" if self.high is not None else ""]
+        return "must be " + " and ".join(end for end in ends if end)
+
+
+# What every key with a range or a set of choices takes, checked by `RunConfig.validate`; the
+# booleans and the free-text keys take anything of their type. The upper bounds of the integer
+# keys lie far above any sane run (the paper: T = 1000, 64x64 images, 5 clients, 50 rounds) and
+# keep any one value from exhausting memory or time before training starts. `seed` stays within
+# Flower's signed 64-bit run-config integers; every consumer (torch's manual_seed up to
+# 2^64 - 1 also as seed + 1 + partition id, numpy's SeedSequence, the derived stream seeds)
+# accepts that range. Checked against other keys or the data as well: sampling-steps divides
+# timesteps, classes-per-client <= the dataset's classes; t-zeta, eval-num-samples and
+# min-replies are bounded by other keys only (see `validate`).
+KEYS = {
+    "num-server-rounds": Rule(int, 1, 10_000),
+    "num-clients": Rule(int, 1, 1_000),
+    "strategy": Rule(str, choices=STRATEGIES),
+    "dataset": Rule(str, choices=DATASETS),
+    "dataset-split": Rule(str, choices=DATASET_SPLITS),
+    "image-size": Rule(int, 1, 1_024),
+    "partition": Rule(str, choices=PARTITIONS),
+    "classes-per-client": Rule(int, 1, 1_000),
+    "dirichlet-alpha": Rule(float, 0, open_low=True),
+    "held-out-fraction": Rule(float, 0, 1, open_low=True, open_high=True, allowed="must lie in (0, 1)"),
+    "seed": Rule(int, 0, 2**63 - 1),
+    "timesteps": Rule(int, 1, 100_000),  # the schedule holds a few float arrays of length T
+    "beta-schedule": Rule(str, choices=BETA_SCHEDULES),
+    "unet-layers-per-block": Rule(int, 1, 8),
+    "batch-size": Rule(int, 1, 4_096),
+    "client-lr": Rule(float, 0, MAX_LR, open_low=True),
+    "server-lr": Rule(float, 0, MAX_LR, open_low=True),
+    "client-images-per-round": Rule(int, 0, 10_000_000),
+    "server-images-per-round": Rule(int, 0, 10_000_000),
+    "ema-decay": Rule(float, 0, 1, open_high=True, allowed="must lie in [0, 1) (0 disables the EMA)"),
+    "server-loss-weighting": Rule(str, choices=SERVER_LOSS_WEIGHTINGS),
+    "noise-policy": Rule(str, choices=NOISE_POLICIES),
+    "upload-dtype": Rule(str, choices=UPLOAD_DTYPES),
+    "max-uploads-per-client": Rule(int, 1, 1_000_000),
+    "sampler": Rule(str, choices=SAMPLERS),
+    "sampling-steps": Rule(int, 1, 100_000),
+    "ddim-eta": Rule(float, 0, 1, allowed="must lie in [0, 1]"),
+    "eval-every": Rule(int, 0, 10_000),
+    "metric-classifier-epochs": Rule(int, 1, 1_000),
+    "disclosure-num-images": Rule(int, 0, 10_000),  # and not 1 (see `validate`)
+    "wait-for-clients-seconds": Rule(float, 0, open_low=True),
+    "round-timeout-seconds": Rule(float, 0, open_low=True),
+}
+# Lowest and highest value of every integer key in `KEYS`
+INT_RANGES = {key: (rule.low, rule.high) for key, rule in KEYS.items() if rule.kind is int}
 
 
 class ConfigError(ValueError):
@@ -215,7 +266,9 @@ class RunConfig:
         return server_round == self.num_server_rounds or bool(every and server_round % every == 0)
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the key, the value and what is allowed."""
+        """Raise `ConfigError` naming the key, the value and what is allowed: first what each key
+        takes on its own (no NUL byte, a path that expands, its rule in `KEYS`), then what
+        depends on other keys or needs parsing."""
         for key, value in self.to_flower().items():
             if isinstance(value, str) and "\0" in value:
                 raise ConfigError(f"{key}={value!r}: must not contain a NUL byte")
@@ -223,10 +276,14 @@ class RunConfig:
             _path(key, self._value(key))
         if not self.output_dir.strip():
             raise ConfigError(f"output-dir={self.output_dir!r}: must name a directory, e.g. 'results/runs'")
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("dataset-split", self.dataset_split, DATASET_SPLITS)
-        _choice("partition", self.partition, PARTITIONS)
+        for key, rule in KEYS.items():
+            value = self._value(key)
+            if not rule.admits(value):
+                raise ConfigError(f"{key}={value!r}: {rule.describe()}")
+        if self.disclosure_num_images == 1:
+            raise ConfigError(
+                f"disclosure-num-images={self.disclosure_num_images}: must be 0 (no attacks) or >= 2"
+            )
         if self.partition in ("label-groups", "dirichlet") and self.dataset not in LABELLED_DATASETS:
             raise ConfigError(
                 f"partition={self.partition!r}: dataset={self.dataset!r} has no class labels; "
@@ -238,31 +295,10 @@ class RunConfig:
                 f"use it with {' or '.join(ATTRIBUTE_DATASETS)}, or partition='label-groups', "
                 "'dirichlet' or 'iid'"
             )
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("beta-schedule", self.beta_schedule, BETA_SCHEDULES)
-        _choice("noise-policy", self.noise_policy, NOISE_POLICIES)
-        _choice("server-loss-weighting", self.server_loss_weighting, SERVER_LOSS_WEIGHTINGS)
-        _choice("upload-dtype", self.upload_dtype, UPLOAD_DTYPES)
-        for key, (low, high) in INT_RANGES.items():
-            value = self._value(key)
-            if not low <= value <= high:
-                raise ConfigError(f"{key}={value}: must be >= {low} and <= {high}")
-        for key in ("client-lr", "server-lr"):
-            if not 0 < self._value(key) <= MAX_LR:
-                raise ConfigError(f"{key}={self._value(key)!r}: must be > 0 and <= {MAX_LR}")
-        for key in ("dirichlet-alpha", "wait-for-clients-seconds", "round-timeout-seconds"):
-            if not self._value(key) > 0:
-                raise ConfigError(f"{key}={self._value(key)!r}: must be > 0")
         if not 0 <= self.t_zeta <= self.timesteps:
             raise ConfigError(
                 f"t-zeta={self.t_zeta}: the cut point must lie in [0, timesteps={self.timesteps}]"
             )
-        if not 0 < self.held_out_fraction < 1:
-            raise ConfigError(f"held-out-fraction={self.held_out_fraction}: must lie in (0, 1)")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema-decay={self.ema_decay}: must lie in [0, 1) (0 disables the EMA)")
-        if not 0 <= self.ddim_eta <= 1:
-            raise ConfigError(f"ddim-eta={self.ddim_eta}: must lie in [0, 1]")
         if self.sampling_steps > self.timesteps or self.timesteps % self.sampling_steps:
             raise ConfigError(
                 f"sampling-steps={self.sampling_steps}: must divide timesteps={self.timesteps} "
@@ -279,10 +315,6 @@ class RunConfig:
                 f"eval-num-samples={self.eval_num_samples}: must lie in [2, max-uploads-per-client="
                 f"{self.max_uploads_per_client}] and be <= {MAX_EVAL_NUM_SAMPLES} (distances need two "
                 "samples; the server caps a reply)"
-            )
-        if self.disclosure_num_images == 1:
-            raise ConfigError(
-                f"disclosure-num-images={self.disclosure_num_images}: must be 0 (no attacks) or >= 2"
             )
         for key in ("server-device", "client-device"):
             match = DEVICE.fullmatch(self._value(key))
@@ -345,11 +377,6 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{key}={value!r}: must be a string (quote it: {key}='...')")
     return value
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r}: unknown; allowed: {', '.join(allowed)}")
 
 
 def _path(key: str, value: str) -> None:

@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from collafuse_flwr.data.celeba import load_celeba
 from collafuse_flwr.data.cifar10 import load_cifar10
 from collafuse_flwr.data.digits import load_digits
 from collafuse_flwr.data.table import DatasetError, ImageTable
+from collafuse_flwr.outputs import write_directory_atomically
 
 LOADERS = {"cifar10": load_cifar10, "celeba": load_celeba, "awa2": load_awa2}
 CACHE_FORMAT = 2  # raised whenever decoding changes what a cached table holds
@@ -84,23 +84,24 @@ def _entry(cache: Path, name: str, root: Path, split: str, image_size: int) -> P
 
 
 def _write(entry: Path, table: ImageTable) -> None:
-    """Write `table` as `entry/` atomically (a temporary directory renamed into place)."""
+    """Write `table` as `entry/`, atomically. Every writer of an entry fills the same
+    `<entry>.tmp/`, so processes that decode the same table at once take turns on `entry.lock`;
+    whoever comes second finds the table written and leaves it."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     with open(entry.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (entry / "table.json").exists():
-            return
-        tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        np.save(tmp / "images.npy", table.images)
-        for field in ("labels", "attributes"):
-            if getattr(table, field) is not None:
-                np.save(tmp / f"{field}.npy", getattr(table, field))
-        meta = {"class_names": table.class_names, "attribute_names": table.attribute_names,
-                "source": table.source}
-        (tmp / "table.json").write_text(json.dumps(meta))
-        os.replace(tmp, entry)
+        if not (entry / "table.json").exists():
+            write_directory_atomically(entry, lambda directory: _fill(directory, table))
+
+
+def _fill(directory: Path, table: ImageTable) -> None:
+    """Save `table`'s arrays as .npy files and its names and source as table.json."""
+    np.save(directory / "images.npy", table.images)
+    for field in ("labels", "attributes"):
+        if getattr(table, field) is not None:
+            np.save(directory / f"{field}.npy", getattr(table, field))
+    meta = {"class_names": table.class_names, "attribute_names": table.attribute_names, "source": table.source}
+    (directory / "table.json").write_text(json.dumps(meta))
 
 
 def _read(entry: Path) -> ImageTable:

@@ -1,0 +1,18 @@
+"""What the run config needs to know about the datasets: their names, default resolutions,
+splits, what they are labelled with and which partitions they allow.
+
+Plain constants that import nothing from the package, so that `config` can read them without
+loading the datasets' code (which itself needs `config`).
+"""
+
+# Resolution used when image-size = 0: the paper's for CIFAR-10 (32), CelebA and AwA2 (64);
+# the 8x8 digits are upsampled to 16.
+DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "celeba": 64, "awa2": 64}
+DATASETS = tuple(DEFAULT_IMAGE_SIZE)
+LABELLED_DATASETS = ("digits", "cifar10", "awa2")  # class labels: label-groups, dirichlet
+ATTRIBUTE_DATASETS = ("celeba", "awa2")  # binary attributes: attribute-groups
+DATASET_SPLITS = ("", "train", "valid", "test", "all")
+PARTITIONS = ("label-groups", "dirichlet", "iid", "attribute-groups")
+# Partition used when partition = "": classes where the dataset has them, else attributes.
+DEFAULT_PARTITION = {"digits": "label-groups", "cifar10": "label-groups", "celeba": "attribute-groups",
+                     "awa2": "attribute-groups"}
