@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/many_clients.py [--clients 5 20 100] [--rounds 3] [--csv PATH]
                                                 [--project DIR] [--work-dir DIR] [--echo]
 
-For each client count N, one `flwr run` (through `collafuse_flwr.launch.flwr_run`) of the
+For each client count N, one `flwr run` (through `collafuse_flwr.tools.launch.flwr_run`) of the
 project in `--project` (default: this repository; its `src/` is put first on PYTHONPATH, so a
 snapshot such as `git archive HEAD` can be measured while the work tree is being edited) on
-its own local SuperLink (`collafuse_flwr.launch.isolated_env`, as the tests use it: own
+its own local SuperLink (`collafuse_flwr.tools.launch.isolated_env`, as the tests use it: own
 FLWR_HOME and ports, no pretrained weights, so FID/KID/FCD are skipped),
 N SuperNodes of 1 CPU, the embedded digits at 8x8 (default partition label-groups, 2 classes
 per client: about 14 training and 4 held-out images per client at N = 100), a U-Net of
@@ -74,7 +74,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from collafuse_flwr.launch import flwr_run, format_run_config, isolated_env
+from collafuse_flwr.tools.launch import flwr_run, format_run_config, isolated_env
 
 PROJECT = Path(__file__).resolve().parents[1]
 ROUND_START = re.compile(r"\[ROUND (\d+)/\d+\]")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.cost import forward_flops, training_flops
-from collafuse_flwr.models import build_denoiser
+from collafuse_flwr.diffusion.models import build_denoiser
 
 PROJECT = Path(__file__).resolve().parents[1]
 CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "awa2": 3}

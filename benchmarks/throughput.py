@@ -18,11 +18,11 @@ import torch
 
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_data
-from collafuse_flwr.losses import client_loss, server_loss
-from collafuse_flwr.models import Denoiser, build_denoiser
-from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
-from collafuse_flwr.schedule import CutSchedule
-from collafuse_flwr.training import train_for_images
+from collafuse_flwr.diffusion.losses import client_loss
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
+from collafuse_flwr.diffusion.protocol import Protocol
+from collafuse_flwr.diffusion.sampling import initial_noise
+from collafuse_flwr.diffusion.training import train_for_images
 
 
 def timed(fn) -> float:
@@ -39,7 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = RunConfig()
-    schedule = CutSchedule(config.timesteps, config.t_zeta)
+    protocol = Protocol.of(config)
+    schedule = protocol.schedule
     data = client_data(config, 0).train
     generator = torch.Generator().manual_seed(0)
 
@@ -49,17 +50,16 @@ def main() -> None:
 
     client, server = make(), make()
     x_cut = schedule.noise_to_cut(data, torch.randn(data.shape, generator=generator))
-    sampler = make_sampler("ddim", schedule, config.sampling_steps)
-    server_steps, client_steps = split_at_cut(sampler, config.t_zeta)
+    sampler = protocol.sampler(config)
     runs = {"client train img/s": [], "server train img/s": [], "server half s": [], "client half s": []}
     for _ in range(args.repeats + 1):  # the first repeat warms up and is dropped
         c = timed(lambda: train_for_images(client, data, args.images, config.batch_size,
                                            lambda n, b, g: client_loss(n, schedule, b, g), generator))
         s = timed(lambda: train_for_images(server, x_cut, args.images, config.batch_size,
-                                           lambda n, b, g: server_loss(n, schedule, b, g), generator))
+                                           protocol.server_loss, generator))
         x = initial_noise(config.eval_num_samples, (1, config.image_size, config.image_size), 0)
-        hs = timed(lambda: denoise(server.for_sampling(), sampler, x, server_steps, 0))
-        hc = timed(lambda: denoise(client.for_sampling(), sampler, x, client_steps, 0))
+        hs = timed(lambda: sampler.run(server.for_sampling(), x, sampler.server_steps, 0))
+        hc = timed(lambda: sampler.run(client.for_sampling(), x, sampler.client_steps, 0))
         for key, value in zip(runs, (args.images / c, args.images / s, hs, hc)):
             runs[key].append(value)
     print(f"threads={args.threads} model={config.unet_block_channels} image={config.image_size} "

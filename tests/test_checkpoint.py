@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord
 
 from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, save_checkpoint, truncate_metrics
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import append_metrics, create_run_dir, write_config
 
 

@@ -135,7 +135,7 @@ def test_every_simulation_overlay_and_sweep_is_valid(tmp_path, monkeypatch):
     import tomllib
     from pathlib import Path
 
-    from collafuse_flwr.sweep import load_sweep
+    from collafuse_flwr.tools.sweep import load_sweep
 
     project = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(project)  # sweeps name data directories relative to the project

@@ -16,7 +16,7 @@ import torch
 from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, save_checkpoint
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import (DamagedFileError, append_metrics, create_run_dir, write_atomically,
                                     write_config, write_directory_atomically)
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from collafuse_flwr import client_app, server_app, wire
+from collafuse_flwr import client_app, wire
+from collafuse_flwr.strategies import setup
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_data, load_table
 from collafuse_flwr.data.clients import MIN_HELD_OUT, client_indices, reference_images
@@ -22,7 +23,7 @@ from collafuse_flwr.data.report import partition_frame
 from collafuse_flwr.metrics.classifier import load_classifier
 from collafuse_flwr.metrics.distances import feature_moments, frechet_distance, named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork, load_feature_networks, pretrained_weights
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from exchange import Grid, answer, send
 from test_wire import RUN_KEY, client_context
@@ -45,15 +46,15 @@ def test_feature_network_learns_from_images_no_client_holds(tiny_run_config, mon
         def call(first, images, *args):
             seen[name] = images
             return function(first, images, *args)
-        monkeypatch.setattr(server_app, function.__name__, call)
+        monkeypatch.setattr(setup, function.__name__, call)
 
-    spy("train", server_app.cache_classifier)
-    spy("check", server_app.classifier_accuracy)
-    server_app.feature_network(config)
+    spy("train", setup.cache_classifier)
+    spy("check", setup.classifier_accuracy)
+    setup.feature_network(config)
     table = load_table(config)
     assert torch.equal(seen["train"], torch.from_numpy(table.images[reference.train]))
     assert torch.equal(seen["check"], torch.from_numpy(table.images[reference.check]))
-    notes = server_app.evaluation_notes(config, pretrained_weights("", ""))
+    notes = setup.evaluation_notes(config, pretrained_weights("", ""))
     assert "kept aside from all clients" in notes["fd_classifier"]
     assert "no pooled KID" in notes["pooled"] and "labels" in notes["pooled"]
 
@@ -286,7 +287,7 @@ def digits_feature_network(tmp_path_factory):
     output = tmp_path_factory.mktemp("feature-network")
     run_config = dict(TINY, **{"t-zeta": 0, "metric-classifier-epochs": 15, "disclosure-num-images": 0,
                                "output-dir": str(output)})
-    path, _ = server_app.feature_network(RunConfig.from_flower(run_config))
+    path, _ = setup.feature_network(RunConfig.from_flower(run_config))
     return run_config, path
 
 

@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
 from exchange import answer, send_train
 from test_wire import RUN_KEY, train_metrics

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.launch import flwr_run, isolated_env
-from collafuse_flwr.models import build_denoiser
+from collafuse_flwr.tools.launch import flwr_run, isolated_env
+from collafuse_flwr.diffusion.models import build_denoiser
 
 PROJECT = Path(__file__).resolve().parents[1]
 FEDERATION = "num-supernodes=5 client-resources-num-cpus=1 client-resources-num-gpus=0"
@@ -135,7 +135,7 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
         steps("0", "bytes-down-train").sum() + steps("0", "bytes-down-sample").sum())
     assert cost["server"]["nfe-train"] == 2 * 64
 
-    from collafuse_flwr.plots import plot_run
+    from collafuse_flwr.tools.plots import plot_run
 
     figures = plot_run(run_dir)
     assert [f.name for f in figures] == ["quality.png", "disclosure.png", "cost.png"]
@@ -227,8 +227,8 @@ def test_a_missing_weights_file_fails_before_any_work(flwr_env, tmp_path):
 def test_a_sweep_resumes_and_reports_a_failing_run_as_failed(flwr_env, tmp_path):
     """Two real runs: digits completes; CIFAR-10 from an empty folder without download fails.
     The relaunch skips the finished run and retries the failed one; the table says which is which."""
-    from collafuse_flwr.sweep import load_sweep, run_sweep, summary_table
-    from collafuse_flwr.sweep_plots import plot_sweep
+    from collafuse_flwr.tools.sweep import load_sweep, run_sweep, summary_table
+    from collafuse_flwr.tools.sweep_plots import plot_sweep
 
     env, _ = flwr_env
     (tmp_path / "empty").mkdir()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.common.config import parse_config_args
 
-from collafuse_flwr.launch import merge_run_configs
+from collafuse_flwr.tools.launch import merge_run_configs
 
 
 def test_overlay_and_strings_merge_later_wins(tmp_path):

@@ -127,7 +127,7 @@ def test_real_features_are_computed_once_and_keyed_by_network_and_images(tmp_pat
 
 def test_flop_counts_are_remembered_per_architecture_and_image_shape():
     from collafuse_flwr.metrics.cost import forward_flops, sampling_cost, train_cost, training_flops
-    from collafuse_flwr.models import build_denoiser
+    from collafuse_flwr.diffusion.models import build_denoiser
 
     small, same, wide = (build_denoiser(8, 1, channels, seed=seed) for channels, seed in
                          (((8, 16), 0), ((8, 16), 1), ((16, 32), 0)))

@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from collafuse_flwr import models
+from collafuse_flwr.diffusion import models
 from collafuse_flwr.config import ConfigError
-from collafuse_flwr.models import Denoiser, build_denoiser, on_device, resolve_device
-from collafuse_flwr.training import train_for_images
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device, resolve_device
+from collafuse_flwr.diffusion.training import train_for_images
 
 
 def _loss(net, x, g):

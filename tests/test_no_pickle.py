@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from collafuse_flwr.checkpoint import latest_checkpoint, save_checkpoint
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.metrics.features import InceptionFeatures, pretrained_weights
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.outputs import DamagedFileError
 
 

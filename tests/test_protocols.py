@@ -6,25 +6,34 @@ import pytest
 import torch
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.losses import published_server_loss
-from collafuse_flwr.protocols import clamps_handover, handover_time
-from collafuse_flwr.sampling import make_sampler, split_at_cut
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.diffusion.losses import published_server_loss
+from collafuse_flwr.diffusion.protocol import Protocol
+from collafuse_flwr.diffusion.schedule import CutSchedule
 
 
 @pytest.mark.parametrize("t_zeta,expected", [(0, 0), (100, 190), (200, 360), (500, 750), (1000, 1000)])
 def test_published_handover_is_T_rho_2_minus_rho(t_zeta, expected):
-    published = RunConfig(strategy="published", t_zeta=t_zeta)
-    assert handover_time(published) == expected
-    assert handover_time(RunConfig(t_zeta=t_zeta)) == t_zeta
-    assert clamps_handover(published) and not clamps_handover(RunConfig(t_zeta=t_zeta))
+    published = Protocol.of(RunConfig(strategy="published", t_zeta=t_zeta))
+    exact = Protocol.of(RunConfig(t_zeta=t_zeta))
+    assert published.handover_time == expected and exact.handover_time == t_zeta
+    assert published.clamps_handover and not exact.clamps_handover
+    assert published.schedule.t_zeta == exact.schedule.t_zeta == t_zeta
 
 
 def test_published_client_runs_the_steps_below_the_handover():
     config = RunConfig(strategy="published", t_zeta=200)
-    sampler = make_sampler("ddim", CutSchedule(1000, 200), 50)
-    server, client = split_at_cut(sampler, handover_time(config))
+    sampler = Protocol.of(config).sampler(config)
+    server, client = sampler.server_steps, sampler.client_steps
     assert len(client) == 18 and len(server) == 32  # grid 1000, 980, ..., 20: 18 steps start at t <= 360
+
+
+def test_fedavg_is_the_full_chain_sampled_by_the_client():
+    config = RunConfig(strategy="fedavg", t_zeta=200)
+    protocol = Protocol.of(config)
+    assert protocol.variant == "full-chain" and protocol.schedule.t_zeta == config.timesteps
+    assert protocol.schedule.server_range.is_empty and len(protocol.schedule.client_range) == config.timesteps
+    sampler = protocol.sampler(config)
+    assert len(sampler.server_steps) == 0 and sampler.client_steps.equal(sampler.all_steps)
 
 
 class Recorder(torch.nn.Module):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collafuse_flwr.models import build_denoiser
-from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.diffusion.models import build_denoiser
+from collafuse_flwr.diffusion.sampling import denoise, initial_noise, make_sampler, split_at_cut
+from collafuse_flwr.diffusion.schedule import CutSchedule
 
 
 @pytest.fixture(scope="module")

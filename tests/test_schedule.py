@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collafuse_flwr.losses import client_loss, server_loss
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.diffusion.losses import client_loss, server_loss
+from collafuse_flwr.diffusion.schedule import CutSchedule
 
 
 class RecordingNet(torch.nn.Module):

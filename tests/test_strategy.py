@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.strategies import collafuse
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.strategies.parties import RoundFailed
@@ -156,7 +156,7 @@ def test_views_per_image_that_left_each_client_are_counted(policy, views, tiny_r
         sent = send_train(strategy, [10], server_round)
         reply = client_app.train(sent[10], client_context(run_config, tmp_path / "client"))
         strategy.aggregate_train(server_round, [reply])
-    abar = float(strategy.schedule.alpha_bar[strategy.config.t_zeta])
+    abar = float(strategy.protocol.schedule.alpha_bar[strategy.config.t_zeta])
     rows = dict(((client, metric), value) for client, metric, value in strategy.audit.view_rows())
     assert rows[("0", "views-per-image")] == views
     assert rows[("0", "effective-snr")] == pytest.approx(views * abar / (1 - abar))

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from collafuse_flwr.config import ConfigError
-from collafuse_flwr.sweep import load_sweep
+from collafuse_flwr.tools.sweep import load_sweep
 
 HEAD = '[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [20]\nseeds = [0]\n'
 TINY = '''
@@ -131,7 +131,7 @@ def test_unreadable_overlay_and_sweep_files_are_named(tmp_path):
 def test_results_table_gives_mean_and_spread_over_seeds():
     import pandas as pd
 
-    from collafuse_flwr.sweep_tables import results_table, to_markdown
+    from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
 
     def row(strategy, t_zeta, seed, party, metric, value, status="finished:completed"):
         return dict(run=f"{strategy}-{t_zeta}-{seed}", dataset="digits", strategy=strategy, t_zeta=t_zeta, seed=seed,

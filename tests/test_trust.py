@@ -9,9 +9,9 @@ import torch
 from flwr.common.serde import recorddict_to_proto
 
 from collafuse_flwr import client_app
-from collafuse_flwr.client_state import ClientState
+from collafuse_flwr.clients.state import ClientState
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.models import Denoiser, build_denoiser
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from exchange import send_train

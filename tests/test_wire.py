@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from collafuse_flwr import client_app, wire
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_data
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.diffusion.schedule import CutSchedule
 
 
 RUN_KEY = "5eed" * 8
@@ -172,7 +172,7 @@ def test_client_validates_the_handover():
 
 
 def test_fedavg_client_replies_with_its_trained_weights_only(tiny_run_config, tmp_path, task_identity):
-    from collafuse_flwr.models import Denoiser, build_denoiser
+    from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 
     run_config = dict(tiny_run_config, strategy="fedavg")
     config = RunConfig.from_flower(run_config)

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.models import Denoiser
+from collafuse_flwr.diffusion.models import Denoiser
 from collafuse_flwr.outputs import (METRICS_HEADER, DamagedFileError, read_tensors, write_atomically,
                                     write_directory_atomically)
 

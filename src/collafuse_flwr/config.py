@@ -23,7 +23,7 @@ from collafuse_flwr.data.facts import (
     ATTRIBUTE_DATASETS, DATASET_SPLITS, DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_PARTITION, LABELLED_DATASETS, PARTITIONS,
 )
 
-# collafuse: the exact protocol; published: the authors' variant (protocols.py);
+# collafuse: the exact protocol; published: the authors' variant (diffusion/protocol.py);
 # fedavg: the FedAvg baseline, full-chain client denoisers averaged by the server (t-zeta unused)
 STRATEGIES = ("collafuse", "published", "fedavg")
 SAMPLERS = ("ddpm", "ddim")

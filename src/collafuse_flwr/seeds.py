@@ -11,7 +11,7 @@ of key:
 
 - public: the run seed (`public_seed`); everyone who has the run config can recompute these
   streams: the server's sampling, the evaluation starts, the audit's own samples;
-- secret: a client's `ClientSecret` (client_state.py), 32 random bytes created on the client and
+- secret: a client's secret (clients/state.py), 32 random bytes created on the client and
   never sent: its upload noise and its training minibatches. Nothing in the run config, in any
   message or in any server-side file determines these streams.
 """

@@ -1,33 +1,16 @@
-"""The CollaFuse ServerApp: validate the config, make the run directory, run the strategy."""
+"""The ServerApp: Flower glue only. It reads the run config, sets the run up
+(strategies/setup.py: checks, run directory, feature network, strategy), waits for the
+SuperNodes and starts the strategy."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import secrets
 import time
-from logging import INFO, WARNING
-from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, Context
-from flwr.common.logger import log
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from collafuse_flwr.client_state import RUN_KEY
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.data import client_indices, image_shape, load_table, partition_key
-from collafuse_flwr.data.clients import reference_images
-from collafuse_flwr.data.report import write_partition_report
-from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
-from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
-from collafuse_flwr.models import Denoiser, build_denoiser, resolve_device
-from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, truncate_metrics
-from collafuse_flwr.outputs import (
-    append_log, append_metrics, check_output_dir, create_run_dir, write_atomically, write_config,
-)
-from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
-from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
+from collafuse_flwr.strategies.setup import prepare_run
 
 app = ServerApp()
 
@@ -45,134 +28,9 @@ def wait_for_clients(grid: Grid, count: int, seconds: float) -> list[int]:
     return nodes
 
 
-def feature_network(config: RunConfig) -> tuple[Path, float]:
-    """Train (once, cached) the fd_classifier feature network on reference images that no
-    client holds (`reference_images`: the dataset's official test split, else a share of the
-    dataset kept aside from all clients before partitioning); return its path and its accuracy
-    on the reference images held back from its training. No client's image or label is read."""
-    reference = reference_images(config)
-    key = json.dumps(["reference", partition_key(config), config.metric_classifier_epochs])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = Path(config.output_dir).expanduser().resolve() / ".cache" / f"fd_classifier-{digest}.safetensors"
-    images, targets = reference.table.images, reference.table.targets()
-    net = cache_classifier(
-        path, torch.from_numpy(images[reference.train]), targets[reference.train],
-        config.metric_classifier_epochs, config.seed,
-    )
-    return path, classifier_accuracy(net, torch.from_numpy(images[reference.check]), targets[reference.check])
-
-
-def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
-    """What summary.json says beside the numbers: sample sizes, the feature network's data,
-    what the pooled row is made of, skipped metrics, why disclosure figures may be missing."""
-    notes: dict[str, object] = {
-        "samples": (
-            f"quality distances compare eval-num-samples={config.eval_num_samples} generated images "
-            "per client with the client's held-out images (num-generated, num-real); Fréchet "
-            "distances are biased upward at a few hundred samples (the usual FID uses 50,000): "
-            "compare them only at equal sample counts"
-        ),
-        "fd_classifier": (
-            "Fréchet distance on the features of a small classifier trained on "
-            f"{reference_images(config).description}; feature-network-accuracy is measured on the "
-            "part of them held back from its training; not Inception FID"
-        ),
-        "pooled": (
-            "Fréchet distances only, pooled exactly from each client's count, mean and covariance of "
-            "its held-out and of its generated images' features (what the clients send: statistics "
-            "of each set, such as its class mix, never one image's features); no pooled KID, which "
-            "would need every image's features, from which the server recovers the held-out labels"
-            if config.pooled_metrics else "pooled-metrics = false: the clients send no feature moments, no pooled row"
-        ),
-    }
-    skipped = {w.backbone.name: w.skip_message() for w in weights.values() if not w.available}
-    if skipped:
-        notes["skipped"] = skipped
-    if config.strategy == "fedavg":
-        notes["disclosure"] = "fedavg: clients send weights, never images; the image attacks do not apply"
-    elif config.disclosure_num_images == 0:
-        notes["disclosure"] = "disclosure-num-images = 0: no attacks were run"
-    elif config.t_zeta == config.timesteps:
-        notes["disclosure"] = "t_zeta = T: nothing is uploaded, the server can only guess (linkage = chance)"
-    return notes
-
-
-def run_name(config: RunConfig) -> str:
-    """The run directory's name: dataset, strategy and (except for FedAvg) the cut point."""
-    cut = "" if config.strategy == "fedavg" else f"-tz{config.t_zeta}"
-    return f"{config.dataset}-{config.strategy}{cut}"
-
-
-def run_key(run_dir: Path) -> str:
-    """The run's key: 32 random hex digits made with the run directory (its file `run-key`)
-    and read back when the run resumes. Every message carries it; clients keep their state of
-    the run under it. It names the run and is no secret: the clients' secrets are their own."""
-    path = run_dir / "run-key"
-    if not path.exists():
-        write_atomically(path, secrets.token_hex(16) + "\n")
-    key = path.read_text().strip()
-    if not RUN_KEY.fullmatch(key):
-        raise RuntimeError(f"{path} holds no run key (32 hex digits); the run directory is damaged")
-    return key
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run `num-server-rounds` rounds of the configured strategy (CollaFuse, the published
-    variant or FedAvg) and write everything into one run directory."""
     config = RunConfig.from_flower(context.run_config)
-    weights = pretrained_weights(config.fid_weights, config.fcd_weights)  # bad paths fail here
-    log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
-    shape = image_shape(config)
-    client_indices(config)  # checks the partition before anything is written
-    check_output_dir(config.output_dir)
-    device = resolve_device("server-device", config.server_device)
-    run_dir = resumable_run(config.output_dir, run_name(config), config) if config.resume else None
-    checkpoint = latest_checkpoint(run_dir, config, device) if run_dir else None
-    rounds_done = checkpoint.server_round if checkpoint else 0
-    if run_dir is None:
-        run_dir = create_run_dir(config.output_dir, run_name(config))
-        write_config(run_dir, config.to_flower())
-        write_partition_report(run_dir, config)
-    else:
-        truncate_metrics(run_dir, rounds_done)
-        line = f"resumed after round {rounds_done} of {config.num_server_rounds} (config {config.identity_hash()})"
-        log(INFO, "CollaFuse %s", line)
-        append_log(run_dir, line)
-    key = run_key(run_dir)
-    log(INFO, "CollaFuse run directory: %s (server denoiser on %s)", run_dir, device)
-    classifier_path, accuracy = feature_network(config)
-    log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
-    append_metrics(run_dir, [(0, "server", "feature-network-accuracy", accuracy)])
-    notes = evaluation_notes(config, weights)
-    for w in weights.values():
-        if w.available:
-            log(INFO, "%s weights: %s (from %s)", w.backbone.name, w.path, w.found_in)
-        else:
-            log(WARNING, w.skip_message())
+    run = prepare_run(config)
     wait_for_clients(grid, config.num_clients, config.wait_for_clients_seconds)
-    if checkpoint:
-        model = checkpoint.model
-    else:
-        net = build_denoiser(
-            config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
-            config.unet_attention, seed=config.seed,
-        )
-        model = Denoiser(net, config.server_lr, config.ema_decay, device)
-    networks = load_feature_networks(classifier_path, weights)
-    if config.strategy == "fedavg":
-        strategy = FedAvgDiffusion(config, run_dir, key, model, classifier_path, networks, notes)
-        initial = strategy.initial_arrays()
-    else:
-        strategy = CollaFuseStrategy(config, run_dir, key, model, shape, classifier_path, networks, notes)
-        initial = ArrayRecord()
-    if checkpoint:
-        strategy.restore(checkpoint)
-    start = time.perf_counter()
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=config.num_server_rounds - rounds_done,
-        timeout=config.round_timeout_seconds,
-    )
-    log(INFO, "%s finished in %.0fs; results in %s", config.strategy, time.perf_counter() - start, run_dir)
+    run.start(grid)

@@ -5,5 +5,6 @@ weights.py      where InceptionV3 and CLIP weights are found, and what is skippe
 features.py     feature networks and the cache of real-image features
 distances.py    Fréchet distance and KID on features
 disclosure.py   attacks on the cut-point uploads: reconstruction and linkage
+audit.py        the disclosure audit of a run (simulation only: it reads the true images)
 cost.py         NFEs and FLOPs per party
 """

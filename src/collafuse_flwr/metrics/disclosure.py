@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.diffusion.schedule import CutSchedule
 
 PSNR_CAP = 100.0  # dB: exact reconstructions (t_zeta = 0) report the cap instead of infinity
 

@@ -8,7 +8,7 @@ Each round:
                        down to t_zeta and send each client its handed-over states;
   aggregate_evaluate-> collect each client's quality and cost figures, compute the pooled
                        quality row from the clients' features, run the disclosure audit
-                       (audit.py) and rewrite summary.json.
+                       (metrics/audit.py) and rewrite summary.json.
 Every round also records what each party computed (NFEs, FLOPs, seconds) and the bytes of
 every message each way (metrics.csv, long format).
 The server denoiser, its optimizer, RNG, pool and audit views live here and are checkpointed
@@ -29,21 +29,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from collafuse_flwr import wire
-from collafuse_flwr.audit import DisclosureAudit
+from collafuse_flwr.metrics.audit import DisclosureAudit
 from collafuse_flwr.checkpoint import Checkpoint, save_checkpoint
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.cost import sampling_cost, train_cost
 from collafuse_flwr.metrics.features import FeatureNetwork
-from collafuse_flwr.models import Denoiser
+from collafuse_flwr.diffusion.models import Denoiser
 from collafuse_flwr.outputs import append_log, append_metrics, save_grid
-from collafuse_flwr.protocols import clamps_handover, handover_time, server_objective
-from collafuse_flwr.sampling import denoise, initial_noise, make_sampler, split_at_cut
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.diffusion.protocol import Protocol
+from collafuse_flwr.diffusion.sampling import initial_noise
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.strategies.rounds import ResumableRounds
-from collafuse_flwr.training import train_for_images
+from collafuse_flwr.diffusion.training import train_for_images
 
 
 class CollaFuseStrategy(ResumableRounds, Strategy):
@@ -79,11 +78,15 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.classifier_path = classifier_path
         self.networks = networks
         self.notes = notes
-        self.schedule = CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule)
+        self.protocol = Protocol.of(config)
         self.generator = torch.Generator().manual_seed(public_seed(config.seed, "server-train"))
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
         self.parties = Parties(config.num_clients, run_dir, run_key, config.min_replies)
-        self.audit = DisclosureAudit(config, self.schedule, networks, run_dir.parent / ".cache" / "features")
+        self.audit = DisclosureAudit(config, self.protocol.schedule, networks, run_dir.parent / ".cache" / "features")
+
+    def initial_arrays(self) -> ArrayRecord:
+        """Nothing: the server's denoiser never leaves the server (train messages carry config only)."""
+        return ArrayRecord()
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue after `checkpoint`'s round: its RNG state, pool of uploads and audit views
@@ -178,10 +181,10 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         # pool in partition-id order: reply arrival order must not change the training stream
         pool = [self.uploads[pid] for pid in sorted(self.uploads)]
         pool = torch.cat(pool) if pool else torch.empty((0, *self.image_shape))
-        budget = 0 if self.schedule.server_range.is_empty else self.config.server_images_per_round
+        budget = 0 if self.protocol.schedule.server_range.is_empty else self.config.server_images_per_round
         stats = train_for_images(
             self.denoiser, pool, budget, self.config.batch_size,
-            server_objective(self.config, self.schedule), self.generator,
+            self.protocol.server_loss, self.generator,
         )
         stats["seconds"] = time.perf_counter() - start
         cost = train_cost(self.denoiser.net, self.image_shape, int(stats["images-seen"]))
@@ -203,8 +206,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         if not self.config.is_eval_round(server_round):
             return []
         c = self.config
-        sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
-        server_steps, _ = split_at_cut(sampler, handover_time(c))
+        sampler = self.protocol.sampler(c)
         net = self.denoiser.for_sampling()
         messages, shown = [], []
         start = time.perf_counter()
@@ -212,14 +214,14 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         for node in self.parties.assign(grid.get_node_ids()):
             seed = public_seed(c.seed, "sample", server_round, self.parties.partition_of[node])
             x = initial_noise(c.eval_num_samples, self.image_shape, seed)
-            x = denoise(net, sampler, x, server_steps, seed, c.ddim_eta)
-            if clamps_handover(c):
+            x = sampler.run(net, x, sampler.server_steps, seed)
+            if self.protocol.clamps_handover:
                 x = x.clamp(-1, 1)
             config = ConfigRecord({"sample-seed": seed, "classifier-path": str(self.classifier_path)})
             content = RecordDict({"config": config, wire.HANDOVER: wire.pack_handover(x)})
             messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
             shown.append(x[:8])
-        cost = sampling_cost(net, self.image_shape, c.eval_num_samples * len(messages), len(server_steps))
+        cost = sampling_cost(net, self.image_shape, c.eval_num_samples * len(messages), len(sampler.server_steps))
         messages = self.parties.address(server_round, messages, "bytes-down-sample")
         self.parties.sent += [(server_round, "server", k, v) for k, v in cost.items()]
         self.parties.sent.append((server_round, "server", "sample-seconds", time.perf_counter() - start))
@@ -244,11 +246,11 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             return []
         start = time.perf_counter()
         c = self.config
-        sampler = make_sampler(c.sampler, self.schedule, c.sampling_steps, c.clip_denoised)
+        sampler = self.protocol.sampler(c)
         net = self.denoiser.for_sampling()
         seed = public_seed(c.seed, "server-only", server_round)
         x = initial_noise(c.eval_num_samples, self.image_shape, seed)
-        server_only = denoise(net, sampler, x, sampler.timesteps, seed, c.ddim_eta).clamp(-1, 1)
+        server_only = sampler.run(net, x, sampler.all_steps, seed).clamp(-1, 1)
         save_grid(server_only, self.run_dir / "samples" / f"round-{server_round:03d}-server-only.png")
         rows = [(server_round, client, metric, value) for client, metric, value in self.audit.measure(net, server_only)]
         return rows + [(server_round, "server", "disclosure-seconds", time.perf_counter() - start)]

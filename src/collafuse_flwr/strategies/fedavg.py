@@ -29,7 +29,7 @@ from collafuse_flwr import wire
 from collafuse_flwr.checkpoint import save_checkpoint
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.features import FeatureNetwork
-from collafuse_flwr.models import Denoiser
+from collafuse_flwr.diffusion.models import Denoiser
 from collafuse_flwr.outputs import append_log, append_metrics
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation

@@ -37,7 +37,7 @@ from collafuse_flwr.data import client_indices, partition_key, training_images
 from collafuse_flwr.metrics import disclosure
 from collafuse_flwr.metrics.distances import named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.diffusion.schedule import CutSchedule
 from collafuse_flwr.seeds import public_seed
 
 

@@ -11,11 +11,13 @@ step is clipped when `clip_denoised` is set, identically on both sides.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.diffusion.schedule import CutSchedule
 from collafuse_flwr.seeds import sub_seed
 
 
@@ -72,3 +74,29 @@ def denoise(
 def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
     """x_T ~ N(0, I) of shape (n, *shape), reproducible from `seed`."""
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True)
+class SplitSampler:
+    """A sampler's grid split at the handover time: the server runs `server_steps` from x_T,
+    the client `client_steps` from the handed-over state (diffusers indices, descending;
+    either may be empty). `denoise` over both in turn equals one loop over `all_steps`."""
+
+    scheduler: DDPMScheduler | DDIMScheduler
+    server_steps: torch.Tensor
+    client_steps: torch.Tensor
+    eta: float
+
+    @classmethod
+    def build(cls, kind: str, schedule: CutSchedule, steps: int, clip_denoised: bool, eta: float,
+              handover_time: int) -> "SplitSampler":
+        scheduler = make_sampler(kind, schedule, steps, clip_denoised)
+        return cls(scheduler, *split_at_cut(scheduler, handover_time), eta)
+
+    @property
+    def all_steps(self) -> torch.Tensor:
+        return self.scheduler.timesteps
+
+    def run(self, net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, seed: int) -> torch.Tensor:
+        """`denoise` with this sampler: x (n, C, H, W) through `timesteps`."""
+        return denoise(net, self.scheduler, x, timesteps, seed, self.eta)

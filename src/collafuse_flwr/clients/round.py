@@ -1,34 +1,30 @@
-"""What every client handler shares: the validated round context, the client's denoiser on
-disk, and the evaluation reply (quality distances, sampling cost, feature moments for the pooled row)."""
+"""What every client behaviour shares: the validated round context of one message (config,
+assigned partition, round, run key), the protocol, the client's data, and its denoiser on disk
+below its own state directory (state.py)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import UNet2DModel
-from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 
 from collafuse_flwr import wire
 from collafuse_flwr.checkpoint import complete_rounds, drop_rounds_before
-from collafuse_flwr.client_state import ClientState, state_root
+from collafuse_flwr.clients.state import ClientState, state_root
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.data import ClientData, client_data, partition_key
-from collafuse_flwr.metrics.cost import sampling_cost
-from collafuse_flwr.metrics.distances import feature_moments, named_distances
-from collafuse_flwr.metrics.features import cached_features, load_feature_networks, resolved_weights
-from collafuse_flwr.models import Denoiser, build_denoiser, on_device, resolve_device
-from collafuse_flwr.outputs import save_grid
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.data import ClientData, client_data
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device, resolve_device
+from collafuse_flwr.diffusion.protocol import Protocol
+from collafuse_flwr.diffusion.schedule import CutSchedule
 
 
 @dataclass(frozen=True)
 class ClientRound:
     """What a client knows when a message arrives: its validated config, the partition the
-    server assigned it, the round, its private state (client_state.py) and its data."""
+    server assigned it, the round, its private state (state.py) and its data."""
 
     config: RunConfig
     partition_id: int
@@ -36,8 +32,13 @@ class ClientRound:
     message_config: ConfigRecord
     state: ClientState
     run_key: str
-    schedule: CutSchedule
+    protocol: Protocol
     data: ClientData
+
+    @property
+    def schedule(self) -> CutSchedule:
+        """The chain and its cut (the client owns t in [1, t_zeta])."""
+        return self.protocol.schedule
 
     @property
     def client_dir(self) -> Path:
@@ -73,7 +74,7 @@ class ClientRound:
     def from_message(cls, msg: Message, context: Context) -> "ClientRound":
         """Check the server's message (round, assigned partition, run key) and set up the round.
         In simulation the partition the server assigns is the data this client plays; its
-        private state is below the state root the client chooses (`client_state.state_root`)."""
+        private state is below the state root the client chooses (`state.state_root`)."""
         config = RunConfig.from_flower(context.run_config)
         num_partitions = int(context.node_config.get("num-partitions", config.num_clients))
         if num_partitions != config.num_clients:
@@ -96,7 +97,7 @@ class ClientRound:
             message_config,
             state,
             run_key,
-            CutSchedule(config.timesteps, config.t_zeta, config.beta_schedule),
+            Protocol.of(config),
             client_data(config, partition_id),
         )
 
@@ -135,61 +136,3 @@ class ClientRound:
         round's (the server's last checkpoint may be the previous round's), drop older ones."""
         denoiser.save(self.model_dir(self.server_round))
         drop_rounds_before(self.client_dir, self.server_round - 1)
-
-
-def with_nan_arrays(content: RecordDict) -> RecordDict:
-    """`content` with every array's values replaced by NaN (fault-injection kind "nan")."""
-    for record in content.array_records.values():
-        for key in list(record.keys()):
-            array = record[key].numpy()
-            record[key] = Array(np.full(array.shape, np.nan, dtype=array.dtype))
-    return content
-
-
-def evaluation_reply(
-    client: ClientRound, images: torch.Tensor, net: UNet2DModel | None, steps: int, sample_seconds: float
-) -> RecordDict:
-    """Save the client's generated `images` (n, C, H, W) in [-1, 1] as a grid and report their
-    quality against the client's held-out images, and the cost of the `steps` sampling steps
-    the client ran with `net` (none when `net` is None). With pooled-metrics the reply adds,
-    per feature network, the mean and covariance of the held-out and of the generated images'
-    features (`wire.pack_moments`): statistics of each set, never a per-image feature."""
-    config, partition_id = client.config, client.partition_id
-    save_grid(images, client.samples_dir / f"round-{client.server_round:03d}-client-{partition_id}.png")
-    start = time.perf_counter()
-    quality, moments = _quality(client, images)
-    metrics = {
-        "partition-id": partition_id,
-        "num-generated": int(images.shape[0]),
-        "num-real": int(client.data.held_out.shape[0]),
-        "client-sampling-steps": steps,
-        "sample-seconds": sample_seconds,
-        **(sampling_cost(net, client.image_shape, len(images), steps) if net is not None
-           else {"nfe-sample": 0.0, "flops-sample": 0.0}),
-        **quality,
-        "eval-seconds": time.perf_counter() - start,
-    }
-    content = RecordDict({wire.METRICS: MetricRecord(metrics)})
-    if config.pooled_metrics:
-        content[wire.MOMENTS] = wire.pack_moments(moments)
-    return content
-
-
-def _quality(client: ClientRound, images: torch.Tensor) -> tuple[dict[str, float], dict[str, tuple]]:
-    """Distances between the generated images and the held-out images on every available
-    feature network (the held-out features are cached), and for the pooled row the moments
-    {"<network>-<real|generated>": (mean (d,), covariance (d, d))} of both sets' features."""
-    config = client.config
-    weights = resolved_weights(config.fid_weights, config.fcd_weights)
-    networks = load_feature_networks(Path(str(client.message_config["classifier-path"])), weights)
-    cache_dir = client.state.directory / ".cache" / "features"
-    key = f"{partition_key(config)}:client-{client.partition_id}:held-out"
-    quality, moments = {}, {}
-    for network in networks:
-        real = cached_features(network, client.data.held_out, cache_dir, key)
-        fake = network.features(images)
-        quality.update(named_distances(network.fd_name, network.kid_name, real, fake))
-        for kind, features in (("real", real), ("generated", fake)):
-            m = feature_moments(features)
-            moments[f"{network.name}-{kind}"] = (m.mean, m.covariance)
-    return quality, moments

@@ -4,8 +4,8 @@ weights each round, and sampling all steps with the averaged EMA weights.
 train:    check the received weights against this client's own model (keys, shapes, dtypes,
           finite), load them (weights and EMA; the AdamW moments and the EMA's step count stay
           on the client), train for `client-images-per-round` images on the full-chain loss
-          (client_loss with t_zeta = T), reply with the new weights and
-          num-examples = the client's number of training images (FedAvg's averaging weight).
+          (client_loss with the cut at T: `Protocol` "full-chain"), reply with the new weights
+          and num-examples = the client's number of training images (FedAvg's averaging weight).
 evaluate: load the averaged sampling weights, sample from x_T ~ N(0, I) through all steps
           with the seed the server sends (the one a CollaFuse client of this partition gets),
           report quality and cost.
@@ -19,23 +19,17 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 
 from collafuse_flwr import wire
-from collafuse_flwr.client_round import ClientRound, evaluation_reply
-from collafuse_flwr.losses import client_loss
+from collafuse_flwr.clients.evaluation import evaluation_reply
+from collafuse_flwr.clients.round import ClientRound
+from collafuse_flwr.diffusion.losses import client_loss
+from collafuse_flwr.diffusion.sampling import initial_noise
+from collafuse_flwr.diffusion.training import train_for_images
 from collafuse_flwr.metrics.cost import train_cost
-from collafuse_flwr.sampling import denoise, initial_noise, make_sampler
-from collafuse_flwr.schedule import CutSchedule
-from collafuse_flwr.training import train_for_images
-
-
-def full_chain(client: ClientRound) -> CutSchedule:
-    """The schedule with the cut at T: the client owns every step."""
-    c = client.config
-    return CutSchedule(c.timesteps, c.timesteps, c.beta_schedule)
 
 
 def train(client: ClientRound, content: RecordDict) -> RecordDict:
     """One FedAvg training round on this client; returns the reply's content."""
-    config, schedule = client.config, full_chain(client)
+    config, schedule = client.config, client.schedule
     denoiser = client.denoiser()
     received = content.array_records.get(wire.WEIGHTS)
     if received is None:
@@ -68,9 +62,9 @@ def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
         raise wire.UploadRejected("evaluate message without weights")
     reference = wire.pack_weights({f"net.{k}": v for k, v in net.state_dict().items()})
     net.load_state_dict({k[4:]: v for k, v in wire.weights_state(wire.check_weights(received, reference)).items()})
-    sampler = make_sampler(config.sampler, full_chain(client), config.sampling_steps, config.clip_denoised)
+    sampler = client.protocol.sampler(config)
     seed = wire.config_int(client.message_config, "sample-seed", 0, 2**63 - 1)
     start = time.perf_counter()
     x = initial_noise(config.eval_num_samples, client.image_shape, seed)
-    images = denoise(net.eval(), sampler, x, sampler.timesteps, seed, config.ddim_eta).clamp(-1, 1)
-    return evaluation_reply(client, images, net, len(sampler.timesteps), time.perf_counter() - start)
+    images = sampler.run(net.eval(), x, sampler.client_steps, seed).clamp(-1, 1)
+    return evaluation_reply(client, images, net, len(sampler.client_steps), time.perf_counter() - start)

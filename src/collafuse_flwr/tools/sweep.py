@@ -53,7 +53,7 @@ from typing import Any
 import pandas as pd
 
 from collafuse_flwr.config import PATH_KEYS, ConfigError, RunConfig
-from collafuse_flwr.launch import flwr_run, format_run_config
+from collafuse_flwr.tools.launch import flwr_run, format_run_config
 
 SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes", "overlay"}
 # [sweep]'s lists and the type of their entries
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     statuses = run_sweep(runs, args.project, supernodes)
     table = summary_table(runs)
     table.to_csv(out / "summary.csv", index=False)
-    from collafuse_flwr.sweep_plots import plot_sweep
-    from collafuse_flwr.sweep_tables import results_table, to_markdown
+    from collafuse_flwr.tools.sweep_plots import plot_sweep
+    from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
 
     (out / "results.md").write_text(to_markdown(results_table(table)))
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from collafuse_flwr.models import Denoiser
+from collafuse_flwr.diffusion.models import Denoiser
 
 
 def train_for_images(

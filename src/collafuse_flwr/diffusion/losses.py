@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from collafuse_flwr.schedule import CutSchedule
+from collafuse_flwr.diffusion.schedule import CutSchedule
 
 
 def client_loss(

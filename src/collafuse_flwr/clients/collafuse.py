@@ -1,0 +1,85 @@
+"""The CollaFuse client: a private denoiser for t in [1, t_zeta] that never leaves the client.
+
+train:    train the private denoiser on the client's own images for its budget, then reply
+          with one cut-point sample x_{t_zeta} per training image (and counts).
+evaluate: finish the server's handed-over states x_{t_zeta} with the private denoiser and
+          reply with their quality (evaluation.py).
+
+The denoiser, its optimizer and EMA persist between rounds below the client's own state
+directory (round.py, state.py), never at a path a message names, so a resumed round starts
+from the previous round's state. The FedAvg client (fedavg.py) has the same two functions.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import RecordDict
+
+from collafuse_flwr import wire
+from collafuse_flwr.clients.evaluation import evaluation_reply
+from collafuse_flwr.clients.round import ClientRound
+from collafuse_flwr.diffusion.losses import client_loss
+from collafuse_flwr.diffusion.training import train_for_images
+from collafuse_flwr.metrics.cost import train_cost
+
+
+def cut_point_uploads(client: ClientRound) -> torch.Tensor:
+    """x_{t_zeta} = sqrt(abar_r) x0 + sqrt(1 - abar_r) eps for every training image,
+    (n, C, H, W); empty when the server owns no step.
+
+    eps comes from the client's secret "upload" stream (state.py, seeds.py), keyed by the
+    configuration's identity and, under the noise policy "fresh", the round: nothing the
+    server holds or sends determines it. "once": the same eps in every round, so an image
+    yields the same upload and the server never sees two views of it; "fresh": a new eps
+    every round.
+    """
+    config, train_images = client.config, client.data.train
+    if client.schedule.server_range.is_empty:
+        return train_images[:0]
+    seed = client.seed("upload", per_round=config.noise_policy == "fresh")
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn(train_images.shape, generator=generator)
+    return client.schedule.noise_to_cut(train_images, eps)
+
+
+def train(client: ClientRound, content: RecordDict) -> RecordDict:
+    """Train the private denoiser on t in [1, t_zeta]; the reply with the cut-point uploads.
+    The train message carries no arrays (`content` is not read)."""
+    config, schedule = client.config, client.schedule
+    denoiser = client.denoiser()
+    generator = torch.Generator().manual_seed(client.seed("client-train"))
+    start = time.perf_counter()
+    budget = 0 if schedule.client_range.is_empty else config.client_images_per_round
+    stats = train_for_images(
+        denoiser, client.data.train, budget, config.batch_size,
+        lambda n, x0, g: client_loss(n, schedule, x0, g), generator,
+    )
+    client.save(denoiser)
+    x_cut = cut_point_uploads(client)
+    metrics = {
+        "partition-id": client.partition_id,
+        "num-examples": int(x_cut.shape[0]),
+        "train-loss": float(stats["loss"]) if stats["steps"] else 0.0,
+        "images-seen": int(stats["images-seen"]),
+        "train-seconds": time.perf_counter() - start,
+        **train_cost(denoiser.net, client.image_shape, int(stats["images-seen"])),
+    }
+    return wire.pack_uploads(x_cut, config.upload_dtype, metrics)
+
+
+def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
+    """Finish the handed-over states in `content` with the private denoiser (the client's
+    steps of the split sampler); the evaluation reply."""
+    config = client.config
+    x = wire.unpack_handover(content, client.image_shape, config.eval_num_samples)
+    sampler = client.protocol.sampler(config)
+    start = time.perf_counter()
+    net = None
+    if len(sampler.client_steps):
+        net = client.trained_denoiser().for_sampling()
+        seed = wire.config_int(client.message_config, "sample-seed", 0, 2**63 - 1)
+        x = sampler.run(net, x, sampler.client_steps, seed)
+    images = x.clamp(-1, 1)
+    return evaluation_reply(client, images, net, len(sampler.client_steps), time.perf_counter() - start)

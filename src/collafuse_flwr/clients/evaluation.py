@@ -1,0 +1,71 @@
+"""A client's evaluation reply, for every client behaviour: its generated images saved below
+its own state directory, their quality against its held-out images on every available feature
+network, the cost of its sampling steps, and (pooled-metrics) per feature network the mean and
+covariance of both sets' features for the server's pooled row: statistics of each set, never
+one image's features."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from flwr.app import MetricRecord, RecordDict
+
+from collafuse_flwr import wire
+from collafuse_flwr.clients.round import ClientRound
+from collafuse_flwr.data import partition_key
+from collafuse_flwr.metrics.cost import sampling_cost
+from collafuse_flwr.metrics.distances import feature_moments, named_distances
+from collafuse_flwr.metrics.features import cached_features, load_feature_networks, resolved_weights
+from collafuse_flwr.outputs import save_grid
+
+
+def evaluation_reply(
+    client: ClientRound, images: torch.Tensor, net: UNet2DModel | None, steps: int, sample_seconds: float
+) -> RecordDict:
+    """Save the client's generated `images` (n, C, H, W) in [-1, 1] as a grid and report their
+    quality against the client's held-out images, and the cost of the `steps` sampling steps
+    the client ran with `net` (none when `net` is None). With pooled-metrics the reply adds,
+    per feature network, the mean and covariance of the held-out and of the generated images'
+    features (`wire.pack_moments`): statistics of each set, never a per-image feature."""
+    config, partition_id = client.config, client.partition_id
+    save_grid(images, client.samples_dir / f"round-{client.server_round:03d}-client-{partition_id}.png")
+    start = time.perf_counter()
+    quality, moments = _quality(client, images)
+    metrics = {
+        "partition-id": partition_id,
+        "num-generated": int(images.shape[0]),
+        "num-real": int(client.data.held_out.shape[0]),
+        "client-sampling-steps": steps,
+        "sample-seconds": sample_seconds,
+        **(sampling_cost(net, client.image_shape, len(images), steps) if net is not None
+           else {"nfe-sample": 0.0, "flops-sample": 0.0}),
+        **quality,
+        "eval-seconds": time.perf_counter() - start,
+    }
+    content = RecordDict({wire.METRICS: MetricRecord(metrics)})
+    if config.pooled_metrics:
+        content[wire.MOMENTS] = wire.pack_moments(moments)
+    return content
+
+
+def _quality(client: ClientRound, images: torch.Tensor) -> tuple[dict[str, float], dict[str, tuple]]:
+    """Distances between the generated images and the held-out images on every available
+    feature network (the held-out features are cached), and for the pooled row the moments
+    {"<network>-<real|generated>": (mean (d,), covariance (d, d))} of both sets' features."""
+    config = client.config
+    weights = resolved_weights(config.fid_weights, config.fcd_weights)
+    networks = load_feature_networks(Path(str(client.message_config["classifier-path"])), weights)
+    cache_dir = client.state.directory / ".cache" / "features"
+    key = f"{partition_key(config)}:client-{client.partition_id}:held-out"
+    quality, moments = {}, {}
+    for network in networks:
+        real = cached_features(network, client.data.held_out, cache_dir, key)
+        fake = network.features(images)
+        quality.update(named_distances(network.fd_name, network.kid_name, real, fake))
+        for kind, features in (("real", real), ("generated", fake)):
+            m = feature_moments(features)
+            moments[f"{network.name}-{kind}"] = (m.mean, m.covariance)
+    return quality, moments

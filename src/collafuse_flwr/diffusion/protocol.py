@@ -1,0 +1,78 @@
+"""The protocol a strategy runs on the chain, built from the run config in one place.
+
+Three variants, one object (`Protocol.of(config)`); nothing else reads `strategy` to decide
+how the chain is cut, trained or sampled:
+
+- "exact" (strategy "collafuse", PROTOCOL.md): the chain is cut at t_zeta; the server trains
+  on the sub-chain from the received x_r (`losses.server_loss`); sampling hands over at
+  t_zeta; the handed-over state is never clipped.
+- "published" (the authors' code, for comparison only): the same cut, but the server noises
+  x_r again with the full marginal (`losses.published_server_loss`); to patch the resulting
+  mismatch the client starts sampling at t_h = T rho (2 - rho), rho = t_zeta / T (e.g. 360
+  for t_zeta = 200, T = 1000), and the handed-over state is clamped to [-1, 1].
+- "full-chain" (strategy "fedavg"): no cut, every client denoiser owns t in [1, T] and
+  samples every step; t-zeta is unused.
+
+Clients train on t <= t_zeta of `schedule` in every variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.diffusion.losses import published_server_loss, server_loss
+from collafuse_flwr.diffusion.sampling import SplitSampler
+from collafuse_flwr.diffusion.schedule import CutSchedule
+
+VARIANTS = {"collafuse": "exact", "published": "published", "fedavg": "full-chain"}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a run cuts, trains and samples the chain.
+
+    Attributes:
+        variant: "exact", "published" or "full-chain" (see the module docstring).
+        schedule: the chain of T steps cut at t_zeta (at T for "full-chain").
+        handover_time: the protocol time at which the server hands the sampling state to the
+            client (t_zeta; T rho (2 - rho) for "published"; T for "full-chain").
+        server_loss_weighting: the exact server loss's weighting (`losses.server_loss`).
+    """
+
+    variant: str
+    schedule: CutSchedule
+    handover_time: int
+    server_loss_weighting: str
+
+    @classmethod
+    def of(cls, config: RunConfig) -> "Protocol":
+        variant = VARIANTS[config.strategy]
+        T = config.timesteps
+        cut = T if variant == "full-chain" else config.t_zeta
+        if variant == "published":
+            rho = cut / T
+            handover = round(T * rho * (2 - rho))
+        else:
+            handover = cut
+        return cls(variant, CutSchedule(T, cut, config.beta_schedule), handover, config.server_loss_weighting)
+
+    @property
+    def clamps_handover(self) -> bool:
+        """Whether the handed-over state is clamped to [-1, 1] (the published variant only)."""
+        return self.variant == "published"
+
+    def server_loss(self, net: nn.Module, x_r: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The server's loss on a batch of uploads x_r: (n, C, H, W); a scalar."""
+        if self.variant == "published":
+            return published_server_loss(net, self.schedule, x_r, generator)
+        return server_loss(net, self.schedule, x_r, generator, self.server_loss_weighting)
+
+    def sampler(self, config: RunConfig) -> SplitSampler:
+        """The run's sampler (`sampler`, `sampling-steps`, `clip-denoised`, `ddim-eta`) split
+        at the handover time into the server's and the client's steps."""
+        return SplitSampler.build(config.sampler, self.schedule, config.sampling_steps, config.clip_denoised,
+                                  config.ddim_eta, self.handover_time)
