@@ -58,8 +58,8 @@ def main() -> None:
         s = timed(lambda: train_for_images(server, x_cut, args.images, config.batch_size,
                                            protocol.server_loss, generator))
         x = initial_noise(config.eval_num_samples, (1, config.image_size, config.image_size), 0)
-        hs = timed(lambda: sampler.run(server.for_sampling(), x, sampler.server_steps, 0))
-        hc = timed(lambda: sampler.run(client.for_sampling(), x, sampler.client_steps, 0))
+        hs = timed(lambda x=x: sampler.run(server.for_sampling(), x, sampler.server_steps, 0))
+        hc = timed(lambda x=x: sampler.run(client.for_sampling(), x, sampler.client_steps, 0))
         for key, value in zip(runs, (args.images / c, args.images / s, hs, hc)):
             runs[key].append(value)
     print(f"threads={args.threads} model={config.unet_block_channels} image={config.image_size} "

@@ -43,6 +43,14 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Mark every test that uses the real dataset subsets `shared_data` (select them with
+    `-m shared_data`, leave them out with `-m "not shared_data"`)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real dataset fixtures beside the checkout (../shared/data), or $COLLAFUSE_SHARED_DATA.
@@ -51,7 +59,7 @@ def shared_data() -> Path:
     repository."""
     root = Path(os.environ.get("COLLAFUSE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     if not (root / "cifar10-mini" / "labels.csv").is_file():
-        pytest.skip(f"dataset fixtures not in {root} (set COLLAFUSE_SHARED_DATA)")
+        pytest.skip(f"real dataset subsets not found in {root} (set COLLAFUSE_SHARED_DATA to run these)")
     return root
 
 

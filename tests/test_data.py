@@ -51,7 +51,8 @@ def test_celeba_folder_attributes(shared_data, tmp_path):
     assert table.images.shape == (1000, 3, 64, 64) and table.labels is None
     assert table.attributes.shape == (1000, 40) and len(table.attribute_names) == 40
     first = dict(zip(table.attribute_names, table.attributes[0]))  # 000001.jpg
-    assert (first["Male"], first["Smiling"], first["Brown_Hair"], first["Eyeglasses"], first["Young"]) == (0, 1, 1, 0, 1)
+    named = ("Male", "Smiling", "Brown_Hair", "Eyeglasses", "Young")
+    assert tuple(first[name] for name in named) == (0, 1, 1, 0, 1)
     assert table.targets().shape == (1000, 40)  # the feature network learns the attributes
 
 
@@ -137,7 +138,8 @@ def test_failed_download_becomes_a_clear_error(tmp_path):
     def offline():
         raise OSError("Network is unreachable")
 
-    with pytest.raises(DatasetError, match=r"could not download CIFAR-10 into .*\(OSError: Network is unreachable\)\. Put"):
+    message = r"could not download CIFAR-10 into .*\(OSError: Network is unreachable\)\. Put"
+    with pytest.raises(DatasetError, match=message):
         fetch("CIFAR-10", tmp_path, offline, "Put the files there.")
 
 

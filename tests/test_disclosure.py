@@ -8,9 +8,9 @@ import torch
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import load_table
 from collafuse_flwr.data.table import as_model_input
-from collafuse_flwr.metrics import disclosure
 from collafuse_flwr.diffusion.models import build_denoiser
 from collafuse_flwr.diffusion.schedule import CutSchedule
+from collafuse_flwr.metrics import disclosure
 
 T = 1000
 

@@ -11,7 +11,11 @@ from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import load_table
 from collafuse_flwr.metrics.classifier import cache_classifier, load_classifier
 from collafuse_flwr.metrics.distances import (
-    Moments, feature_distances, feature_moments, frechet_distance, pooled_moments,
+    Moments,
+    feature_distances,
+    feature_moments,
+    frechet_distance,
+    pooled_moments,
 )
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
 
@@ -126,8 +130,8 @@ def test_real_features_are_computed_once_and_keyed_by_network_and_images(tmp_pat
 
 
 def test_flop_counts_are_remembered_per_architecture_and_image_shape():
-    from collafuse_flwr.metrics.cost import forward_flops, sampling_cost, train_cost, training_flops
     from collafuse_flwr.diffusion.models import build_denoiser
+    from collafuse_flwr.metrics.cost import forward_flops, sampling_cost, train_cost, training_flops
 
     small, same, wide = (build_denoiser(8, 1, channels, seed=seed) for channels, seed in
                          (((8, 16), 0), ((8, 16), 1), ((16, 32), 0)))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from collafuse_flwr.diffusion import models
 from collafuse_flwr.config import ConfigError
+from collafuse_flwr.diffusion import models
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device, resolve_device
 from collafuse_flwr.diffusion.training import train_for_images
 

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from collafuse_flwr.checkpoint import latest_checkpoint, save_checkpoint
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.metrics.features import InceptionFeatures, pretrained_weights
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
+from collafuse_flwr.metrics.features import InceptionFeatures, pretrained_weights
 from collafuse_flwr.outputs import DamagedFileError
 
 
@@ -104,7 +104,8 @@ def test_a_pickle_in_a_saved_denoiser_is_refused_and_never_run(tmp_path, planted
 
 def test_a_pickle_as_fid_weights_is_a_config_error_and_never_run(tmp_path, planted):
     weights = planted(tmp_path / "inception.pth")
-    with pytest.raises(ConfigError, match=f"fid-weights: {re.escape(str(weights))}: it holds objects other than tensors"):
+    message = f"fid-weights: {re.escape(str(weights))}: it holds objects other than tensors"
+    with pytest.raises(ConfigError, match=message):
         pretrained_weights(str(weights), "")
     with pytest.raises(ValueError, match=re.escape(str(weights))):  # nor when the network is built from it
         InceptionFeatures(weights)
@@ -114,7 +115,8 @@ def test_a_pickle_as_fid_weights_is_a_config_error_and_never_run(tmp_path, plant
 @pytest.mark.parametrize("name", ["open_clip_pytorch_model.bin", "clip.pt"])
 def test_a_pickle_as_fcd_weights_is_a_config_error_and_never_run(tmp_path, planted, monkeypatch, name):
     weights = planted(tmp_path / name)
-    with pytest.raises(ConfigError, match=f"fcd-weights: {re.escape(str(weights))}: it holds objects other than tensors"):
+    message = f"fcd-weights: {re.escape(str(weights))}: it holds objects other than tensors"
+    with pytest.raises(ConfigError, match=message):
         pretrained_weights("", str(weights))
     monkeypatch.setenv("COLLAFUSE_FCD_WEIGHTS", str(weights))
     with pytest.raises(ConfigError, match=f"COLLAFUSE_FCD_WEIGHTS: {re.escape(str(weights))}"):

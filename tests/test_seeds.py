@@ -11,7 +11,10 @@ from collafuse_flwr.seeds import STREAMS, public_seed, stream_seed, sub_seed
 def test_coordinates_are_encoded_unambiguously():
     """numpy's SeedSequence pads keys with zeros, so (0, 2) and (0, 2, 0) gave one seed;
     the streams' encoding keeps every coordinate."""
-    assert int(np.random.SeedSequence([0, 2]).generate_state(1)[0]) == int(np.random.SeedSequence([0, 2, 0]).generate_state(1)[0])
+    def state(key):
+        return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+    assert state([0, 2]) == state([0, 2, 0])
     assert public_seed(0, "sample", 2) != public_seed(0, "sample", 2, 0)
     assert public_seed(0, "sample", 2) != public_seed(0, "sample", "2")
     assert public_seed(0, "sample", 1, 2) != public_seed(0, "sample", 12)

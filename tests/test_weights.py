@@ -70,8 +70,9 @@ def test_standin_files_load_as_the_real_networks(standin_weights, tmp_path):
 
 
 def test_feature_networks_are_the_classifier_plus_what_has_weights(empty_caches, standin_weights, tmp_path):
-    from collafuse_flwr.metrics.classifier import FeatureClassifier
     from safetensors.torch import save_file
+
+    from collafuse_flwr.metrics.classifier import FeatureClassifier
 
     classifier = tmp_path / "classifier.safetensors"
     save_file(FeatureClassifier(1, 10).state_dict(), str(classifier))

@@ -12,7 +12,6 @@ from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_data
 from collafuse_flwr.diffusion.schedule import CutSchedule
 
-
 RUN_KEY = "5eed" * 8
 
 

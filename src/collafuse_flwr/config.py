@@ -15,12 +15,19 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from collafuse_flwr.data.facts import (
-    ATTRIBUTE_DATASETS, DATASET_SPLITS, DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_PARTITION, LABELLED_DATASETS, PARTITIONS,
+    ATTRIBUTE_DATASETS,
+    DATASET_SPLITS,
+    DATASETS,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_PARTITION,
+    LABELLED_DATASETS,
+    PARTITIONS,
 )
 
 # collafuse: the exact protocol; published: the authors' variant (diffusion/protocol.py);
@@ -199,7 +206,7 @@ class RunConfig:
             object.__setattr__(self, "partition", DEFAULT_PARTITION[self.dataset])
 
     @classmethod
-    def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's `context.run_config` (kebab-case keys); validate everything."""
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(set(run_config) - set(known))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -175,7 +175,9 @@ def decode(array: Array, dtype: str, max_items: int, name: str) -> np.ndarray:
     a .npy payload without pickles, of `dtype`, at most `max_items` values, all finite."""
     itemsize = np.dtype(dtype).itemsize
     if not isinstance(array.data, bytes) or len(array.data) > max_items * itemsize + 4096:
-        raise UploadRejected(f"{name}: payload of {len(array.data)} bytes exceeds the cap of {max_items} {dtype} values")
+        raise UploadRejected(
+            f"{name}: payload of {len(array.data)} bytes exceeds the cap of {max_items} {dtype} values"
+        )
     try:
         values = np.lib.format.read_array(io.BytesIO(array.data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:

@@ -71,7 +71,7 @@ class ClientRound:
         return self.state.seed(stream, self.config.identity_hash(), self.server_round if per_round else "once")
 
     @classmethod
-    def from_message(cls, msg: Message, context: Context) -> "ClientRound":
+    def from_message(cls, msg: Message, context: Context) -> ClientRound:
         """Check the server's message (round, assigned partition, run key) and set up the round.
         In simulation the partition the server assigns is the data this client plays; its
         private state is below the state root the client chooses (`state.state_root`)."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import fcntl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from collafuse_flwr.data.table import DatasetError
 

@@ -15,7 +15,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as transforms
 
-
 # Images with more pixels than this (e.g. 8000 x 5000) are refused before decoding: photos of
 # CIFAR-10, CelebA and AwA2 are far smaller, and a tiny file can declare billions of pixels.
 MAX_PIXELS = 40_000_000

@@ -150,7 +150,7 @@ class Denoiser:
         write_directory_atomically(directory, write)
 
     @classmethod
-    def load(cls, directory: Path, lr: float, ema_decay: float, device: torch.device | str = "cpu") -> "Denoiser":
+    def load(cls, directory: Path, lr: float, ema_decay: float, device: torch.device | str = "cpu") -> Denoiser:
         """Load what `save` wrote, onto `device`, from `directory` only (never the network, never
         a pickle: safetensors and `weights_only` loads). `DamagedFileError` naming the directory
         if a file is missing, or the file that is cut off or of another format."""

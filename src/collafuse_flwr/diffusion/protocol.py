@@ -49,7 +49,7 @@ class Protocol:
     server_loss_weighting: str
 
     @classmethod
-    def of(cls, config: RunConfig) -> "Protocol":
+    def of(cls, config: RunConfig) -> Protocol:
         variant = VARIANTS[config.strategy]
         T = config.timesteps
         cut = T if variant == "full-chain" else config.t_zeta

@@ -89,7 +89,7 @@ class SplitSampler:
 
     @classmethod
     def build(cls, kind: str, schedule: CutSchedule, steps: int, clip_denoised: bool, eta: float,
-              handover_time: int) -> "SplitSampler":
+              handover_time: int) -> SplitSampler:
         scheduler = make_sampler(kind, schedule, steps, clip_denoised)
         return cls(scheduler, *split_at_cut(scheduler, handover_time), eta)
 

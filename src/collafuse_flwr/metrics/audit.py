@@ -34,10 +34,10 @@ import torch
 
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_indices, partition_key, training_images
+from collafuse_flwr.diffusion.schedule import CutSchedule
 from collafuse_flwr.metrics import disclosure
 from collafuse_flwr.metrics.distances import named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
-from collafuse_flwr.diffusion.schedule import CutSchedule
 from collafuse_flwr.seeds import public_seed
 
 
@@ -119,7 +119,8 @@ class DisclosureAudit:
             truth_features = {n.name: cached_features(n, truth, self.cache_dir, key) for n in self.networks}
             for n in self.networks:
                 pooled_truth[n.name].append(truth_features[n.name])
-                rows += _rows(pid, "server-only-", named_distances(n.fd_name, n.kid_name, truth_features[n.name], fake[n.name]))
+                distances = named_distances(n.fd_name, n.kid_name, truth_features[n.name], fake[n.name])
+                rows += _rows(pid, "server-only-", distances)
             if pid in self.view_sum:
                 rows += self._attack(pid, truth, truth_features, server_net)
         for n in self.networks:

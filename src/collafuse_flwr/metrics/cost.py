@@ -11,7 +11,7 @@ shape, so they are counted once per process for each.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -57,7 +57,8 @@ def _counted(count: Callable[[nn.Module, tuple[int, int, int]], int], net: nn.Mo
 def sampling_cost(net: nn.Module, image_shape: tuple[int, int, int], samples: int, steps: int) -> dict[str, float]:
     """{"nfe-sample", "flops-sample"} of `steps` sampler steps on `samples` images."""
     nfe = samples * steps
-    return {"nfe-sample": float(nfe), "flops-sample": float(nfe * _counted(forward_flops, net, image_shape)) if nfe else 0.0}
+    flops = float(nfe * _counted(forward_flops, net, image_shape)) if nfe else 0.0
+    return {"nfe-sample": float(nfe), "flops-sample": flops}
 
 
 def train_cost(net: nn.Module, image_shape: tuple[int, int, int], images_seen: int) -> dict[str, float]:
