@@ -6,10 +6,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
-from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, save_checkpoint, truncate_metrics
+from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, save_checkpoint
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
-from collafuse_flwr.outputs import append_metrics, create_run_dir, write_config
+from collafuse_flwr.run_dir import RunDirectory
 
 
 def _model(seed: int = 0) -> Denoiser:
@@ -46,23 +46,25 @@ def test_a_checkpoint_of_another_config_is_never_loaded(tmp_path):
 
 def test_only_an_unfinished_run_of_the_same_config_is_resumed(tmp_path):
     config = RunConfig.from_flower({"num-server-rounds": 2, "output-dir": str(tmp_path)})
-    finished, unfinished = (create_run_dir(str(tmp_path), "digits-collafuse-tz200") for _ in range(2))
+    finished, unfinished = (RunDirectory.create(config) for _ in range(2))
+    assert finished.name == "00000-digits-collafuse-tz200" and unfinished.name == "00001-digits-collafuse-tz200"
     for run_dir, rounds in ((finished, 2), (unfinished, 1)):
-        write_config(run_dir, config.to_flower())
+        run_dir.write_config(config.to_flower())
         save_checkpoint(run_dir, rounds, config, _model(), {})
-    newer_other = create_run_dir(str(tmp_path), "digits-collafuse-tz200")
-    write_config(newer_other, dict(config.to_flower(), seed=3))
-    assert resumable_run(str(tmp_path), "digits-collafuse-tz200", config) == unfinished
+    newer_other = RunDirectory.create(config)
+    newer_other.write_config(dict(config.to_flower(), seed=3))
+    assert resumable_run(config) == unfinished
     save_checkpoint(unfinished, 2, config, _model(), {})
-    assert resumable_run(str(tmp_path), "digits-collafuse-tz200", config) is None
+    assert resumable_run(config) is None
 
 
 def test_truncated_metrics_keep_the_completed_rounds(tmp_path):
-    append_metrics(tmp_path, [(0, "server", "feature-network-accuracy", 0.9)] +
-                   [(r, "0", "train-loss", 1.0 / r) for r in (1, 2, 3)])
+    run_dir = RunDirectory(tmp_path)
+    run_dir.append_metrics([(0, "server", "feature-network-accuracy", 0.9)] +
+                           [(r, "0", "train-loss", 1.0 / r) for r in (1, 2, 3)])
     with open(tmp_path / "metrics.csv", "a") as f:
         f.write("3,server,train-l")  # a row cut off by a kill
-    truncate_metrics(tmp_path, 2)
+    run_dir.truncate_metrics(2)
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines == ["round,client,metric,value", "1,0,train-loss,1.0", "2,0,train-loss,0.5"]
 
@@ -74,7 +76,7 @@ def test_a_resumed_strategy_sees_the_runs_own_round_numbers(tiny_run_config, tmp
     from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
 
     config = RunConfig.from_flower(dict(tiny_run_config, strategy="fedavg", **{"num-server-rounds": 4}))
-    strategy = FedAvgDiffusion(config, tmp_path, "0" * 32, _model(), tmp_path / "f", [], {})
+    strategy = FedAvgDiffusion(config, RunDirectory(tmp_path), "0" * 32, _model(), tmp_path / "f", [], {})
     strategy.restore(Checkpoint(2, _model(), {}))
     # Flower's round 1 is the run's 3 of 4: not an evaluation round (only the last one is)
     assert strategy.configure_evaluate(1, strategy.initial_arrays(), ConfigRecord(), NoNodes()) == []

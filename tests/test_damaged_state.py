@@ -17,10 +17,8 @@ from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, save_che
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
-from collafuse_flwr.outputs import (DamagedFileError, append_metrics, create_run_dir, write_atomically,
-                                    write_config, write_directory_atomically)
-
-NAME = "digits-collafuse-tz200"
+from collafuse_flwr.outputs import DamagedFileError, write_atomically, write_directory_atomically
+from collafuse_flwr.run_dir import RunDirectory
 
 
 def _model() -> Denoiser:
@@ -31,8 +29,8 @@ def _model() -> Denoiser:
 def interrupted_run(tmp_path):
     """A run of 4 rounds stopped after round 2: its config and the checkpoints of rounds 1 and 2."""
     config = RunConfig.from_flower({"num-server-rounds": 4, "output-dir": str(tmp_path)})
-    run_dir = create_run_dir(str(tmp_path), NAME)
-    write_config(run_dir, config.to_flower())
+    run_dir = RunDirectory.create(config)
+    run_dir.write_config(config.to_flower())
     for server_round in (1, 2):
         save_checkpoint(run_dir, server_round, config, _model(), {"round": torch.tensor(server_round)})
     return config, run_dir
@@ -67,31 +65,31 @@ DAMAGE = {  # what is done to the newest checkpoint, the file the error must nam
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_newest_checkpoint_stops_the_resume_naming_the_file(interrupted_run, damage):
     config, run_dir = interrupted_run
-    newest = run_dir / "checkpoints" / "round-002"
+    newest = run_dir.checkpoint(2)
     do, named = DAMAGE[damage]
     do(newest)
-    assert resumable_run(config.output_dir, NAME, config) == run_dir  # not a new run from round 0
+    assert resumable_run(config) == run_dir  # not a new run from round 0
     with pytest.raises(DamagedFileError, match=re.escape(str(newest / named))) as raised:
         latest_checkpoint(run_dir, config)
     assert "delete that directory to resume from the round before it, or run with resume=false" in str(raised.value)
-    assert sorted(p.name for p in run_dir.parent.iterdir()) == [run_dir.name]
+    assert sorted(p.name for p in run_dir.root.iterdir()) == [run_dir.name]
 
 
 def test_a_state_json_with_another_hash_stops_the_resume(interrupted_run):
     config, run_dir = interrupted_run
-    state_json = run_dir / "checkpoints" / "round-002" / "state.json"
+    state_json = run_dir.checkpoint(2) / "state.json"
     state_json.write_text(json.dumps(dict(json.loads(state_json.read_text()), config_hash="0" * 16)))
-    assert resumable_run(config.output_dir, NAME, config) == run_dir
+    assert resumable_run(config) == run_dir
     with pytest.raises(ConfigError, match=f"{re.escape(str(state_json))} was written by a run of another"):
         latest_checkpoint(run_dir, config)
 
 
 def test_after_deleting_the_damaged_checkpoint_the_run_resumes_from_the_round_before(interrupted_run):
     config, run_dir = interrupted_run
-    _cut(run_dir / "checkpoints" / "round-002" / "strategy.pt")
+    _cut(run_dir.checkpoint(2) / "strategy.pt")
     with pytest.raises(DamagedFileError):
         latest_checkpoint(run_dir, config)
-    shutil.rmtree(run_dir / "checkpoints" / "round-002")
+    shutil.rmtree(run_dir.checkpoint(2))
     checkpoint = latest_checkpoint(run_dir, config)
     assert checkpoint.server_round == 1 and checkpoint.strategy_state["round"] == 1
 
@@ -100,8 +98,8 @@ def test_a_finished_run_is_not_resumed_even_if_its_last_checkpoint_is_damaged(in
     config, run_dir = interrupted_run
     for server_round in (3, 4):
         save_checkpoint(run_dir, server_round, config, _model(), {})
-    (run_dir / "checkpoints" / "round-004" / "state.json").write_text("")
-    assert resumable_run(config.output_dir, NAME, config) is None
+    (run_dir.checkpoint(4) / "state.json").write_text("")
+    assert resumable_run(config) is None
 
 
 @pytest.mark.parametrize("missing", ["directory", "config.json", "diffusion_pytorch_model.safetensors"])
@@ -158,7 +156,7 @@ def test_atomic_writes_are_fsynced_before_they_replace_the_old_content(tmp_path)
         assert synced == [str(tmp / "model" / "weights"), str(tmp / "model"), str(tmp / "state.json"), str(tmp),
                           str(tmp_path)]
         synced.clear()
-        append_metrics(tmp_path, [(1, "0", "train-loss", 0.5)])
+        RunDirectory(tmp_path).append_metrics([(1, "0", "train-loss", 0.5)])
         assert synced == [str(tmp_path / "metrics.csv")]
 
 

@@ -24,6 +24,7 @@ from collafuse_flwr.metrics.classifier import load_classifier
 from collafuse_flwr.metrics.distances import feature_moments, frechet_distance, named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork, load_feature_networks, pretrained_weights
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
+from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from exchange import Grid, answer, send
 from test_wire import RUN_KEY, client_context
@@ -50,7 +51,7 @@ def test_feature_network_learns_from_images_no_client_holds(tiny_run_config, mon
 
     spy("train", setup.cache_classifier)
     spy("check", setup.classifier_accuracy)
-    setup.feature_network(config)
+    setup.feature_network(config, RunDirectory.create(config))
     table = load_table(config)
     assert torch.equal(seen["train"], torch.from_numpy(table.images[reference.train]))
     assert torch.equal(seen["check"], torch.from_numpy(table.images[reference.check]))
@@ -122,7 +123,7 @@ def _evaluate(run_config: dict, tmp_path, contents: dict[int, RecordDict], netwo
     (metrics.csv, summary.json, log.txt)."""
     config = RunConfig.from_flower(run_config)
     net = build_denoiser(config.image_size, 1, config.block_channels)
-    strategy = CollaFuseStrategy(config, tmp_path, RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8),
+    strategy = CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8),
                                  tmp_path / "classifier.safetensors", list(networks), {})
     sent = send(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid(contents)))
     strategy.aggregate_evaluate(1, [answer(sent[node], content) for node, content in contents.items()])
@@ -287,7 +288,8 @@ def digits_feature_network(tmp_path_factory):
     output = tmp_path_factory.mktemp("feature-network")
     run_config = dict(TINY, **{"t-zeta": 0, "metric-classifier-epochs": 15, "disclosure-num-images": 0,
                                "output-dir": str(output)})
-    path, _ = setup.feature_network(RunConfig.from_flower(run_config))
+    config = RunConfig.from_flower(run_config)
+    path, _ = setup.feature_network(config, RunDirectory.create(config))
     return run_config, path
 
 
@@ -299,7 +301,8 @@ def honest_round(digits_feature_network, tmp_path, task_identity):
     config = RunConfig.from_flower(run_config)
     networks = load_feature_networks(path, pretrained_weights("", ""))
     net = build_denoiser(config.image_size, 1, config.block_channels)
-    strategy = CollaFuseStrategy(config, tmp_path, RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), path, networks, {})
+    strategy = CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), path,
+                                 networks, {})
     sent = send(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid([10, 11])))
     context = client_context(run_config, tmp_path / "clients")
     replies = [client_app.evaluate(sent[node], context) for node in (10, 11)]

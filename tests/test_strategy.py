@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
+from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies import collafuse
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.strategies.parties import RoundFailed
@@ -22,7 +23,7 @@ def _strategy(run_config, tmp_path, networks=()) -> CollaFuseStrategy:
     config = RunConfig.from_flower(run_config)
     net = build_denoiser(config.image_size, 1, config.block_channels)
     return CollaFuseStrategy(
-        config, tmp_path, RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), tmp_path / "f", list(networks), {}
+        config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), tmp_path / "f", list(networks), {}
     )
 
 

@@ -12,6 +12,7 @@ from collafuse_flwr import client_app
 from collafuse_flwr.clients.state import ClientState
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
+from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from exchange import send_train
@@ -22,8 +23,8 @@ def _play(run_config: dict, tmp_path: Path) -> tuple[CollaFuseStrategy, list[byt
     """Two rounds of five real clients and the server; every message serialised."""
     config = RunConfig.from_flower(run_config)
     net = build_denoiser(config.image_size, 1, config.block_channels)
-    strategy = CollaFuseStrategy(config, tmp_path / "server", RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8),
-                                 tmp_path / "f", [], {})
+    strategy = CollaFuseStrategy(config, RunDirectory(tmp_path / "server"), RUN_KEY, Denoiser(net, 1e-3, 0.0),
+                                 (1, 8, 8), tmp_path / "f", [], {})
     (tmp_path / "server").mkdir()
     wire_bytes = []
     for server_round in (1, 2):

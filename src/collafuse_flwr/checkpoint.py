@@ -1,6 +1,7 @@
-"""Checkpoints of the server's side of a run after every round, and finding the run to resume.
+"""Checkpoints of the server's side of a run after every round, and which run to resume.
 
-    <run_dir>/checkpoints/round-003/     the state after round 3 (the last two rounds are kept)
+    <run_dir>/checkpoints/round-003/     the state after round 3 (the last two rounds are kept;
+                                         `RunDirectory.checkpoint` names it)
         model/         the server's denoiser (CollaFuse) or the global model (FedAvg):
                        weights, AdamW state and EMA (`Denoiser.save`)
         strategy.pt    the strategy's own state: its RNG, the pool of uploads, the audit's views
@@ -32,13 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
 import torch
 
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.diffusion.models import Denoiser
-from collafuse_flwr.outputs import (METRICS_HEADER, DamagedFileError, read_tensors, write_atomically,
-                                    write_directory_atomically)
+from collafuse_flwr.outputs import DamagedFileError, read_tensors, write_directory_atomically
+from collafuse_flwr.run_dir import RunDirectory
 
 ROUND_DIR = re.compile(r"round-(\d{3,})$")
 
@@ -68,11 +68,20 @@ def drop_rounds_before(root: Path, server_round: int) -> None:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, server_round: int, config: RunConfig, model: Denoiser, strategy_state: dict) -> None:
-    """Write the checkpoint of `server_round` atomically; drop those older than the previous round.
+def checkpoint_rounds(run_dir: RunDirectory | Path) -> dict[int, Path]:
+    """The complete checkpoint directories of the run directory `run_dir` (a `RunDirectory`
+    or its path) by round."""
+    return complete_rounds(RunDirectory(run_dir).checkpoints, Path.is_dir)
+
+
+def save_checkpoint(
+    run_dir: RunDirectory | Path, server_round: int, config: RunConfig, model: Denoiser, strategy_state: dict
+) -> None:
+    """Write the checkpoint of `server_round` into the run directory `run_dir` (a
+    `RunDirectory` or its path) atomically; drop those older than the previous round.
     `strategy_state` holds tensors, containers of them and plain values only (it is loaded
     with `weights_only=True`)."""
-    root = Path(run_dir) / "checkpoints"
+    run_dir = RunDirectory(run_dir)
     state = {"round": server_round, "num_server_rounds": config.num_server_rounds,
              "config_hash": config.identity_hash()}
 
@@ -81,18 +90,21 @@ def save_checkpoint(run_dir: Path, server_round: int, config: RunConfig, model: 
         torch.save(strategy_state, tmp / "strategy.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
-    write_directory_atomically(root / f"round-{server_round:03d}", write)
-    drop_rounds_before(root, server_round - 1)
+    write_directory_atomically(run_dir.checkpoint(server_round), write)
+    drop_rounds_before(run_dir.checkpoints, server_round - 1)
 
 
 STATE_KEYS = {"round": int, "num_server_rounds": int, "config_hash": str}
 
 
-def latest_checkpoint(run_dir: Path, config: RunConfig, device: torch.device | str = "cpu") -> Checkpoint | None:
-    """The newest checkpoint in `run_dir`, read and checked in full (see above; its model is
-    loaded onto `device` with the server's learning rate and EMA decay), or None if there is none. `DamagedFileError` if it is
+def latest_checkpoint(
+    run_dir: RunDirectory | Path, config: RunConfig, device: torch.device | str = "cpu"
+) -> Checkpoint | None:
+    """The newest checkpoint in the run directory `run_dir` (a `RunDirectory` or its path),
+    read and checked in full (see above; its model is loaded onto `device` with the server's
+    learning rate and EMA decay), or None if there is none. `DamagedFileError` if it is
     damaged; `ConfigError` if it was written by another configuration (it is never reused)."""
-    rounds = complete_rounds(Path(run_dir) / "checkpoints", Path.is_dir)
+    rounds = checkpoint_rounds(run_dir)
     if not rounds:
         return None
     server_round = max(rounds)
@@ -136,31 +148,9 @@ def _check_state(path: Path, server_round: int, config: RunConfig) -> None:
         )
 
 
-def resumable_run(output_dir: str, name: str, config: RunConfig) -> Path | None:
-    """The newest run directory `<output_dir>/NNNNN-<name>` of the same configuration (by
-    `identity_hash` of its config.json) whose newest checkpoint directory is of a round before
-    the last, or None. Its checkpoint is checked by `latest_checkpoint`."""
-    root = Path(output_dir).expanduser().resolve()
-    pattern = re.compile(rf"\d{{5}}-{re.escape(name)}$")
-    for run_dir in sorted((d for d in root.glob(f"*-{name}") if pattern.match(d.name)), reverse=True):
-        try:
-            same = RunConfig.from_flower(json.loads((run_dir / "config.json").read_text())).identity_hash() \
-                == config.identity_hash()
-        except (OSError, ValueError):  # no config.json (cut off before it was written), another version's
-            continue
-        rounds = complete_rounds(run_dir / "checkpoints", Path.is_dir)
-        if same and max(rounds, default=0) < config.num_server_rounds:
-            return run_dir
-    return None
-
-
-def truncate_metrics(run_dir: Path, completed_rounds: int) -> None:
-    """Keep only the metrics.csv rows of rounds 1..`completed_rounds` (a resumed run writes
-    round 0 and every later round again); unparsable lines of a cut-off write go too."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.exists():
-        return
-    table = pd.read_csv(path, dtype={"client": str}, on_bad_lines="skip")
-    rounds = pd.to_numeric(table["round"], errors="coerce")
-    table = table[(rounds >= 1) & (rounds <= completed_rounds)]
-    write_atomically(path, lambda tmp: table.to_csv(tmp, index=False, columns=list(METRICS_HEADER)))
+def resumable_run(config: RunConfig) -> RunDirectory | None:
+    """The newest run directory of `config`'s configuration (`RunDirectory.runs_of`) whose
+    newest checkpoint is of a round before the last, or None. Its checkpoint is checked by
+    `latest_checkpoint`."""
+    return next((run_dir for run_dir in RunDirectory.runs_of(config)
+                 if max(checkpoint_rounds(run_dir), default=0) < config.num_server_rounds), None)

@@ -1,28 +1,16 @@
-"""The self-describing run directory: config, metrics.csv, sample grids, checkpoints, log.
-
-    <output-dir>/00003-digits-collafuse-tz200/
-        config.json              the resolved run config
-        partition.csv, .png      who holds what (data/report.py)
-        metrics.csv              long format: round, client, metric, value (appended every round)
-        log.txt                  one line per round
-        samples/round-004-client-2.png     a client's generated images
-        samples/round-004-handover.png     the server's handed-over states, one row per client
-        checkpoints/round-004/   the server's state after round 4 (checkpoint.py)
-        clients/client-2/round-004/  a client's private denoiser after round 4 (stays on the client)
+"""Writing files so that a crash never leaves half of one, and reading tensors without unpickling.
 
 Every completed write is atomic and durable: a file is replaced with `write_atomically`, a
-directory written as a whole with `write_directory_atomically`, and an append to metrics.csv or
-log.txt is fsync'd before it returns, so a crash or power loss leaves each file (or directory)
-either as it was or as it is meant to be. `read_tensors` reads what torch.save wrote without ever
-unpickling anything but tensors and plain values.
+directory written as a whole with `write_directory_atomically`, so a crash or power loss leaves
+each file (or directory) either as it was or as it is meant to be; writers use these two rather
+than a temporary file and a rename of their own. `read_tensors` reads what torch.save wrote
+without ever unpickling anything but tensors and plain values. What the server's run directory
+holds is in run_dir.py.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -32,8 +20,6 @@ import torch
 from torchvision.utils import save_image
 
 from collafuse_flwr.config import ConfigError
-
-METRICS_HEADER = ("round", "client", "metric", "value")
 
 
 class DamagedFileError(RuntimeError):
@@ -134,51 +120,6 @@ def check_output_dir(output_dir: str) -> Path:
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError(f"output-dir={output_dir!r}: {root} is not writable")
     return root
-
-
-def create_run_dir(output_dir: str, name: str) -> Path:
-    """Make `<output_dir>/<NNNNN>-<name>/` with the next free index; return its absolute path."""
-    root = check_output_dir(output_dir)
-    taken = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
-    for index in range(max(taken, default=-1) + 1, max(taken, default=-1) + 1000):
-        run_dir = root / f"{index:05d}-{name}"
-        try:
-            run_dir.mkdir()
-            fsync_path(root)
-            return run_dir
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a run directory under {root}")
-
-
-def write_config(run_dir: Path, config: dict) -> None:
-    """Write the resolved config as `config.json` (atomically)."""
-    write_atomically(Path(run_dir) / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def append_metrics(run_dir: Path, rows: list[tuple[int, str, str, float]]) -> None:
-    """Append (round, client, metric, value) rows to `metrics.csv` (header on first write),
-    on the disk when this returns."""
-    path = run_dir / "metrics.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(METRICS_HEADER)
-        writer.writerows(rows)
-        _flush(f)
-
-
-def append_log(run_dir: Path, line: str) -> None:
-    """Append one line to `log.txt`, on the disk when this returns."""
-    with open(run_dir / "log.txt", "a") as f:
-        f.write(line + "\n")
-        _flush(f)
-
-
-def _flush(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:

@@ -1,6 +1,7 @@
 """The ServerApp: Flower glue only. It reads the run config, sets the run up
-(strategies/setup.py: checks, run directory, feature network, strategy), waits for the
-SuperNodes and starts the strategy."""
+(strategies/setup.py: checks, run directory, feature network, strategy; the run directory is
+recorded under Flower's run id for the launcher), waits for the SuperNodes and starts the
+strategy."""
 
 from __future__ import annotations
 
@@ -31,6 +32,6 @@ def wait_for_clients(grid: Grid, count: int, seconds: float) -> list[int]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_flower(context.run_config)
-    run = prepare_run(config)
+    run = prepare_run(config, context.run_id)
     wait_for_clients(grid, config.num_clients, config.wait_for_clients_seconds)
     run.start(grid)

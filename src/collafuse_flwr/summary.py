@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pandas as pd
 
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.outputs import write_atomically
+from collafuse_flwr.run_dir import RunDirectory
 
 QUALITY = ("fd_classifier", "kid_classifier", "kid_classifier_std", "fid", "kid", "kid_std", "fcd",
            "kid_clip", "kid_clip_std", "num-generated", "num-real")
@@ -43,9 +43,9 @@ def is_disclosure(metric: str) -> bool:
     return metric.startswith(DISCLOSURE_PREFIXES) or metric in DISCLOSURE
 
 
-def read_metrics(run_dir: Path) -> pd.DataFrame:
-    """metrics.csv as a DataFrame with columns round, client (str), metric, value."""
-    return pd.read_csv(Path(run_dir) / "metrics.csv", dtype={"client": str})
+def read_metrics(run_dir: RunDirectory) -> pd.DataFrame:
+    """`run_dir`'s metrics.csv as a DataFrame with columns round, client (str), metric, value."""
+    return pd.read_csv(run_dir.metrics_csv, dtype={"client": str})
 
 
 def summarise(metrics: pd.DataFrame, config: RunConfig, notes: dict) -> dict:
@@ -65,11 +65,11 @@ def summarise(metrics: pd.DataFrame, config: RunConfig, notes: dict) -> dict:
     }
 
 
-def write_summary(run_dir: Path, config: RunConfig, notes: dict) -> None:
-    """Rewrite `run_dir/summary.json` from `run_dir/metrics.csv` (atomically)."""
+def write_summary(run_dir: RunDirectory, config: RunConfig, notes: dict) -> None:
+    """Rewrite `run_dir`'s summary.json from its metrics.csv (atomically)."""
     summary = summarise(read_metrics(run_dir), config, notes)
-    summary["run"] = Path(run_dir).name
-    write_atomically(Path(run_dir) / "summary.json", json.dumps(_finite(summary), indent=2) + "\n")
+    summary["run"] = run_dir.name
+    write_atomically(run_dir.summary_json, json.dumps(_finite(summary), indent=2) + "\n")
 
 
 def _latest(rows: pd.DataFrame) -> dict:

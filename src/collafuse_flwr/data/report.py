@@ -1,4 +1,5 @@
-"""The partition report of a run: who holds what, as `partition.csv` and `partition.png`.
+"""The partition report of a run: who holds what, as `partition.csv` and `partition.png` in
+its run directory (`RunDirectory.partition_csv`, `.partition_png`).
 
 partition.csv (long format): client, split (train | held-out), kind, name, count, plus client
 "reference", split "kept-aside": the images kept aside from all clients for the evaluation
@@ -26,6 +27,8 @@ from collafuse_flwr.config import RunConfig  # noqa: E402
 from collafuse_flwr.data.clients import client_indices, reference_images  # noqa: E402
 from collafuse_flwr.data.loaders import load_table  # noqa: E402
 from collafuse_flwr.data.partitions import DEFAULT_ATTRIBUTE_GROUPS, attribute_group_names  # noqa: E402
+from collafuse_flwr.outputs import write_atomically  # noqa: E402
+from collafuse_flwr.run_dir import RunDirectory  # noqa: E402
 
 
 def partition_frame(config: RunConfig) -> pd.DataFrame:
@@ -48,10 +51,12 @@ def partition_frame(config: RunConfig) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["client", "split", "kind", "name", "count"])
 
 
-def write_partition_report(run_dir: Path, config: RunConfig) -> pd.DataFrame:
-    """Write partition.csv and partition.png into `run_dir`; return the frame."""
+def write_partition_report(run_dir: RunDirectory | Path, config: RunConfig) -> pd.DataFrame:
+    """Write partition.csv and partition.png (atomically) into the run directory `run_dir` (a
+    `RunDirectory` or its path); return the frame."""
+    run_dir = RunDirectory(run_dir)
     frame = partition_frame(config)
-    frame.to_csv(run_dir / "partition.csv", index=False)
+    write_atomically(run_dir.partition_csv, lambda tmp: frame.to_csv(tmp, index=False))
     train = frame[frame["split"] == "train"].astype({"client": int})  # clients only (not "reference")
     totals = train[train["kind"] == "images"].set_index("client")["count"]
     panels = [(draw, counts) for kind, draw in (("class", _class_panel), ("attribute", _attribute_panel))
@@ -61,7 +66,7 @@ def write_partition_report(run_dir: Path, config: RunConfig) -> pd.DataFrame:
         draw(ax, counts, totals)
     fig.suptitle(f"{config.dataset}: partition={config.partition}, {config.num_clients} clients (training images)")
     fig.tight_layout()
-    fig.savefig(run_dir / "partition.png", dpi=100)
+    write_atomically(run_dir.partition_png, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return frame
 

@@ -9,7 +9,6 @@ It is used for evaluation only.
 from __future__ import annotations
 
 import fcntl
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from collafuse_flwr.data.table import as_model_input
+from collafuse_flwr.outputs import write_atomically
 
 
 class FeatureClassifier(nn.Module):
@@ -65,16 +65,15 @@ def cache_classifier(
     path: Path, images: torch.Tensor, targets: torch.Tensor, epochs: int, seed: int
 ) -> FeatureClassifier:
     """The feature network cached at `path` (safetensors); trained on (images, targets) and
-    written atomically first if the file is absent. A file lock serialises concurrent calls."""
+    written (`write_atomically`) first if the file is absent. A file lock serialises
+    concurrent calls."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             trained = train_classifier(images, targets, epochs, seed)
-            tmp = path.with_suffix(".tmp")
-            save_file(trained.state_dict(), str(tmp))
-            os.replace(tmp, path)
+            write_atomically(path, lambda tmp: save_file(trained.state_dict(), str(tmp)))
     return load_classifier(path)
 
 

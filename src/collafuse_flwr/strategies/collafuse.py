@@ -29,20 +29,21 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from collafuse_flwr import wire
-from collafuse_flwr.metrics.audit import DisclosureAudit
 from collafuse_flwr.checkpoint import Checkpoint, save_checkpoint
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.metrics.cost import sampling_cost, train_cost
-from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.diffusion.models import Denoiser
-from collafuse_flwr.outputs import append_log, append_metrics, save_grid
 from collafuse_flwr.diffusion.protocol import Protocol
 from collafuse_flwr.diffusion.sampling import initial_noise
+from collafuse_flwr.diffusion.training import train_for_images
+from collafuse_flwr.metrics.audit import DisclosureAudit
+from collafuse_flwr.metrics.cost import sampling_cost, train_cost
+from collafuse_flwr.metrics.features import FeatureNetwork
+from collafuse_flwr.outputs import save_grid
+from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.strategies.rounds import ResumableRounds
-from collafuse_flwr.diffusion.training import train_for_images
 
 
 class CollaFuseStrategy(ResumableRounds, Strategy):
@@ -50,7 +51,8 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
 
     Args:
         config: the validated run config.
-        run_dir: the run directory (absolute), the server's alone.
+        run_dir: the run directory, the server's alone (metrics, log, sample grids,
+            checkpoints; the disclosure audit's feature cache beside it).
         run_key: the run's key (32 hex digits) sent with every message; clients keep their own
             state of the run under it, below a directory they choose.
         denoiser: the server denoiser (a diffusers UNet2DModel) with optimizer and EMA.
@@ -63,7 +65,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
     def __init__(
         self,
         config: RunConfig,
-        run_dir: Path,
+        run_dir: RunDirectory,
         run_key: str,
         denoiser: Denoiser,
         image_shape: tuple[int, int, int],
@@ -82,7 +84,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.generator = torch.Generator().manual_seed(public_seed(config.seed, "server-train"))
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
         self.parties = Parties(config.num_clients, run_dir, run_key, config.min_replies)
-        self.audit = DisclosureAudit(config, self.protocol.schedule, networks, run_dir.parent / ".cache" / "features")
+        self.audit = DisclosureAudit(config, self.protocol.schedule, networks, run_dir.features_cache)
 
     def initial_arrays(self) -> ArrayRecord:
         """Nothing: the server's denoiser never leaves the server (train messages carry config only)."""
@@ -126,7 +128,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         """Validate the uploads, pool them, train the server denoiser for its budget."""
         rows, clients = self._receive_uploads(server_round, replies)
         server_rows, server = self._train_server(server_round)
-        append_metrics(self.run_dir, self.parties.sent_rows() + rows + server_rows)
+        self.run_dir.append_metrics(self.parties.sent_rows() + rows + server_rows)
         line = (
             f"round {server_round}/{self.config.num_server_rounds} "
             f"| {clients['clients-accepted']}/{self.config.num_clients} clients accepted "
@@ -137,7 +139,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             f"| server train {server['seconds']:.1f}s"
         )
         log(INFO, line)
-        append_log(self.run_dir, line)
+        self.run_dir.append_log(line)
         return None, MetricRecord({**clients, "server-train-loss": server["loss"]})
 
     def _receive_uploads(
@@ -226,7 +228,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.parties.sent += [(server_round, "server", k, v) for k, v in cost.items()]
         self.parties.sent.append((server_round, "server", "sample-seconds", time.perf_counter() - start))
         if shown:
-            save_grid(torch.cat(shown), self.run_dir / "samples" / f"round-{server_round:03d}-handover.png", nrow=8)
+            save_grid(torch.cat(shown), self.run_dir.handover_grid(server_round), nrow=8)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -251,6 +253,6 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         seed = public_seed(c.seed, "server-only", server_round)
         x = initial_noise(c.eval_num_samples, self.image_shape, seed)
         server_only = sampler.run(net, x, sampler.all_steps, seed).clamp(-1, 1)
-        save_grid(server_only, self.run_dir / "samples" / f"round-{server_round:03d}-server-only.png")
+        save_grid(server_only, self.run_dir.server_only_grid(server_round))
         rows = [(server_round, client, metric, value) for client, metric, value in self.audit.measure(net, server_only)]
         return rows + [(server_round, "server", "disclosure-seconds", time.perf_counter() - start)]

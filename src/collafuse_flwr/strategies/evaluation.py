@@ -7,7 +7,6 @@ pooled Fréchet distances follow from those exactly (metrics/distances.py, `pool
 from __future__ import annotations
 
 from logging import INFO
-from pathlib import Path
 from typing import Iterable
 
 from flwr.app import Message, MetricRecord
@@ -17,7 +16,7 @@ from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.metrics.distances import Moments, frechet_distance, pooled_moments
 from collafuse_flwr.metrics.features import FeatureNetwork
-from collafuse_flwr.outputs import append_log, append_metrics
+from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.summary import write_summary
 
@@ -78,7 +77,7 @@ def pooled_quality(networks: list[FeatureNetwork], moments: list[dict[str, Momen
 
 
 def write_evaluation(
-    run_dir: Path, config: RunConfig, notes: dict, server_round: int, rows: list[tuple],
+    run_dir: RunDirectory, config: RunConfig, notes: dict, server_round: int, rows: list[tuple],
     per_metric: dict[str, list[float]],
 ) -> MetricRecord | None:
     """Log fd_classifier per client, append `rows` to metrics.csv, rewrite summary.json;
@@ -89,7 +88,7 @@ def write_evaluation(
             f"{pid}: {fd:.2f}" for pid, fd in fds
         )
         log(INFO, line)
-        append_log(run_dir, line)
-    append_metrics(run_dir, rows)
+        run_dir.append_log(line)
+    run_dir.append_metrics(rows)
     write_summary(run_dir, config, notes)
     return MetricRecord({k: sum(v) / len(v) for k, v in per_metric.items()}) if per_metric else None

@@ -1,7 +1,8 @@
 """The FedAvg baseline: Flower's own `FedAvg` averages full-chain denoisers (t in [1, T]).
 
 What the subclass adds, and only that:
-  configure_train    -> the run directory in the config; the size of every message recorded;
+  configure_train    -> the round, partition id and run key in each message's config
+                        (`Parties.address`); the size of every message recorded;
   aggregate_train    -> every reply validated against the weights sent (keys, shapes, dtypes,
                         finite, |w| bound, num-examples) and its partition id bound to its node
                         before FedAvg's weighted average (weights "num-examples") sees it;
@@ -28,9 +29,9 @@ from flwr.serverapp.strategy import FedAvg
 from collafuse_flwr import wire
 from collafuse_flwr.checkpoint import save_checkpoint
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.diffusion.models import Denoiser
-from collafuse_flwr.outputs import append_log, append_metrics
+from collafuse_flwr.metrics.features import FeatureNetwork
+from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
 from collafuse_flwr.strategies.parties import Parties
@@ -42,7 +43,7 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
 
     Args:
         config: the validated run config.
-        run_dir: the run directory (absolute), the server's alone.
+        run_dir: the run directory, the server's alone (metrics, log, checkpoints).
         run_key: the run's key (32 hex digits) sent with every message.
         model: the global denoiser (weights and EMA; its optimizer is unused): its state is the
             initial ArrayRecord and it holds the latest average.
@@ -54,7 +55,7 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
     def __init__(
         self,
         config: RunConfig,
-        run_dir: Path,
+        run_dir: RunDirectory,
         run_key: str,
         model: Denoiser,
         classifier_path: Path,
@@ -112,13 +113,13 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
             self.model.load_state(wire.weights_state(arrays))
         seconds = time.perf_counter() - start
         rows.append((server_round, "server", "aggregate-seconds", seconds))
-        append_metrics(self.run_dir, rows)
+        self.run_dir.append_metrics(rows)
         line = (
             f"round {server_round}/{self.config.num_server_rounds} | FedAvg of {len(accepted)} clients "
             f"| client loss {metrics['train-loss'] if metrics else float('nan'):.4f} | averaging {seconds:.1f}s"
         )
         log(INFO, line)
-        append_log(self.run_dir, line)
+        self.run_dir.append_log(line)
         return arrays, metrics
 
     def configure_evaluate(

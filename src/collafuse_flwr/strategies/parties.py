@@ -23,14 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from logging import WARNING
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
 from collafuse_flwr import wire
-from collafuse_flwr.outputs import append_log
+from collafuse_flwr.run_dir import RunDirectory
 
 FAULT_KINDS = ("raised", "rejected", "missing")
 
@@ -53,12 +52,12 @@ class Parties:
 
     Args:
         num_clients: the number of partitions (valid ids are 0 .. num_clients - 1).
-        run_dir: where log.txt is (faults are written there with their reasons).
+        run_dir: the run directory (faults are written to its log.txt with their reasons).
         run_key: the run's key (32 hex digits), sent with every message.
         min_replies: accepted replies a phase needs to proceed.
     """
 
-    def __init__(self, num_clients: int, run_dir: Path, run_key: str, min_replies: int = 1):
+    def __init__(self, num_clients: int, run_dir: RunDirectory, run_key: str, min_replies: int = 1):
         self.num_clients = num_clients
         self.run_dir = run_dir
         self.run_key = run_key
@@ -163,5 +162,5 @@ class Parties:
         """Log a client's fault with its reason; its metrics.csv row."""
         line = f"round {server_round} {phase}: client {self.label(node)} (node {node}) {kind}: {reason}"
         log(WARNING, line)
-        append_log(self.run_dir, line)
+        self.run_dir.append_log(line)
         return (server_round, self.label(node), f"{phase}-fault-{kind}", 1.0)

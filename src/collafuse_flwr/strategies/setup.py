@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -16,8 +15,7 @@ import torch
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from collafuse_flwr.checkpoint import Checkpoint, latest_checkpoint, resumable_run, truncate_metrics
-from collafuse_flwr.clients.state import RUN_KEY
+from collafuse_flwr.checkpoint import Checkpoint, latest_checkpoint, resumable_run
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_indices, image_shape, load_table, partition_key
 from collafuse_flwr.data.clients import reference_images
@@ -25,19 +23,21 @@ from collafuse_flwr.data.report import write_partition_report
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, resolve_device
 from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
 from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
-from collafuse_flwr.outputs import append_log, append_metrics, check_output_dir, create_run_dir, write_atomically, \
-    write_config
+from collafuse_flwr.outputs import check_output_dir
+from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
-def feature_network(config: RunConfig) -> tuple[Path, float]:
-    """Train (once, cached) the fd_classifier feature network on reference images that no
-    client holds (`reference_images`: the dataset's official test split, else a share of the
-    dataset kept aside from all clients before partitioning); return its path and its accuracy
-    on the reference images held back from its training. No client's image or label is read."""
+
+
+def feature_network(config: RunConfig, run_dir: RunDirectory) -> tuple[Path, float]:
+    """Train (once, cached beside `run_dir` in the output directory) the fd_classifier feature
+    network on reference images that no client holds (`reference_images`: the dataset's
+    official test split, else a share of the dataset kept aside from all clients before
+    partitioning); return its path and its accuracy on the reference images held back from
+    its training. No client's image or label is read."""
     reference = reference_images(config)
     key = json.dumps(["reference", partition_key(config), config.metric_classifier_epochs])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = Path(config.output_dir).expanduser().resolve() / ".cache" / f"fd_classifier-{digest}.safetensors"
+    path = run_dir.feature_network_file(hashlib.sha256(key.encode()).hexdigest()[:12])
     images, targets = reference.table.images, reference.table.targets()
     net = cache_classifier(
         path, torch.from_numpy(images[reference.train]), targets[reference.train],
@@ -81,32 +81,13 @@ def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
     return notes
 
 
-def run_name(config: RunConfig) -> str:
-    """The run directory's name: dataset, strategy and (except for FedAvg) the cut point."""
-    cut = "" if config.strategy == "fedavg" else f"-tz{config.t_zeta}"
-    return f"{config.dataset}-{config.strategy}{cut}"
-
-
-def run_key(run_dir: Path) -> str:
-    """The run's key: 32 random hex digits made with the run directory (its file `run-key`)
-    and read back when the run resumes. Every message carries it; clients keep their state of
-    the run under it. It names the run and is no secret: the clients' secrets are their own."""
-    path = run_dir / "run-key"
-    if not path.exists():
-        write_atomically(path, secrets.token_hex(16) + "\n")
-    key = path.read_text().strip()
-    if not RUN_KEY.fullmatch(key):
-        raise RuntimeError(f"{path} holds no run key (32 hex digits); the run directory is damaged")
-    return key
-
-
 @dataclass
 class Run:
     """A run set up and ready to start: its directory and key, the checkpoint it resumes
     from (or None), and its strategy."""
 
     config: RunConfig
-    run_dir: Path
+    run_dir: RunDirectory
     key: str
     checkpoint: Checkpoint | None
     strategy: CollaFuseStrategy | FedAvgDiffusion
@@ -128,33 +109,35 @@ class Run:
         log(INFO, "%s finished in %.0fs; results in %s", config.strategy, time.perf_counter() - start, self.run_dir)
 
 
-def prepare_run(config: RunConfig) -> Run:
-    """Check everything, then create (or resume) the run directory, train the feature network
-    and build the strategy (CollaFuse, the published variant or FedAvg) with the server's
-    model, fresh or from the checkpoint."""
+def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
+    """Check everything, then create (or resume) the run directory, record it as the one of
+    Flower run `flower_run_id` (`RunDirectory.record_flower_run`: how the launcher finds it),
+    train the feature network and build the strategy (CollaFuse, the published variant or
+    FedAvg) with the server's model, fresh or from the checkpoint."""
     weights = pretrained_weights(config.fid_weights, config.fcd_weights)  # bad paths fail here
     log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
     shape = image_shape(config)
     client_indices(config)  # checks the partition before anything is written
     check_output_dir(config.output_dir)
     device = resolve_device("server-device", config.server_device)
-    run_dir = resumable_run(config.output_dir, run_name(config), config) if config.resume else None
-    checkpoint = latest_checkpoint(run_dir, config, device) if run_dir else None
-    if run_dir is None:
-        run_dir = create_run_dir(config.output_dir, run_name(config))
-        write_config(run_dir, config.to_flower())
+    resumed = resumable_run(config) if config.resume else None
+    checkpoint = latest_checkpoint(resumed, config, device) if resumed else None
+    run_dir = resumed or RunDirectory.create(config)
+    run_dir.record_flower_run(flower_run_id)
+    if resumed is None:
+        run_dir.write_config(config.to_flower())
         write_partition_report(run_dir, config)
     else:
         rounds_done = checkpoint.server_round if checkpoint else 0
-        truncate_metrics(run_dir, rounds_done)
+        run_dir.truncate_metrics(rounds_done)
         line = f"resumed after round {rounds_done} of {config.num_server_rounds} (config {config.identity_hash()})"
         log(INFO, "CollaFuse %s", line)
-        append_log(run_dir, line)
-    key = run_key(run_dir)
+        run_dir.append_log(line)
+    key = run_dir.run_key()
     log(INFO, "CollaFuse run directory: %s (server denoiser on %s)", run_dir, device)
-    classifier_path, accuracy = feature_network(config)
+    classifier_path, accuracy = feature_network(config, run_dir)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
-    append_metrics(run_dir, [(0, "server", "feature-network-accuracy", accuracy)])
+    run_dir.append_metrics([(0, "server", "feature-network-accuracy", accuracy)])
     notes = evaluation_notes(config, weights)
     for w in weights.values():
         if w.available:

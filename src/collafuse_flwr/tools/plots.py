@@ -2,7 +2,7 @@
 
     collafuse-plot RUN_DIR [--out DIR]
 
-writes into RUN_DIR/figures (or DIR):
+writes into RUN_DIR/figures (`RunDirectory.figures`; or DIR), each atomically:
     quality.png      every quality distance over rounds, one line per client and the pooled one
     disclosure.png   the latest disclosure figures per client (attacks and distances)
     cost.png         cumulative NFEs, FLOPs, seconds and bytes per party
@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from collafuse_flwr.outputs import write_atomically  # noqa: E402
+from collafuse_flwr.run_dir import RunDirectory  # noqa: E402
 from collafuse_flwr.summary import COST_SUMS, QUALITY, is_disclosure, read_metrics  # noqa: E402
 
 COST_PANELS = ("nfe-train", "nfe-sample", "flops-train", "flops-sample", "train-seconds",
@@ -50,7 +52,7 @@ def plot_quality(metrics: pd.DataFrame, path: Path) -> bool:
         ax.set(title=name, xlabel="round")
     axes[0].legend(title="client", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return True
 
@@ -76,7 +78,7 @@ def plot_disclosure(metrics: pd.DataFrame, path: Path) -> bool:
         ax.set(title=name, xlabel="client")
     fig.suptitle(f"disclosure after round {int(rows['round'].max())}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return True
 
@@ -94,16 +96,17 @@ def plot_cost(metrics: pd.DataFrame, path: Path) -> bool:
         ax.bar(values.index, values.values, color=["tab:orange" if p == "server" else "tab:blue" for p in values.index])
         ax.set(title=f"{name} (sum over rounds)", xlabel="party")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return True
 
 
-def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
-    """Write the figures of `run_dir`; return the paths written."""
+def plot_run(run_dir: RunDirectory | Path, out: Path | None = None) -> list[Path]:
+    """Write the figures of the run directory `run_dir` (a `RunDirectory` or its path) into
+    `out` (default: its figures/); return the paths written."""
+    run_dir = RunDirectory(run_dir)
     metrics = read_metrics(run_dir)
-    out = Path(out) if out else Path(run_dir) / "figures"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out) if out else run_dir.figures
     written = []
     for name, plot in (("quality", plot_quality), ("disclosure", plot_disclosure), ("cost", plot_cost)):
         if plot(metrics, out / f"{name}.png"):
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not (args.run_dir / "metrics.csv").exists():
+    if not RunDirectory(args.run_dir).metrics_csv.exists():
         parser.error(f"{args.run_dir} has no metrics.csv: not a run directory")
     for path in plot_run(args.run_dir, args.out):
         print(path)

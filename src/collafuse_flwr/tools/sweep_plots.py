@@ -1,4 +1,5 @@
-"""Figures of a sweep's summary table against t_zeta (mean and spread over seeds).
+"""Figures of a sweep's summary table against t_zeta (mean and spread over seeds), each
+written atomically:
 
 quality.png     quality distances, pooled and averaged over clients; the t_zeta = 0 run (global model), the t_zeta = T run
                 (local models) and any FedAvg run drawn as reference levels
@@ -16,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from collafuse_flwr.outputs import write_atomically  # noqa: E402
 
 QUALITY = (("pooled", "fd_classifier"), ("client-mean", "fd_classifier"), ("pooled", "fid"),
            ("client-mean", "fid"), ("pooled", "fcd"), ("client-mean", "fcd"))
@@ -62,7 +65,7 @@ def _figure(table: pd.DataFrame, specs, path: Path, references: bool) -> Path | 
         ax.set(title=f"{dataset}: {metric} ({party})", xlabel="t_zeta")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 
