@@ -22,12 +22,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Make the local simulation federation match num-clients = 5, so that a plain `flwr run .`
-# also gets 5 SuperNodes of 1 CPU each (stored by the local SuperLink in $$FLWR_HOME).
+# also gets 5 SuperNodes of 1 CPU each (stored by the local SuperLink in $$FLWR_HOME; this
+# starts that SuperLink if none runs, and leaves it running for the `flwr run .` to come).
+# `make run` does not need it: collafuse-run passes the federation with every run.
 federation: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/flwr federation simulation-config \
 	    --num-supernodes 5 --client-resources-num-cpus 1
 
-run: install federation
+# collafuse-run stops the local SuperLink its run started (one running before is left alone)
+run: install
 	$(VENV)/bin/collafuse-run . $(if $(OVERLAY),--run-config $(OVERLAY)) \
 	    --run-config "output-dir='$(OUTPUT_DIR)' $(RUN_CONFIG)"
 

@@ -12,7 +12,8 @@ N SuperNodes of 1 CPU, the embedded digits at 8x8 (default partition label-group
 per client: about 14 training and 4 held-out images per client at N = 100), a U-Net of
 widths 8,16, T = 100, t_zeta = 20, 64 client and 256 server images per round, DDIM-10,
 4 generated images per client and 8 disclosure images. The SuperLink is stopped by PID
-after the run, and any process of the run still alive afterwards is ended and reported.
+after the run with everything below it (`collafuse_flwr.tools.launch.stopping_local_superlink`),
+and any process of the run still alive 30 s later is ended and reported.
 
 What is measured, per run:
 
@@ -31,8 +32,8 @@ What is measured, per run:
   uploads them every 0.2 s and streams every 0.5 s), so each stamp is late by up to about a
   second; differences between stamps are good to about +-1 s.
 - memory: every 0.2 s, /proc is read for this process's descendants (the `flwr` CLI) and for
-  the SuperLink of the run's port (found by its command line, as the tests do; it may be
-  daemonised) with all of its descendants (flwr-simulation running the ServerApp, Ray's GCS,
+  the SuperLink of the run's port (`collafuse_flwr.tools.launch.local_superlinks`, found by
+  its command line; it is daemonised) with all of its descendants (flwr-simulation running the ServerApp, Ray's GCS,
   raylet and worker/actor processes). "RSS sum" is the peak over samples of the summed
   resident set sizes; it counts every shared page (libtorch, Ray's object store) once per
   process that maps it, so "PSS sum" (proportional set size, shared pages split between
@@ -43,9 +44,10 @@ What is measured, per run:
   seen at once. Peaks shorter than the sampling interval can be missed. psutil is not
   importable from the project's environment (Ray vendors its own copy), hence /proc: Linux
   only.
-- disk: the bytes on disk (allocated blocks) of everything under the run directory's
-  `clients/` at the end of the run, i.e. the clients' private denoisers, optimizers and EMAs
-  (every checkpoint the clients keep there), in total and per client.
+- disk: the bytes on disk (allocated blocks) of the clients' state of the run at its end
+  (below their state root, COLLAFUSE_CLIENT_STATE, under the run's key: never in the server's
+  run directory), i.e. their private denoisers, optimizers and EMAs (every checkpoint they
+  keep) and generated images, in total and per client.
 
 Caveats: one run per N, timed on whatever else the machine is doing: measure on an idle
 machine (on 2 busy cores the server's per-client evaluation loops, small torch calls on 2
@@ -64,17 +66,25 @@ import io
 import math
 import os
 import re
-import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-from collafuse_flwr.tools.launch import flwr_run, format_run_config, isolated_env
+from collafuse_flwr.run_dir import RunDirectory
+from collafuse_flwr.tools.launch import (
+    alive,
+    descendants,
+    end_processes,
+    flwr_run,
+    format_run_config,
+    isolated_env,
+    local_superlinks,
+    process_table,
+    stopping_local_superlink,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 ROUND_START = re.compile(r"\[ROUND (\d+)/\d+\]")
@@ -85,58 +95,6 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 COLUMNS = ("clients", "rounds", "status", "startup s", "s/round", "rounds s", "eval s", "strategy s",
            "total s", "RSS sum MB", "PSS sum MB", "max RSS MB", "largest", "processes",
            "client models MB", "per client KB")
-
-
-@dataclass(frozen=True)
-class Process:
-    """What /proc says about one process; (pid, start) identifies it across samples."""
-
-    ppid: int
-    start: int  # clock ticks after boot
-    zombie: bool
-    args: tuple[bytes, ...]
-
-    @property
-    def name(self) -> str:
-        """The program, e.g. `flwr-simulation` (not its interpreter) or `ray::ClientAppActor.run`."""
-        names = [os.path.basename(a.decode(errors="replace")) for a in self.args]
-        return next((n for n in names if not n.startswith(("python", "-"))), "?")[:40]
-
-
-def process_table() -> dict[int, Process]:
-    """Every process now alive, by pid."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-            args = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-        except OSError:  # ended meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
-        table[int(entry.name)] = Process(int(fields[1]), int(fields[19]), fields[0] == "Z",
-                                         tuple(a for a in args if a))
-    return table
-
-
-def superlinks(table: dict[int, Process], port: int) -> list[int]:
-    """PIDs of the `flower-superlink` serving `port`."""
-    return [pid for pid, p in table.items()
-            if any(a.endswith(b"flower-superlink") for a in p.args) and str(port).encode() in p.args]
-
-
-def descendants(table: dict[int, Process], roots: set[int]) -> set[int]:
-    """`roots` (those alive) and every process below them."""
-    children = defaultdict(list)
-    for pid, p in table.items():
-        children[p.ppid].append(pid)
-    found, todo = set(), [r for r in roots if r in table]
-    while todo:
-        pid = todo.pop()
-        found.add(pid)
-        todo.extend(children[pid])
-    return found
 
 
 def rss_kb(pid: int) -> int | None:
@@ -161,9 +119,9 @@ class TreeMemory(threading.Thread):
     """Samples the RSS of the run's processes every `interval` seconds, and their PSS every
     `pss_every`-th sample, until `stop()`."""
 
-    def __init__(self, port: int, interval: float = 0.2, pss_every: int = 10):
+    def __init__(self, env: dict[str, str], interval: float = 0.2, pss_every: int = 10):
         super().__init__(daemon=True)
-        self.port, self.interval, self.pss_every, self.halt = port, interval, pss_every, threading.Event()
+        self.env, self.interval, self.pss_every, self.halt = env, interval, pss_every, threading.Event()
         self.samples = 0
         self.rss_sum = self.pss_sum = self.max_rss = self.processes = 0  # peaks, kB and count
         self.largest = ""
@@ -181,9 +139,9 @@ class TreeMemory(threading.Thread):
     def sample(self) -> None:
         table = process_table()
         me = os.getpid()
-        members = descendants(table, {me, *superlinks(table, self.port)}) - {me}
+        members = descendants(table, {me, *local_superlinks(table, self.env)}) - {me}
         rss = {pid: kb for pid in members if (kb := rss_kb(pid)) is not None}
-        self.seen.update((pid, table[pid].start) for pid in rss)
+        self.seen.update(table[pid].identity for pid in rss)
         for pid, kb in rss.items():
             if kb > self.max_rss:
                 self.max_rss, self.largest = kb, table[pid].name
@@ -227,24 +185,6 @@ def run_config(clients: int, rounds: int, output_dir: Path) -> str:
     })
 
 
-def alive(processes: set[tuple[int, int]]) -> dict[int, str]:
-    """Those of `processes` (pid, start) still running (zombies count as ended), with names."""
-    table = process_table()
-    return {pid: table[pid].name for pid, start in processes
-            if pid in table and table[pid].start == start and not table[pid].zombie}
-
-
-def end_processes(processes: set[tuple[int, int]], grace: float = 20.0) -> None:
-    """SIGTERM `processes` (pid, start), SIGKILL those still running after `grace` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in alive(processes):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while alive(processes) and time.monotonic() < deadline:
-            time.sleep(0.5)
-
-
 def phases(lines: list[tuple[float, str]], launched: float, rounds: int) -> dict[str, object]:
     """Startup, training seconds of each round and their median, evaluation and the strategy's
     own total, from the stamped lines; NaN where a marker is missing (a failed run)."""
@@ -276,32 +216,31 @@ def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool) ->
     """One `flwr run` with `clients` SuperNodes on a SuperLink of its own; one table row."""
     (work / "cwd").mkdir()
     env = run_env(work / "flwr-home", project)
-    port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
     federation = f"num-supernodes={clients} client-resources-num-cpus=1 client-resources-num-gpus=0"
-    memory, clock = TreeMemory(port), LineClock(echo)
+    memory, clock = TreeMemory(env), LineClock(echo)
     memory.start()
     launched = time.monotonic()
     try:
-        with contextlib.redirect_stdout(clock):
-            outcome = flwr_run(project, run_config(clients, rounds, work / "runs"), federation,
-                               env=env, cwd=work / "cwd", echo=True)
-        total = time.monotonic() - launched
+        with stopping_local_superlink(env):
+            with contextlib.redirect_stdout(clock):
+                outcome = flwr_run(project, run_config(clients, rounds, work / "runs"), federation,
+                                   env=env, cwd=work / "cwd", echo=True)
+            total = time.monotonic() - launched
     finally:
         memory.stop()
-        table = process_table()
-        end_processes({(pid, table[pid].start) for pid in superlinks(table, port)})
         deadline = time.monotonic() + 30  # the simulation and Ray wind down on their own
         while (left := alive(memory.seen)) and time.monotonic() < deadline:
             time.sleep(0.5)
         if left:
+            names = {pid: p.name for pid, p in left.items()}
             print(f"warning: {clients} clients: still running 30 s after the SuperLink stopped, "
-                  f"now ended: {left}", file=sys.stderr)
+                  f"now ended: {names}", file=sys.stderr)
             end_processes(memory.seen)
     if not outcome.ok:
         print(f"{clients} clients: run {outcome.status}; end of its log:\n{outcome.log[-4000:]}",
               file=sys.stderr)
     # the clients' private state of this run: below their state root, under the run's key
-    key = (outcome.run_dir / "run-key").read_text().strip() if outcome.run_dir else None
+    key = RunDirectory(outcome.run_dir).run_key_file.read_text().strip() if outcome.run_dir else None
     models = sum(disk_bytes(d) for d in Path(env["COLLAFUSE_CLIENT_STATE"]).glob(f"partition-*/runs/{key}")) if key else 0
     return {
         "clients": clients, "rounds": rounds, "status": outcome.status,

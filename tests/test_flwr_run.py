@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,37 +18,30 @@ import pytest
 from PIL import Image
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.tools.launch import flwr_run, isolated_env
 from collafuse_flwr.diffusion.models import build_denoiser
+from collafuse_flwr.tools.launch import (
+    alive,
+    descendants,
+    flwr_run,
+    isolated_env,
+    local_superlinks,
+    main,
+    process_table,
+    stopping_local_superlink,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 FEDERATION = "num-supernodes=5 client-resources-num-cpus=1 client-resources-num-gpus=0"
 
 
-def _pids_of_superlink(port: int) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if any(a.endswith(b"flower-superlink") for a in args) and str(port).encode() in args:
-            pids.append(int(proc.name))
-    return pids
-
-
 @pytest.fixture(scope="module")
 def flwr_env(tmp_path_factory):
-    """Own FLWR_HOME and ports, a neutral working directory; stops its SuperLink afterwards."""
+    """Own FLWR_HOME and ports, a neutral working directory; the SuperLink the module's runs
+    start is shared by them and stopped afterwards."""
     env = isolated_env(tmp_path_factory.mktemp("flwr-home"))
-    port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
-    yield env, tmp_path_factory.mktemp("neutral-cwd")
-    for pid in _pids_of_superlink(port):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while _pids_of_superlink(port) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _pids_of_superlink(port), "the test's SuperLink did not stop"
+    with stopping_local_superlink(env):
+        yield env, tmp_path_factory.mktemp("neutral-cwd")
+    assert not local_superlinks(process_table(), env), "the test's SuperLink did not stop"
 
 
 def _values(tmp_path, **overrides) -> dict:
@@ -321,20 +317,16 @@ def _metrics_without_timings(run_dir: Path) -> pd.DataFrame:
     return keep.sort_values(["round", "client", "metric"]).reset_index(drop=True)
 
 
-def _kill_everything_of(flwr_home: str) -> int:
-    """SIGKILL every process started for this FLWR_HOME (SuperLink, SuperExec, the simulation
-    with the ServerApp, Ray and its ClientApp actors), as a crash of the machine would."""
-    marker, killed = f"FLWR_HOME={flwr_home}".encode(), 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
-        except (OSError, ProcessLookupError):
-            continue
-    return killed
+def _kill_the_run(env: dict) -> int:
+    """SIGKILL every process of the run, as a crash of the machine would: the local SuperLink
+    of `env` with everything below it (SuperExec, the simulation with the ServerApp, Ray and
+    its ClientApp actors) and the `flwr` CLI streaming the run."""
+    table = process_table()
+    victims = descendants(table, [os.getpid(), *local_superlinks(table, env)]) - {os.getpid()}
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(victims)
 
 
 def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_env, tmp_path):
@@ -360,7 +352,7 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_en
     while not round_2_started():
         assert time.monotonic() < deadline and launch.is_alive(), "round 2 never started"
         time.sleep(0.05)
-    assert _kill_everything_of(env["FLWR_HOME"]) > 0
+    assert _kill_the_run(env) > 0
     launch.join(timeout=60)
     (run_dir,) = (killed_dir / "runs").glob("0*-digits-*")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001"]  # killed mid-round 2
@@ -388,3 +380,44 @@ def test_injected_client_faults_do_not_stop_a_real_run(flwr_env, tmp_path):
     assert "3/5 clients accepted" in log
     final = metrics[(metrics["round"] == 2) & (metrics["metric"] == "fd_classifier")]
     assert len(final) == 6  # every client still samples (1 and 2 from their latest state), and pooled
+
+
+def test_the_launcher_stops_the_superlink_it_started_and_no_other(tmp_path, monkeypatch, capsys):
+    """collafuse-run with a SuperLink port and FLWR_HOME of its own, in a directory of its own:
+    a relative output-dir lands below that directory and the run directory is reported; the
+    local SuperLink its run started is stopped with everything below it; one that was running
+    before the launch is left running."""
+    env = dict(isolated_env(tmp_path / "flwr-home"),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    for key in set(os.environ) - set(env):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    values = _values(tmp_path, **{"num-server-rounds": 1, "output-dir": "runs"})  # relative to the launcher's cwd
+    run_config = " ".join(f"{k}={v}" for k, v in values.items())
+    codes, seen, names = [], set(), set()  # the processes of the SuperLink's tree during the launch
+    launcher = threading.Thread(target=lambda: codes.append(main([str(PROJECT), "--run-config", run_config])))
+    launcher.start()
+    while launcher.is_alive():
+        table = process_table()
+        tree = [table[pid] for pid in descendants(table, local_superlinks(table, env))]
+        seen.update(p.identity for p in tree)
+        names.update(p.name for p in tree)
+        time.sleep(0.2)
+    assert codes == [0]
+    (run_dir,) = (tmp_path / "runs").glob("0*-digits-collafuse-tz20")
+    assert capsys.readouterr().out.endswith(f"results: {run_dir}\n")
+    assert {"flower-superlink", "flower-superexec", "flwr-simulation", "raylet"} <= names
+    assert not local_superlinks(process_table(), env)
+    deadline = time.monotonic() + 30  # what the SuperLink's stop did not reach (Ray) winds down
+    while alive(seen) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive(seen), alive(seen)
+
+    with stopping_local_superlink(env):
+        subprocess.run([str(Path(sys.executable).with_name("flwr")), "ls"], env=env, capture_output=True, check=True)
+        (running,) = local_superlinks(process_table(), env)
+        assert main([str(PROJECT), "--run-config", "t-zeta=5000"]) == 1
+        assert local_superlinks(process_table(), env) == [running]
+    assert not local_superlinks(process_table(), env)

@@ -1,10 +1,25 @@
-"""collafuse-run merges TOML overlays and key=value strings into what flwr run accepts."""
+"""collafuse-run merges TOML overlays and key=value strings into what flwr run accepts, makes
+output-dir absolute, and stops the local SuperLink its run started (and nothing else)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 from flwr.common.config import parse_config_args
 
-from collafuse_flwr.tools.launch import merge_run_configs
+from collafuse_flwr.tools.launch import (
+    absolute_output_dir,
+    alive,
+    descendants,
+    end_processes,
+    local_superlinks,
+    merge_run_configs,
+    process_table,
+    stopping_local_superlink,
+)
 
 
 def test_overlay_and_strings_merge_later_wins(tmp_path):
@@ -19,3 +34,43 @@ def test_overlay_and_strings_merge_later_wins(tmp_path):
 
 def test_a_string_with_a_single_quote_survives():
     assert parse_config_args([merge_run_configs(["data-dir=\"/data/o'brien\""])]) == {"data-dir": "/data/o'brien"}
+
+
+def test_a_relative_output_dir_is_taken_from_the_launchers_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_output_dir("runs") == tmp_path / "runs"
+    assert absolute_output_dir(str(tmp_path / "a" / ".." / "b")) == tmp_path / "b"
+    assert absolute_output_dir("") is None and absolute_output_dir("a\0b") is None  # the ServerApp refuses them
+
+
+def _fake_superlink(port: str) -> subprocess.Popen:
+    """A process whose command line reads like the local SuperLink's on `port`, with a child."""
+    code = ("import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
+    return subprocess.Popen([sys.executable, "-c", code, "/bin/flower-superlink", "--port", port])
+
+
+def _children(pid: int) -> set[int]:
+    return descendants(process_table(), [pid]) - {pid}
+
+
+def test_only_a_superlink_started_inside_the_block_is_stopped_with_what_it_started(tmp_path):
+    env = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "1"}  # no real SuperLink listens on port 1
+    before = _fake_superlink("1")
+    try:
+        with stopping_local_superlink(env):
+            started = _fake_superlink("1")
+            other_port = _fake_superlink("2")
+            deadline = time.monotonic() + 10
+            while not (_children(started.pid) and _children(before.pid)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            table = process_table()
+            child = table[next(iter(_children(started.pid)))].identity
+            assert sorted(local_superlinks(table, env)) == sorted([before.pid, started.pid])
+        assert started.wait(timeout=5) == -signal.SIGTERM and not alive([child])
+        assert before.poll() is None and other_port.poll() is None
+    finally:
+        table = process_table()
+        end_processes(table[pid].identity for pid in descendants(table, [before.pid, other_port.pid]))
+        for process in (before, started, other_port):
+            process.wait()

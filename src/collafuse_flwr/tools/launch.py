@@ -1,4 +1,5 @@
-"""Launch `flwr run` and report how the run really ended.
+"""Launch `flwr run`, report how the run really ended and where it wrote, and leave no local
+SuperLink behind.
 
 `flwr run` takes either one TOML overlay or key=value strings, not both; this wrapper merges
 any number of each (later ones win) into one `--run-config`, so an overlay can be combined
@@ -6,7 +7,19 @@ with, e.g., the data directory of this machine.
 
 `flwr run --stream` exits 0 even when the ServerApp failed, so this wrapper reads the run id
 from its output, asks `flwr ls --run-id ID --format json` for the final status, and exits
-non-zero unless the status is `finished:completed`. It also prints the run directory.
+non-zero unless the status is `finished:completed`.
+
+The run directory: the wrapper makes output-dir absolute before the run (a relative one, and
+the project's default "results/runs", are taken relative to the directory the wrapper runs
+in, not to the SuperLink's); the ServerApp records the run directory it writes into under
+Flower's run id in that output directory (`RunDirectory.record_flower_run`), and the wrapper
+reads it from there after the run (`RunDirectory.of_flower_run`) and prints it.
+
+The local SuperLink: `flwr run` starts one in the background (`flower-superlink --simulation`
+on FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, default 39091) when none answers there, and leaves it
+running. collafuse-run stops, by PID, the one started during its run, with every process
+below it (SuperExec, the simulation with the ServerApp, Ray), when the run ends, fails or is
+interrupted (`stopping_local_superlink`); one that was running before is left alone.
 
     collafuse-run [PROJECT_DIR] [--run-config "t-zeta=200 ..."] [--run-config simulations/x.toml]
                   [--num-supernodes 5] [--cpus-per-client 1] [--gpus-per-client 0]
@@ -15,17 +28,26 @@ non-zero unless the status is `finished:completed`. It also prints the run direc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from flwr.common.config import get_project_config, parse_config_args
+
+from collafuse_flwr.run_dir import RunDirectory
+
 RUN_ID = re.compile(r"Successfully started run (\d+)")
-RUN_DIR = re.compile(r"CollaFuse run directory: (\S+)")
+SUPERLINK_PORT = "39091"  # flwr's default FLWR_LOCAL_SUPERLINK_HTTP_API_PORT
 
 
 @dataclass
@@ -50,10 +72,18 @@ def flwr_run(
     cwd: Path | None = None,
     echo: bool = False,
 ) -> RunOutcome:
-    """Run `flwr run PROJECT --stream` with the given configs; return its `RunOutcome`."""
-    command = [_flwr(), "run", str(Path(project_dir).resolve()), "--stream"]
-    if run_config:
-        command += ["--run-config", run_config]
+    """Run `flwr run PROJECT --stream` with the given configs ("key=value ..." strings) and
+    output-dir made absolute (`absolute_output_dir`); return its `RunOutcome`. A local
+    SuperLink that `flwr run` starts is left running (`stopping_local_superlink` stops it)."""
+    project_dir = Path(project_dir).resolve()
+    config = parse_config_args([run_config])
+    output_dir = absolute_output_dir(config["output-dir"] if "output-dir" in config
+                                     else _default_output_dir(project_dir))
+    if output_dir:
+        config["output-dir"] = str(output_dir)
+    command = [_flwr(), "run", str(project_dir), "--stream"]
+    if config:
+        command += ["--run-config", format_run_config(config)]
     if federation_config:
         command += ["--federation-config", federation_config]
     env = dict(os.environ if env is None else env)
@@ -70,9 +100,26 @@ def flwr_run(
                 print(line, end="", flush=True)
     log = "".join(lines)
     run_id = m.group(1) if (m := RUN_ID.search(log)) else None
-    run_dir = Path(m.group(1)) if (m := RUN_DIR.search(log)) else None
     status = run_status(run_id, env, cwd) if run_id else f"not started (flwr exited {process.returncode})"
-    return RunOutcome(run_id, status, run_dir, log)
+    run_dir = RunDirectory.of_flower_run(output_dir, run_id) if run_id and output_dir else None
+    return RunOutcome(run_id, status, run_dir.path if run_dir else None, log)
+
+
+def absolute_output_dir(value) -> Path | None:
+    """The output-dir `value` as an absolute path (a relative one is relative to this
+    process's working directory), or None if it names no directory (empty, not a string, NUL
+    bytes, a symlink loop): it is passed on as it is, and the ServerApp refuses it."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return Path(value).expanduser().resolve()
+    except (ValueError, RuntimeError):
+        return None
+
+
+def _default_output_dir(project_dir: Path) -> str:
+    """The output-dir of the project's run config ([tool.flwr.app.config] of its pyproject.toml)."""
+    return get_project_config(project_dir)["tool"]["flwr"]["app"]["config"]["output-dir"]
 
 
 def isolated_env(home: Path) -> dict[str, str]:
@@ -108,8 +155,6 @@ def _free_port() -> int:
 def merge_run_configs(items: list[str]) -> str:
     """TOML overlay files and "key=value ..." strings merged in order (later keys win), as one
     "key=value ..." string for `flwr run --run-config`."""
-    from flwr.common.config import parse_config_args
-
     merged: dict = {}
     for item in items:
         merged.update(parse_config_args([item]))
@@ -151,6 +196,107 @@ def run_status(run_id: str, env: dict, cwd: Path | None = None) -> str:
         return f"unknown (flwr ls said: {out.stdout.strip() or out.stderr.strip()})"
 
 
+@dataclass(frozen=True)
+class Process:
+    """What /proc says about one process; (pid, start) tells it from a later process that
+    gets the same pid."""
+
+    pid: int
+    ppid: int
+    start: int  # clock ticks after boot
+    zombie: bool
+    args: tuple[bytes, ...]
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return self.pid, self.start
+
+    @property
+    def name(self) -> str:
+        """The program, e.g. `flwr-simulation` (not its interpreter) or `ray::ClientAppActor.run`."""
+        names = [os.path.basename(a.decode(errors="replace")) for a in self.args]
+        return next((n for n in names if not n.startswith(("python", "-"))), "?")[:40]
+
+
+def process_table() -> dict[int, Process]:
+    """Every process now alive, by pid (read from /proc: Linux only)."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            args = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
+        pid = int(entry.name)
+        table[pid] = Process(pid, int(fields[1]), int(fields[19]), fields[0] == "Z", tuple(a for a in args if a))
+    return table
+
+
+def descendants(table: dict[int, Process], roots: Iterable[int]) -> set[int]:
+    """`roots` (those alive) and every process below them."""
+    children = defaultdict(list)
+    for pid, p in table.items():
+        children[p.ppid].append(pid)
+    found, todo = set(), [r for r in roots if r in table]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children[pid])
+    return found
+
+
+def local_superlinks(table: dict[int, Process], env: Mapping[str, str] | None = None) -> list[int]:
+    """PIDs of the local SuperLink `flwr run` uses in the environment `env` (default: this
+    process's): a `flower-superlink` serving its FLWR_LOCAL_SUPERLINK_HTTP_API_PORT."""
+    port = (os.environ if env is None else env).get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", SUPERLINK_PORT)
+    return [pid for pid, p in table.items()
+            if any(a.endswith(b"flower-superlink") for a in p.args) and _option(p.args, b"--port") == port.encode()]
+
+
+def _option(args: tuple[bytes, ...], name: bytes) -> bytes | None:
+    """The value after `name` in a command line, or None."""
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
+def alive(processes: Iterable[tuple[int, int]]) -> dict[int, Process]:
+    """Those of `processes` ((pid, start) pairs) still running (zombies count as ended)."""
+    table = process_table()
+    return {pid: table[pid] for pid, start in processes
+            if pid in table and table[pid].start == start and not table[pid].zombie}
+
+
+def end_processes(processes: Iterable[tuple[int, int]], grace: float = 20.0) -> None:
+    """SIGTERM `processes` ((pid, start) pairs), SIGKILL those still running after `grace`
+    seconds, and wait (as long again) until they are gone."""
+    processes = set(processes)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive(processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while alive(processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def stopping_local_superlink(env: Mapping[str, str] | None = None) -> Iterator[None]:
+    """On leaving the block, however it is left (an error, Ctrl-C), stop the local SuperLink
+    of `env` (`local_superlinks`) if it was started inside the block (by `flwr run`, or any
+    `flwr` command), with every process below it (SuperExec, the simulation, Ray); one that
+    was running on entry is left alone."""
+    table = process_table()
+    before = {table[pid].identity for pid in local_superlinks(table, env)}
+    try:
+        yield
+    finally:
+        table = process_table()
+        started = [pid for pid in local_superlinks(table, env) if table[pid].identity not in before]
+        end_processes(table[pid].identity for pid in descendants(table, started))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("project_dir", nargs="?", default=".")
@@ -166,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client} "
         f"client-resources-num-gpus={args.gpus_per_client:g}"
     )
-    outcome = flwr_run(Path(args.project_dir), merge_run_configs(args.run_config), federation, echo=True)
+    with stopping_local_superlink():
+        outcome = flwr_run(Path(args.project_dir), merge_run_configs(args.run_config), federation, echo=True)
     print(f"\nrun {outcome.run_id}: {outcome.status}")
     if outcome.run_dir:
         print(f"results: {outcome.run_dir}")

@@ -29,8 +29,10 @@ that [strategy.<name>] may list its own t-zeta. Overlay and sweep file are UTF-8
 A `fedavg` run has no cut point: it runs once per dataset and seed, named
 `<dataset>-fedavg-seed<s>` (its t_zeta column holds T). Every run's config is validated before the first run starts. Run `<name>` writes into
 `<out>/runs/<name>/` and, when it ends, `status.json` there with the final status `flwr ls`
-reports (`flwr run` exits 0 even when the run failed). A relaunch skips runs whose status is
-`finished:completed` for the same run config and retries the others. Afterwards
+reports (`flwr run` exits 0 even when the run failed) and its run directory. The sweep's runs
+share one local SuperLink, stopped when the sweep ends (`stopping_local_superlink`). A
+relaunch skips runs whose status is `finished:completed` for the same run config and retries
+the others. Afterwards
 `<out>/summary.csv` holds one row per run and metric (quality pooled and averaged over clients,
 disclosure averaged over clients, cost per party), `<out>/results.md` the table of mean ± standard
 deviation over seeds per strategy and t_zeta, and `<out>/figures/` the figures against
@@ -53,7 +55,9 @@ from typing import Any
 import pandas as pd
 
 from collafuse_flwr.config import PATH_KEYS, ConfigError, RunConfig
-from collafuse_flwr.tools.launch import flwr_run, format_run_config
+from collafuse_flwr.outputs import write_atomically
+from collafuse_flwr.run_dir import RunDirectory
+from collafuse_flwr.tools.launch import flwr_run, format_run_config, stopping_local_superlink
 
 SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes", "overlay"}
 # [sweep]'s lists and the type of their entries
@@ -94,11 +98,11 @@ class SweepRun:
         status = json.loads(self.status_path.read_text())
         run_dir = self.run_dir(status)
         return (status.get("status") == "finished:completed" and status.get("config_hash") == self.config_hash
-                and run_dir is not None and (run_dir / "summary.json").exists())
+                and run_dir is not None and run_dir.summary_json.exists())
 
-    def run_dir(self, status: dict) -> Path | None:
+    def run_dir(self, status: dict) -> RunDirectory | None:
         """The run directory a status names (stored relative to `out_dir`)."""
-        return self.out_dir / status["run_dir"] if status.get("run_dir") else None
+        return RunDirectory(self.out_dir / status["run_dir"]) if status.get("run_dir") else None
 
 
 def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
@@ -212,26 +216,25 @@ def _sweep_run(path: Path, out: Path, name: str, config: dict) -> SweepRun:
 
 def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | None = None,
               echo=print) -> list[dict]:
-    """Run every run not completed before; return their statuses (in sweep order)."""
+    """Run every run not completed before; return their statuses (in sweep order). The local
+    SuperLink the runs start is stopped at the end (also when a run raises or Ctrl-C)."""
     federation = f"num-supernodes={supernodes} client-resources-num-cpus=1 client-resources-num-gpus=0"
     statuses = []
-    for i, run in enumerate(runs, 1):
-        if run.completed():
-            echo(f"[{i}/{len(runs)}] {run.name}: already completed, skipped")
-            statuses.append(json.loads(run.status_path.read_text()))
-            continue
-        echo(f"[{i}/{len(runs)}] {run.name}: running")
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        outcome = flwr_run(project, format_run_config(run.run_config), federation, env=env)
-        status = {"name": run.name, "status": outcome.status, "run_id": outcome.run_id,
-                  "run_dir": os.path.relpath(outcome.run_dir, run.out_dir) if outcome.run_dir else None,
-                  "config_hash": run.config_hash, "run_config": run.run_config}
-        (run.out_dir / "flwr.log").write_text(outcome.log)
-        tmp = run.status_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status, indent=2) + "\n")
-        os.replace(tmp, run.status_path)
-        echo(f"[{i}/{len(runs)}] {run.name}: {outcome.status}")
-        statuses.append(status)
+    with stopping_local_superlink(env):
+        for i, run in enumerate(runs, 1):
+            if run.completed():
+                echo(f"[{i}/{len(runs)}] {run.name}: already completed, skipped")
+                statuses.append(json.loads(run.status_path.read_text()))
+                continue
+            echo(f"[{i}/{len(runs)}] {run.name}: running")
+            outcome = flwr_run(project, format_run_config(run.run_config), federation, env=env)
+            status = {"name": run.name, "status": outcome.status, "run_id": outcome.run_id,
+                      "run_dir": os.path.relpath(outcome.run_dir, run.out_dir) if outcome.run_dir else None,
+                      "config_hash": run.config_hash, "run_config": run.run_config}
+            write_atomically(run.out_dir / "flwr.log", outcome.log)
+            write_atomically(run.status_path, json.dumps(status, indent=2) + "\n")
+            echo(f"[{i}/{len(runs)}] {run.name}: {outcome.status}")
+            statuses.append(status)
     return statuses
 
 
@@ -245,7 +248,7 @@ def summary_table(runs: list[SweepRun]) -> pd.DataFrame:
                 "seed": run.seed}
         status = json.loads(run.status_path.read_text()) if run.status_path.exists() else {"status": "not run"}
         run_dir = run.run_dir(status)
-        summary_path = run_dir / "summary.json" if run_dir else None
+        summary_path = run_dir.summary_json if run_dir else None
         if status["status"] != "finished:completed" or not summary_path or not summary_path.exists():
             rows.append({**base, "status": status["status"], "party": "", "metric": "status", "value": None})
             continue
@@ -280,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     statuses = run_sweep(runs, args.project, supernodes)
     table = summary_table(runs)
-    table.to_csv(out / "summary.csv", index=False)
+    write_atomically(out / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))
     from collafuse_flwr.tools.sweep_plots import plot_sweep
     from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
 
-    (out / "results.md").write_text(to_markdown(results_table(table)))
+    write_atomically(out / "results.md", to_markdown(results_table(table)))
 
     for figure in plot_sweep(table, out / "figures"):
         print(figure)
