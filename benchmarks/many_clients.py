@@ -241,7 +241,8 @@ def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool) ->
               file=sys.stderr)
     # the clients' private state of this run: below their state root, under the run's key
     key = RunDirectory(outcome.run_dir).run_key_file.read_text().strip() if outcome.run_dir else None
-    models = sum(disk_bytes(d) for d in Path(env["COLLAFUSE_CLIENT_STATE"]).glob(f"partition-*/runs/{key}")) if key else 0
+    state_root = Path(env["COLLAFUSE_CLIENT_STATE"])
+    models = sum(disk_bytes(d) for d in state_root.glob(f"partition-*/runs/{key}")) if key else 0
     return {
         "clients": clients, "rounds": rounds, "status": outcome.status,
         **phases(clock.lines, launched, rounds), "total s": round(total, 1),

@@ -20,8 +20,8 @@ import tomllib
 from pathlib import Path
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.metrics.cost import forward_flops, training_flops
 from collafuse_flwr.diffusion.models import build_denoiser
+from collafuse_flwr.metrics.cost import forward_flops, training_flops
 
 PROJECT = Path(__file__).resolve().parents[1]
 CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "awa2": 3}
@@ -57,8 +57,9 @@ def main() -> None:
         cost = overlay_cost(path)
         total = cost["clients"] + cost["server"] + cost["sampling"]
         hours = [total / (t * 1e12) / 3600 for t in args.tflops]
-        print(f"| {path.name} | {cost['params (M)']:.1f} | {cost['clients'] / 1e15:.0f} | {cost['server'] / 1e15:.0f} | "
-              f"{cost['sampling'] / 1e15:.1f} | " + " | ".join(f"{h:.1f}" for h in hours) + " |")
+        print(f"| {path.name} | {cost['params (M)']:.1f} | {cost['clients'] / 1e15:.0f} | "
+              f"{cost['server'] / 1e15:.0f} | {cost['sampling'] / 1e15:.1f} | "
+              + " | ".join(f"{h:.1f}" for h in hours) + " |")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import torch
 
 from collafuse_flwr.checkpoint import latest_checkpoint, resumable_run, save_checkpoint
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
+from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
 from collafuse_flwr.outputs import DamagedFileError, write_atomically, write_directory_atomically
 from collafuse_flwr.run_dir import RunDirectory
 

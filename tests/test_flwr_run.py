@@ -298,7 +298,8 @@ def test_flwr_run_of_fedavg(flwr_env, tmp_path):
     for metric, copies, rows in (("bytes-down-train", 2, 10), ("bytes-up-train", 2, 10), ("bytes-down-sample", 1, 5)):
         sizes = value(metric)
         payload = 4 * params * copies
-        assert len(sizes) == rows and ((sizes > payload) & (sizes < payload + 512 * copies * len(tensors))).all(), metric
+        envelope = 512 * copies * len(tensors)
+        assert len(sizes) == rows and ((sizes > payload) & (sizes < payload + envelope)).all(), metric
         assert set(sizes.index.get_level_values("client")) == {"0", "1", "2", "3", "4"}, metric
     assert (value("images-seen") == 64).all() and len(value("images-seen")) == 10
     assert (value("nfe-sample") == 8 * 10).all() and (value("client-sampling-steps") == 10).all()

@@ -18,9 +18,9 @@ at the end of every round (checkpoint.py); a resumed run continues after the las
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from logging import INFO
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict

@@ -6,8 +6,8 @@ pooled Fréchet distances follow from those exactly (metrics/distances.py, `pool
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from logging import INFO
-from typing import Iterable
 
 from flwr.app import Message, MetricRecord
 from flwr.common.logger import log

@@ -17,9 +17,9 @@ Nothing but weights and counts leaves a client, so there is no image-disclosure 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from logging import INFO
 from pathlib import Path
-from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log

@@ -21,9 +21,10 @@ stops the run (`RoundFailed`); the last completed round's checkpoint stays, so t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import WARNING
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log

@@ -27,12 +27,12 @@ gives every run its dataset, strategy, t-zeta, seed and output-dir: no table set
 that [strategy.<name>] may list its own t-zeta. Overlay and sweep file are UTF-8 TOML.
 
 A `fedavg` run has no cut point: it runs once per dataset and seed, named
-`<dataset>-fedavg-seed<s>` (its t_zeta column holds T). Every run's config is validated before the first run starts. Run `<name>` writes into
-`<out>/runs/<name>/` and, when it ends, `status.json` there with the final status `flwr ls`
-reports (`flwr run` exits 0 even when the run failed) and its run directory. The sweep's runs
-share one local SuperLink, stopped when the sweep ends (`stopping_local_superlink`). A
-relaunch skips runs whose status is `finished:completed` for the same run config and retries
-the others. Afterwards
+`<dataset>-fedavg-seed<s>` (its t_zeta column holds T). Every run's config is validated before
+the first run starts. Run `<name>` writes into `<out>/runs/<name>/` and, when it ends,
+`status.json` there with the final status `flwr ls` reports (`flwr run` exits 0 even when the
+run failed) and its run directory. The sweep's runs share one local SuperLink, stopped when the
+sweep ends (`stopping_local_superlink`). A relaunch skips runs whose status is
+`finished:completed` for the same run config and retries the others. Afterwards
 `<out>/summary.csv` holds one row per run and metric (quality pooled and averaged over clients,
 disclosure averaged over clients, cost per party), `<out>/results.md` the table of mean ± standard
 deviation over seeds per strategy and t_zeta, and `<out>/figures/` the figures against
@@ -161,7 +161,8 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
         if strategy == "fedavg":  # no cut point: one run, recorded at t_zeta = T
             cuts = [base.get("timesteps", RunConfig().timesteps)]
         for t_zeta in cuts:
-            name = f"{dataset}-fedavg-seed{seed}" if strategy == "fedavg" else f"{dataset}-{strategy}-tz{t_zeta}-seed{seed}"
+            name = (f"{dataset}-fedavg-seed{seed}" if strategy == "fedavg"
+                    else f"{dataset}-{strategy}-tz{t_zeta}-seed{seed}")
             runs.append(_sweep_run(path, out, name, {**base, "t-zeta": t_zeta}))
     runs.sort(key=lambda r: (sweep["datasets"].index(r.dataset), sweep["strategies"].index(r.strategy),
                              r.t_zeta, r.seed))

@@ -1,8 +1,8 @@
 """Figures of a sweep's summary table against t_zeta (mean and spread over seeds), each
 written atomically:
 
-quality.png     quality distances, pooled and averaged over clients; the t_zeta = 0 run (global model), the t_zeta = T run
-                (local models) and any FedAvg run drawn as reference levels
+quality.png     quality distances, pooled and averaged over clients; the t_zeta = 0 run (global
+                model), the t_zeta = T run (local models) and any FedAvg run drawn as reference levels
 disclosure.png  linkage, reconstruction and distances of what the server holds or can generate
 cost.png        compute and bytes per client (mean over clients) and of the server
 """
@@ -48,8 +48,8 @@ def _figure(table: pd.DataFrame, specs, path: Path, references: bool) -> Path | 
     if not panels:
         return None
     cols = min(3, len(panels))
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4.4 * cols, 3.3 * math.ceil(len(panels) / cols)),
-                             squeeze=False)
+    lines = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4.4 * cols, 3.3 * lines), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (dataset, party, metric) in zip(axes.flat, panels):
