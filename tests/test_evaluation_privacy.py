@@ -15,16 +15,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from collafuse_flwr import client_app, wire
-from collafuse_flwr.strategies import setup
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_data, load_table
 from collafuse_flwr.data.clients import MIN_HELD_OUT, client_indices, reference_images
 from collafuse_flwr.data.report import partition_frame
+from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.metrics.classifier import load_classifier
 from collafuse_flwr.metrics.distances import feature_moments, frechet_distance, named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork, load_feature_networks, pretrained_weights
-from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.run_dir import RunDirectory
+from collafuse_flwr.strategies import setup
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from exchange import Grid, answer, send
 from test_wire import RUN_KEY, client_context

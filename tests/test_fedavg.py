@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
@@ -47,7 +47,9 @@ def test_aggregation_is_the_weighted_mean_of_the_accepted_clients(tiny_run_confi
     # declares the full shape and carries one value (broadcast into the average if trusted)
     declared = _content(weights[0], 6, 20)
     one = Array(np.full((1,), 999.99, np.float32))
-    declared[wire.WEIGHTS][key] = Array(dtype="float32", shape=tuple(sent[key].shape), stype="numpy.ndarray", data=one.data)
+    declared[wire.WEIGHTS][key] = Array(
+        dtype="float32", shape=tuple(sent[key].shape), stype="numpy.ndarray", data=one.data
+    )
     lacking = _content(weights[0], 7, 20)
     del lacking[wire.METRICS]["flops-train"]  # Flower's FedAvg would raise InconsistentMessageReplies
     replies = [answer(messages[10 + pid], _content(w, pid, counts[pid])) for pid, w in weights.items()] + [

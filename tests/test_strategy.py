@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from collafuse_flwr import wire
@@ -35,7 +35,9 @@ def _carrying(payload: np.ndarray | bytes) -> RecordDict:
     """An upload that declares five float16 images (5, 1, 8, 8) and carries `payload`."""
     data = payload if isinstance(payload, bytes) else Array(payload).data
     content = _upload(1)
-    content[wire.UPLOADS][wire.UPLOAD_KEY] = Array(dtype="float16", shape=(5, 1, 8, 8), stype="numpy.ndarray", data=data)
+    content[wire.UPLOADS][wire.UPLOAD_KEY] = Array(
+        dtype="float16", shape=(5, 1, 8, 8), stype="numpy.ndarray", data=data
+    )
     return content
 
 
@@ -79,7 +81,8 @@ HOSTILE = {
     "another-node's-partition": _upload(0, n=3),
     "partition-out-of-range": _upload(7),
     # what an array declares is not what it carries: checks read the decoded values
-    **{f"declared-float16-carries-{kind}": _carrying(np.zeros((5, 1, 8, 8), kind)) for kind in ("float32", "int8", "bool")},
+    **{f"declared-float16-carries-{kind}": _carrying(np.zeros((5, 1, 8, 8), kind))
+       for kind in ("float32", "int8", "bool")},
     "declared-5-carries-500": _carrying(np.zeros((500, 1, 8, 8), np.float16)),
     "declared-1-channel-carries-3": _carrying(np.zeros((5, 3, 8, 8), np.float16)),
     "not-npy-bytes": _carrying(b"\x93NUMPY garbage"),
@@ -102,8 +105,12 @@ def test_hostile_uploads_never_reach_the_server_optimizer(case, tiny_run_config,
     trains on exactly the valid upload."""
     trained_on = []
     original = collafuse.train_for_images
-    monkeypatch.setattr(collafuse, "train_for_images",
-                        lambda denoiser, data, *args: trained_on.append(data.clone()) or original(denoiser, data, *args))
+
+    def recording(denoiser, data, *args):
+        trained_on.append(data.clone())
+        return original(denoiser, data, *args)
+
+    monkeypatch.setattr(collafuse, "train_for_images", recording)
     strategy = _strategy(dict(tiny_run_config, **{"max-uploads-per-client": 8}), tmp_path)
     sent = send_train(strategy, [10, 11])
     good = _upload(0, value=0.25)

@@ -182,9 +182,10 @@ def resolved_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]:
 
 def pretrained_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]:
     """`resolved_weights`, each checked against its network before any is built: the file's
-    names and shapes are read (not its data) and loaded into the network on the "meta" device. `ConfigError` naming the key (or the
-    environment variable, or the cache) and the file for a configured path that does not
-    exist, or a file that is cut off, a pickle, or not that network's weights."""
+    names and shapes are read (not its data) and loaded into the network on the "meta" device.
+    `ConfigError` naming the key (or the environment variable, or the cache) and the file for a
+    configured path that does not exist, or a file that is cut off, a pickle, or not that
+    network's weights."""
     weights = resolved_weights(fid_weights, fcd_weights)
     for name, found in weights.items():
         if found.available:
