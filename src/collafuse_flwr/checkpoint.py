@@ -27,9 +27,6 @@ scratch beside a server that is a round behind them.
 from __future__ import annotations
 
 import json
-import re
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +34,14 @@ import torch
 
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.diffusion.models import Denoiser
-from collafuse_flwr.outputs import DamagedFileError, read_tensors, write_directory_atomically
+from collafuse_flwr.outputs import (
+    DamagedFileError,
+    complete_rounds,
+    drop_rounds_before,
+    read_tensors,
+    write_directory_atomically,
+)
 from collafuse_flwr.run_dir import RunDirectory
-
-ROUND_DIR = re.compile(r"round-(\d{3,})$")
 
 
 @dataclass(frozen=True)
@@ -50,22 +51,6 @@ class Checkpoint:
     server_round: int
     model: Denoiser
     strategy_state: dict
-
-
-def complete_rounds(root: Path, is_complete: Callable[[Path], bool]) -> dict[int, Path]:
-    """The complete `round-NNN` directories in `root` by round (a `round-NNN.tmp` cut off by a
-    kill never counts); used for the server's checkpoints and each client's."""
-    if not root.exists():
-        return {}
-    return {int(m.group(1)): d for d in root.iterdir() if (m := ROUND_DIR.match(d.name)) and is_complete(d)}
-
-
-def drop_rounds_before(root: Path, server_round: int) -> None:
-    """Delete the `round-NNN` directories in `root` of rounds before `server_round`."""
-    for directory in root.iterdir():
-        match = ROUND_DIR.match(directory.name)
-        if match and int(match.group(1)) < server_round:
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 def checkpoint_rounds(run_dir: RunDirectory | Path) -> dict[int, Path]:

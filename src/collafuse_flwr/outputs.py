@@ -11,6 +11,7 @@ holds is in run_dir.py.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -132,3 +133,28 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
         factor = 64 // shown.shape[-1]
         shown = torch.nn.functional.interpolate(shown, scale_factor=factor, mode="nearest")
     write_atomically(path, lambda tmp: save_image(shown, tmp, nrow=nrow, padding=2, pad_value=0.5))
+
+
+# Per-round state directories `round-NNN` (the server's checkpoints, each client's denoiser)
+ROUND_DIR = re.compile(r"round-(\d{3,})$")
+
+
+def round_dir(root: Path, server_round: int) -> Path:
+    """`root`/round-NNN: the state directory of `server_round`."""
+    return Path(root) / f"round-{server_round:03d}"
+
+
+def complete_rounds(root: Path, is_complete: Callable[[Path], bool]) -> dict[int, Path]:
+    """The complete `round-NNN` directories in `root` by round (a `round-NNN.tmp` cut off by a
+    kill never counts); used for the server's checkpoints and each client's."""
+    if not root.exists():
+        return {}
+    return {int(m.group(1)): d for d in root.iterdir() if (m := ROUND_DIR.match(d.name)) and is_complete(d)}
+
+
+def drop_rounds_before(root: Path, server_round: int) -> None:
+    """Delete the `round-NNN` directories in `root` of rounds before `server_round`."""
+    for directory in root.iterdir():
+        match = ROUND_DIR.match(directory.name)
+        if match and int(match.group(1)) < server_round:
+            shutil.rmtree(directory, ignore_errors=True)

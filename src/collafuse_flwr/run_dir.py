@@ -43,7 +43,7 @@ import pandas as pd
 
 from collafuse_flwr.clients.state import RUN_KEY
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.outputs import check_output_dir, fsync_path, write_atomically
+from collafuse_flwr.outputs import check_output_dir, fsync_path, round_dir, write_atomically
 
 METRICS_HEADER = ("round", "client", "metric", "value")
 RUN_INDEX = re.compile(r"(\d{5})-")
@@ -196,7 +196,7 @@ class RunDirectory:
 
     def checkpoint(self, server_round: int) -> Path:
         """The directory of the server's checkpoint after `server_round`."""
-        return self.checkpoints / f"round-{server_round:03d}"
+        return round_dir(self.checkpoints, server_round)
 
     @property
     def figures(self) -> Path:

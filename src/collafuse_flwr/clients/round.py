@@ -12,13 +12,13 @@ from diffusers import UNet2DModel
 from flwr.app import ConfigRecord, Context, Message
 
 from collafuse_flwr import wire
-from collafuse_flwr.checkpoint import complete_rounds, drop_rounds_before
 from collafuse_flwr.clients.state import ClientState, state_root
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import ClientData, client_data
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device, resolve_device
 from collafuse_flwr.diffusion.protocol import Protocol
 from collafuse_flwr.diffusion.schedule import CutSchedule
+from collafuse_flwr.outputs import complete_rounds, drop_rounds_before, round_dir
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ClientRound:
 
     def model_dir(self, server_round: int) -> Path:
         """The client's denoiser (weights, optimizer, EMA) as trained in `server_round`."""
-        return self.client_dir / f"round-{server_round:03d}"
+        return round_dir(self.client_dir, server_round)
 
     def latest_model_dir(self, before: int) -> Path | None:
         """The newest saved denoiser of a round < `before`, or None. A round that was cut off
