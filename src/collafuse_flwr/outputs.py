@@ -4,8 +4,9 @@ Every completed write is atomic and durable: a file is replaced with `write_atom
 directory written as a whole with `write_directory_atomically`, so a crash or power loss leaves
 each file (or directory) either as it was or as it is meant to be; writers use these two rather
 than a temporary file and a rename of their own. `read_tensors` reads what torch.save wrote
-without ever unpickling anything but tensors and plain values. What the server's run directory
-holds is in run_dir.py.
+without ever unpickling anything but tensors and plain values. `round_dir`, `complete_rounds` and
+`drop_rounds_before` keep per-round state directories (round-NNN), the server's checkpoints and
+each client's denoiser alike. What the server's run directory holds is in run_dir.py.
 """
 
 from __future__ import annotations
