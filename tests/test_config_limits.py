@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from collafuse_flwr.config import INT_RANGES, MAX_UNET_CHANNELS, MAX_UNET_LEVELS, ConfigError, RunConfig
-from collafuse_flwr.outputs import check_output_dir
+from collafuse_flwr.run_dir import check_output_dir
 
 
 def refused(override: dict, message: str) -> None:

@@ -119,7 +119,7 @@ def test_held_out_split_is_disjoint_from_training():
 @pytest.mark.parametrize("dataset,overrides", [("cifar10", {}), ("celeba", {"partition": "attribute-groups"})])
 def test_partition_report(shared_data, tmp_path, dataset, overrides):
     config = config_for(shared_data, tmp_path, dataset, **overrides)
-    write_partition_report(tmp_path, config)
+    write_partition_report(tmp_path / "partition.csv", tmp_path / "partition.png", config)
     frame = pd.read_csv(tmp_path / "partition.csv")
     assert list(frame.columns) == ["client", "split", "kind", "name", "count"]
     images = frame[frame["kind"] == "images"]
@@ -138,7 +138,7 @@ def test_partition_report_lists_the_kept_aside_reference_images(tmp_path):
     """The digits have no test split: the images kept aside for the feature network are a row
     of their own, and the figure still draws the clients' classes."""
     config = RunConfig(output_dir=str(tmp_path / "runs"))
-    write_partition_report(tmp_path, config)
+    write_partition_report(tmp_path / "partition.csv", tmp_path / "partition.png", config)
     frame = pd.read_csv(tmp_path / "partition.csv", dtype={"client": str})
     images = frame[frame["kind"] == "images"]
     assert images["count"].sum() == len(load_table(config))

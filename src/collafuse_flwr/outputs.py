@@ -22,8 +22,6 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
-from collafuse_flwr.config import ConfigError
-
 
 class DamagedFileError(RuntimeError):
     """A file that cannot be read as what it should be (missing, cut off, or of another format)."""
@@ -107,22 +105,6 @@ def read_tensors(path: Path, map_location: torch.device | str = "cpu", mmap: boo
             reason = f"cut off or not torch.save's format ({type(err).__name__}: " \
                      f"{message.splitlines()[0] if message else 'ends early'})"
     raise DamagedFileError(f"{path}: {reason}")
-
-
-def check_output_dir(output_dir: str) -> Path:
-    """The absolute output directory, created if needed; `ConfigError` if the file system
-    refuses it (a file, no permission, a symlink loop, a name too long); an empty value and
-    NUL bytes were already refused by `RunConfig.validate`."""
-    try:
-        root = Path(output_dir).expanduser().resolve()
-        root.mkdir(parents=True, exist_ok=True)
-    except RuntimeError as err:  # resolve() meets a symlink loop
-        raise ConfigError(f"output-dir={output_dir!r}: cannot be created ({err})") from None
-    except OSError as err:
-        raise ConfigError(f"output-dir={output_dir!r}: cannot be created ({err.strerror})") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError(f"output-dir={output_dir!r}: {root} is not writable")
-    return root
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:

@@ -41,12 +41,28 @@ from pathlib import Path
 
 import pandas as pd
 
-from collafuse_flwr.clients.state import RUN_KEY
-from collafuse_flwr.config import RunConfig
-from collafuse_flwr.outputs import check_output_dir, fsync_path, round_dir, write_atomically
+from collafuse_flwr.config import ConfigError, RunConfig
+from collafuse_flwr.outputs import fsync_path, round_dir, write_atomically
+from collafuse_flwr.wire import RUN_KEY
 
 METRICS_HEADER = ("round", "client", "metric", "value")
 RUN_INDEX = re.compile(r"(\d{5})-")
+
+
+def check_output_dir(output_dir: str) -> Path:
+    """The absolute output directory, created if needed; `ConfigError` if the file system
+    refuses it (a file, no permission, a symlink loop, a name too long); an empty value and
+    NUL bytes were already refused by `RunConfig.validate`."""
+    try:
+        root = Path(output_dir).expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+    except RuntimeError as err:  # resolve() meets a symlink loop
+        raise ConfigError(f"output-dir={output_dir!r}: cannot be created ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"output-dir={output_dir!r}: cannot be created ({err.strerror})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"output-dir={output_dir!r}: {root} is not writable")
+    return root
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -37,6 +38,8 @@ UPLOAD_KEY = "x_cut"
 HANDOVER = "handover"
 HANDOVER_KEY = "x_handover"
 METRICS = "metrics"
+# Every server message carries the run key: 32 hex digits naming the run (no secret)
+RUN_KEY = re.compile(r"[0-9a-f]{32}")
 MOMENTS = "moments"
 # The two sets of images behind each feature network's moments in an evaluation reply.
 MOMENT_KINDS = ("real", "generated")

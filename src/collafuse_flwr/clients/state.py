@@ -22,15 +22,14 @@ a new key; what it would take is another configuration, which `upload_seed` keys
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from collafuse_flwr.seeds import stream_seed
+from collafuse_flwr.wire import RUN_KEY
 
 STATE_DIR_KEY = "state-dir"  # node config key
 STATE_DIR_VARIABLE = "COLLAFUSE_CLIENT_STATE"
 SECRET_BYTES = 32
-RUN_KEY = re.compile(r"[0-9a-f]{32}")
 
 
 class ClientStateError(RuntimeError):

@@ -28,7 +28,6 @@ from collafuse_flwr.data.clients import client_indices, reference_images  # noqa
 from collafuse_flwr.data.loaders import load_table  # noqa: E402
 from collafuse_flwr.data.partitions import DEFAULT_ATTRIBUTE_GROUPS, attribute_group_names  # noqa: E402
 from collafuse_flwr.outputs import write_atomically  # noqa: E402
-from collafuse_flwr.run_dir import RunDirectory  # noqa: E402
 
 
 def partition_frame(config: RunConfig) -> pd.DataFrame:
@@ -51,12 +50,11 @@ def partition_frame(config: RunConfig) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["client", "split", "kind", "name", "count"])
 
 
-def write_partition_report(run_dir: RunDirectory | Path, config: RunConfig) -> pd.DataFrame:
-    """Write partition.csv and partition.png (atomically) into the run directory `run_dir` (a
-    `RunDirectory` or its path); return the frame."""
-    run_dir = RunDirectory(run_dir)
+def write_partition_report(csv_path: Path, png_path: Path, config: RunConfig) -> pd.DataFrame:
+    """Write partition.csv and partition.png (atomically) at the paths the run directory names;
+    return the frame."""
     frame = partition_frame(config)
-    write_atomically(run_dir.partition_csv, lambda tmp: frame.to_csv(tmp, index=False))
+    write_atomically(csv_path, lambda tmp: frame.to_csv(tmp, index=False))
     train = frame[frame["split"] == "train"].astype({"client": int})  # clients only (not "reference")
     totals = train[train["kind"] == "images"].set_index("client")["count"]
     panels = [(draw, counts) for kind, draw in (("class", _class_panel), ("attribute", _attribute_panel))
@@ -66,7 +64,7 @@ def write_partition_report(run_dir: RunDirectory | Path, config: RunConfig) -> p
         draw(ax, counts, totals)
     fig.suptitle(f"{config.dataset}: partition={config.partition}, {config.num_clients} clients (training images)")
     fig.tight_layout()
-    write_atomically(run_dir.partition_png, lambda tmp: fig.savefig(tmp, dpi=100))
+    write_atomically(png_path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return frame
 

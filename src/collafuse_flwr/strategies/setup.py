@@ -23,8 +23,7 @@ from collafuse_flwr.data.report import write_partition_report
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, resolve_device
 from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
 from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
-from collafuse_flwr.outputs import check_output_dir
-from collafuse_flwr.run_dir import RunDirectory
+from collafuse_flwr.run_dir import RunDirectory, check_output_dir
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
 
@@ -126,7 +125,7 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
     run_dir.record_flower_run(flower_run_id)
     if resumed is None:
         run_dir.write_config(config.to_flower())
-        write_partition_report(run_dir, config)
+        write_partition_report(run_dir.partition_csv, run_dir.partition_png, config)
     else:
         rounds_done = checkpoint.server_round if checkpoint else 0
         run_dir.truncate_metrics(rounds_done)
