@@ -20,9 +20,6 @@ from flwr.app import RecordDict
 from collafuse_flwr import wire
 from collafuse_flwr.clients.evaluation import evaluation_reply
 from collafuse_flwr.clients.round import ClientRound
-from collafuse_flwr.diffusion.losses import client_loss
-from collafuse_flwr.diffusion.training import train_for_images
-from collafuse_flwr.metrics.cost import train_cost
 
 
 def cut_point_uploads(client: ClientRound) -> torch.Tensor:
@@ -47,26 +44,13 @@ def cut_point_uploads(client: ClientRound) -> torch.Tensor:
 def train(client: ClientRound, content: RecordDict) -> RecordDict:
     """Train the private denoiser on t in [1, t_zeta]; the reply with the cut-point uploads.
     The train message carries no arrays (`content` is not read)."""
-    config, schedule = client.config, client.schedule
     denoiser = client.denoiser()
-    generator = torch.Generator().manual_seed(client.seed("client-train"))
     start = time.perf_counter()
-    budget = 0 if schedule.client_range.is_empty else config.client_images_per_round
-    stats = train_for_images(
-        denoiser, client.data.train, budget, config.batch_size,
-        lambda n, x0, g: client_loss(n, schedule, x0, g), generator,
-    )
-    client.save(denoiser)
+    trained = client.train(denoiser)
     x_cut = cut_point_uploads(client)
-    metrics = {
-        "partition-id": client.partition_id,
-        "num-examples": int(x_cut.shape[0]),
-        "train-loss": float(stats["loss"]) if stats["steps"] else 0.0,
-        "images-seen": int(stats["images-seen"]),
-        "train-seconds": time.perf_counter() - start,
-        **train_cost(denoiser.net, client.image_shape, int(stats["images-seen"])),
-    }
-    return wire.pack_uploads(x_cut, config.upload_dtype, metrics)
+    metrics = {"partition-id": client.partition_id, "num-examples": int(x_cut.shape[0]), **trained,
+               "train-seconds": time.perf_counter() - start}
+    return wire.pack_uploads(x_cut, client.config.upload_dtype, metrics)
 
 
 def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:

@@ -15,41 +15,25 @@ from __future__ import annotations
 
 import time
 
-import torch
 from flwr.app import MetricRecord, RecordDict
 
 from collafuse_flwr import wire
 from collafuse_flwr.clients.evaluation import evaluation_reply
 from collafuse_flwr.clients.round import ClientRound
-from collafuse_flwr.diffusion.losses import client_loss
 from collafuse_flwr.diffusion.sampling import initial_noise
-from collafuse_flwr.diffusion.training import train_for_images
-from collafuse_flwr.metrics.cost import train_cost
 
 
 def train(client: ClientRound, content: RecordDict) -> RecordDict:
     """One FedAvg training round on this client; returns the reply's content."""
-    config, schedule = client.config, client.schedule
     denoiser = client.denoiser()
     received = content.array_records.get(wire.WEIGHTS)
     if received is None:
         raise wire.UploadRejected("train message without weights")
     denoiser.load_state(wire.weights_state(wire.check_weights(received, wire.pack_weights(denoiser.state()))))
-    generator = torch.Generator().manual_seed(client.seed("client-train"))
     start = time.perf_counter()
-    stats = train_for_images(
-        denoiser, client.data.train, config.client_images_per_round, config.batch_size,
-        lambda n, x0, g: client_loss(n, schedule, x0, g), generator,
-    )
-    client.save(denoiser)
-    metrics = {
-        "partition-id": client.partition_id,
-        "num-examples": int(client.data.train.shape[0]),
-        "train-loss": float(stats["loss"]) if stats["steps"] else 0.0,
-        "images-seen": int(stats["images-seen"]),
-        "train-seconds": time.perf_counter() - start,
-        **train_cost(denoiser.net, client.image_shape, int(stats["images-seen"])),
-    }
+    trained = client.train(denoiser)
+    metrics = {"partition-id": client.partition_id, "num-examples": int(client.data.train.shape[0]), **trained,
+               "train-seconds": time.perf_counter() - start}
     return RecordDict({wire.WEIGHTS: wire.pack_weights(denoiser.state()), wire.METRICS: MetricRecord(metrics)})
 
 

@@ -15,9 +15,12 @@ from collafuse_flwr import wire
 from collafuse_flwr.clients.state import ClientState, state_root
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import ClientData, client_data
+from collafuse_flwr.diffusion.losses import client_loss
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device, resolve_device
 from collafuse_flwr.diffusion.protocol import Protocol
 from collafuse_flwr.diffusion.schedule import CutSchedule
+from collafuse_flwr.diffusion.training import train_for_images
+from collafuse_flwr.metrics.cost import train_cost
 from collafuse_flwr.outputs import complete_rounds, drop_rounds_before, round_dir
 
 
@@ -130,6 +133,27 @@ class ClientRound:
         if directory is None:
             raise RuntimeError(f"client {self.partition_id} has no trained denoiser in {self.client_dir}")
         return Denoiser.load(directory, self.config.client_lr, self.config.ema_decay, self.device)
+
+    def train(self, denoiser: Denoiser) -> dict[str, float]:
+        """Train `denoiser` for `client-images-per-round` images of this client's training
+        split on the client's steps t in [1, t_zeta] of the protocol's schedule (`client_loss`;
+        no image when the client owns no step), with minibatches, t and eps from its secret
+        "client-train" stream, and save it as this round's. Returns the reply's training
+        metrics train-loss, images-seen and the training cost; each client behaviour adds its
+        own num-examples and train-seconds."""
+        schedule = self.schedule
+        budget = 0 if schedule.client_range.is_empty else self.config.client_images_per_round
+        generator = torch.Generator().manual_seed(self.seed("client-train"))
+        stats = train_for_images(
+            denoiser, self.data.train, budget, self.config.batch_size,
+            lambda n, x0, g: client_loss(n, schedule, x0, g), generator,
+        )
+        self.save(denoiser)
+        return {
+            "train-loss": float(stats["loss"]) if stats["steps"] else 0.0,
+            "images-seen": int(stats["images-seen"]),
+            **train_cost(denoiser.net, self.image_shape, int(stats["images-seen"])),
+        }
 
     def save(self, denoiser: Denoiser) -> None:
         """Checkpoint the denoiser as this round's (atomically); keep this and the previous
