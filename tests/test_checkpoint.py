@@ -28,10 +28,10 @@ def test_checkpoints_are_complete_or_absent_and_keep_two_rounds(tmp_path):
     config = RunConfig.from_flower({"num-server-rounds": 4})
     model = _model()
     for server_round in (1, 2, 3):
-        save_checkpoint(tmp_path, server_round, config, model, {"round": server_round})
+        save_checkpoint(RunDirectory(tmp_path), server_round, config, model, {"round": server_round})
     (tmp_path / "checkpoints" / "round-004.tmp").mkdir()  # a write cut off by a kill
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-002", "round-003", "round-004.tmp"]
-    checkpoint = latest_checkpoint(tmp_path, config)
+    checkpoint = latest_checkpoint(RunDirectory(tmp_path), config)
     assert checkpoint.server_round == 3 and checkpoint.strategy_state == {"round": 3}
     loaded = checkpoint.model
     for a, b in zip(loaded.net.parameters(), model.net.parameters(), strict=True):
@@ -39,9 +39,9 @@ def test_checkpoints_are_complete_or_absent_and_keep_two_rounds(tmp_path):
 
 
 def test_a_checkpoint_of_another_config_is_never_loaded(tmp_path):
-    save_checkpoint(tmp_path, 1, RunConfig.from_flower({"t-zeta": 200}), _model(), {})
+    save_checkpoint(RunDirectory(tmp_path), 1, RunConfig.from_flower({"t-zeta": 200}), _model(), {})
     with pytest.raises(ConfigError, match="another configuration"):
-        latest_checkpoint(tmp_path, RunConfig.from_flower({"t-zeta": 300}))
+        latest_checkpoint(RunDirectory(tmp_path), RunConfig.from_flower({"t-zeta": 300}))
 
 
 def test_only_an_unfinished_run_of_the_same_config_is_resumed(tmp_path):

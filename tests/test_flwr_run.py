@@ -19,6 +19,7 @@ from PIL import Image
 
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.diffusion.models import build_denoiser
+from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.tools.launch import (
     alive,
     descendants,
@@ -133,7 +134,7 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
 
     from collafuse_flwr.tools.plots import plot_run
 
-    figures = plot_run(run_dir)
+    figures = plot_run(RunDirectory(run_dir))
     assert [f.name for f in figures] == ["quality.png", "disclosure.png", "cost.png"]
     assert all(f.stat().st_size > 10_000 for f in figures)
 

@@ -16,6 +16,7 @@ from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.metrics.features import InceptionFeatures, pretrained_weights
 from collafuse_flwr.outputs import DamagedFileError
+from collafuse_flwr.run_dir import RunDirectory
 
 
 class Planted:
@@ -72,8 +73,8 @@ def test_the_strategy_state_and_the_ema_load_without_unpickling(tmp_path):
     state = {"generator": torch.Generator().manual_seed(3).get_state(), "uploads": {0: torch.randn(2, 1, 8, 8)},
              "audit": {"view_sum": {0: (torch.randn(2, 1, 8, 8).double(), 3)}, "last_digest": {0: "ab" * 32},
                        "views": {0: 3}}}
-    save_checkpoint(tmp_path, 1, config, model, state)
-    checkpoint = latest_checkpoint(tmp_path, config)
+    save_checkpoint(RunDirectory(tmp_path), 1, config, model, state)
+    checkpoint = latest_checkpoint(RunDirectory(tmp_path), config)
     assert torch.equal(checkpoint.strategy_state["generator"], state["generator"])
     assert checkpoint.strategy_state["audit"]["view_sum"][0][1] == 3
     assert checkpoint.strategy_state["audit"]["last_digest"] == state["audit"]["last_digest"]
@@ -85,10 +86,10 @@ def test_the_strategy_state_and_the_ema_load_without_unpickling(tmp_path):
 
 def test_a_pickle_as_strategy_state_is_refused_and_never_run(tmp_path, planted):
     config = RunConfig.from_flower({"num-server-rounds": 2})
-    save_checkpoint(tmp_path, 1, config, _model(), {})
+    save_checkpoint(RunDirectory(tmp_path), 1, config, _model(), {})
     strategy = planted(tmp_path / "checkpoints" / "round-001" / "strategy.pt")
     with pytest.raises(DamagedFileError, match=f"{re.escape(str(strategy))}: it holds objects other than tensors"):
-        latest_checkpoint(tmp_path, config)
+        latest_checkpoint(RunDirectory(tmp_path), config)
     assert not planted.marker.exists()
 
 

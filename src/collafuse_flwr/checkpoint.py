@@ -53,20 +53,17 @@ class Checkpoint:
     strategy_state: dict
 
 
-def checkpoint_rounds(run_dir: RunDirectory | Path) -> dict[int, Path]:
-    """The complete checkpoint directories of the run directory `run_dir` (a `RunDirectory`
-    or its path) by round."""
-    return complete_rounds(RunDirectory(run_dir).checkpoints, Path.is_dir)
+def checkpoint_rounds(run_dir: RunDirectory) -> dict[int, Path]:
+    """The complete checkpoint directories of `run_dir` by round."""
+    return complete_rounds(run_dir.checkpoints, Path.is_dir)
 
 
 def save_checkpoint(
-    run_dir: RunDirectory | Path, server_round: int, config: RunConfig, model: Denoiser, strategy_state: dict
+    run_dir: RunDirectory, server_round: int, config: RunConfig, model: Denoiser, strategy_state: dict
 ) -> None:
-    """Write the checkpoint of `server_round` into the run directory `run_dir` (a
-    `RunDirectory` or its path) atomically; drop those older than the previous round.
-    `strategy_state` holds tensors, containers of them and plain values only (it is loaded
-    with `weights_only=True`)."""
-    run_dir = RunDirectory(run_dir)
+    """Write the checkpoint of `server_round` into `run_dir` atomically; drop those older than
+    the previous round. `strategy_state` holds tensors, containers of them and plain values
+    only (it is loaded with `weights_only=True`)."""
     state = {"round": server_round, "num_server_rounds": config.num_server_rounds,
              "config_hash": config.identity_hash()}
 
@@ -83,12 +80,12 @@ STATE_KEYS = {"round": int, "num_server_rounds": int, "config_hash": str}
 
 
 def latest_checkpoint(
-    run_dir: RunDirectory | Path, config: RunConfig, device: torch.device | str = "cpu"
+    run_dir: RunDirectory, config: RunConfig, device: torch.device | str = "cpu"
 ) -> Checkpoint | None:
-    """The newest checkpoint in the run directory `run_dir` (a `RunDirectory` or its path),
-    read and checked in full (see above; its model is loaded onto `device` with the server's
-    learning rate and EMA decay), or None if there is none. `DamagedFileError` if it is
-    damaged; `ConfigError` if it was written by another configuration (it is never reused)."""
+    """The newest checkpoint in `run_dir`, read and checked in full (see above; its model is
+    loaded onto `device` with the server's learning rate and EMA decay), or None if there is
+    none. `DamagedFileError` if it is damaged; `ConfigError` if it was written by another
+    configuration (it is never reused)."""
     rounds = checkpoint_rounds(run_dir)
     if not rounds:
         return None

@@ -67,9 +67,8 @@ def check_output_dir(output_dir: str) -> Path:
 
 @dataclass(frozen=True)
 class RunDirectory:
-    """One run directory of the server. `path` is any path-like, a `RunDirectory` too (so
-    `RunDirectory(x)` takes either, as `Path(x)` does); the directories `create` and
-    `runs_of` give are absolute."""
+    """One run directory of the server at `path` (any path-like); the directories `create`
+    and `runs_of` give are absolute."""
 
     path: Path
 

@@ -18,11 +18,11 @@ def inject_faults(msg: Message, context: Context, call_next) -> Message:
     """A client mod: apply this client's fault of this round, if `fault-injection` names one.
     A message whose round or partition cannot be read goes on to the handler, which rejects it."""
     faults = RunConfig.from_flower(context.run_config).injected_faults
-    message_config = msg.content.config_records.get("config")
+    message_config = msg.content.config_records.get("config", {})
     try:
         key = (wire.config_int(message_config, "partition-id", 0, 2**31),
                wire.config_int(message_config, "server-round", 0, 2**31))
-    except (wire.UploadRejected, AttributeError):
+    except wire.UploadRejected:
         return call_next(msg, context)
     fault = faults.get(key)
     if fault == "raise":

@@ -82,12 +82,11 @@ def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
 
 @dataclass
 class Run:
-    """A run set up and ready to start: its directory and key, the checkpoint it resumes
-    from (or None), and its strategy."""
+    """A run set up and ready to start: its directory, the checkpoint it resumes from (or
+    None), and its strategy."""
 
     config: RunConfig
     run_dir: RunDirectory
-    key: str
     checkpoint: Checkpoint | None
     strategy: CollaFuseStrategy | FedAvgDiffusion
 
@@ -158,4 +157,4 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
         strategy = CollaFuseStrategy(config, run_dir, key, model, shape, classifier_path, networks, notes)
     if checkpoint:
         strategy.restore(checkpoint)
-    return Run(config, run_dir, key, checkpoint, strategy)
+    return Run(config, run_dir, checkpoint, strategy)

@@ -101,10 +101,9 @@ def plot_cost(metrics: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def plot_run(run_dir: RunDirectory | Path, out: Path | None = None) -> list[Path]:
-    """Write the figures of the run directory `run_dir` (a `RunDirectory` or its path) into
-    `out` (default: its figures/); return the paths written."""
-    run_dir = RunDirectory(run_dir)
+def plot_run(run_dir: RunDirectory, out: Path | None = None) -> list[Path]:
+    """Write the figures of `run_dir` into `out` (default: its figures/); return the paths
+    written."""
     metrics = read_metrics(run_dir)
     out = Path(out) if out else run_dir.figures
     written = []
@@ -119,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not RunDirectory(args.run_dir).metrics_csv.exists():
+    run_dir = RunDirectory(args.run_dir)
+    if not run_dir.metrics_csv.exists():
         parser.error(f"{args.run_dir} has no metrics.csv: not a run directory")
-    for path in plot_run(args.run_dir, args.out):
+    for path in plot_run(run_dir, args.out):
         print(path)
     return 0
