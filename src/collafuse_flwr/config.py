@@ -62,11 +62,10 @@ OPERATIONAL_KEYS = ("output-dir", "resume", "wait-for-clients-seconds", "round-t
 
 @dataclass(frozen=True)
 class Rule:
-    """What one key takes on its own: a number of type `kind` from `low` to `high` (None: no
-    bound on that side; an open end is itself excluded), or one of `choices`. `allowed` is what
+    """What one key takes on its own (a value of its field's type): a number from `low` to
+    `high` (None: no bound on that side; an open end is itself excluded), or one of `choices`. `allowed` is what
     the error message says; by default it is spelled out from the bounds or the choices."""
 
-    kind: type
     low: float | None = None
     high: float | None = None
     open_low: bool = False
@@ -75,7 +74,7 @@ class Rule:
     allowed: str = ""
 
     def admits(self, value: Any) -> bool:
-        """Whether `value` (already of type `kind`) lies within the bounds or the choices."""
+        """Whether `value` (already of its field's type) lies within the bounds or the choices."""
         if self.choices:
             return value in self.choices
         above = self.low is None or (value > self.low if self.open_low else value >= self.low)
@@ -103,41 +102,39 @@ class Rule:
 # timesteps, classes-per-client <= the dataset's classes; t-zeta, eval-num-samples and
 # min-replies are bounded by other keys only (see `validate`).
 KEYS = {
-    "num-server-rounds": Rule(int, 1, 10_000),
-    "num-clients": Rule(int, 1, 1_000),
-    "strategy": Rule(str, choices=STRATEGIES),
-    "dataset": Rule(str, choices=DATASETS),
-    "dataset-split": Rule(str, choices=DATASET_SPLITS),
-    "image-size": Rule(int, 1, 1_024),
-    "partition": Rule(str, choices=PARTITIONS),
-    "classes-per-client": Rule(int, 1, 1_000),
-    "dirichlet-alpha": Rule(float, 0, open_low=True),
-    "held-out-fraction": Rule(float, 0, 1, open_low=True, open_high=True, allowed="must lie in (0, 1)"),
-    "seed": Rule(int, 0, 2**63 - 1),
-    "timesteps": Rule(int, 1, 100_000),  # the schedule holds a few float arrays of length T
-    "beta-schedule": Rule(str, choices=BETA_SCHEDULES),
-    "unet-layers-per-block": Rule(int, 1, 8),
-    "batch-size": Rule(int, 1, 4_096),
-    "client-lr": Rule(float, 0, MAX_LR, open_low=True),
-    "server-lr": Rule(float, 0, MAX_LR, open_low=True),
-    "client-images-per-round": Rule(int, 0, 10_000_000),
-    "server-images-per-round": Rule(int, 0, 10_000_000),
-    "ema-decay": Rule(float, 0, 1, open_high=True, allowed="must lie in [0, 1) (0 disables the EMA)"),
-    "server-loss-weighting": Rule(str, choices=SERVER_LOSS_WEIGHTINGS),
-    "noise-policy": Rule(str, choices=NOISE_POLICIES),
-    "upload-dtype": Rule(str, choices=UPLOAD_DTYPES),
-    "max-uploads-per-client": Rule(int, 1, 1_000_000),
-    "sampler": Rule(str, choices=SAMPLERS),
-    "sampling-steps": Rule(int, 1, 100_000),
-    "ddim-eta": Rule(float, 0, 1, allowed="must lie in [0, 1]"),
-    "eval-every": Rule(int, 0, 10_000),
-    "metric-classifier-epochs": Rule(int, 1, 1_000),
-    "disclosure-num-images": Rule(int, 0, 10_000),  # and not 1 (see `validate`)
-    "wait-for-clients-seconds": Rule(float, 0, open_low=True),
-    "round-timeout-seconds": Rule(float, 0, open_low=True),
+    "num-server-rounds": Rule(1, 10_000),
+    "num-clients": Rule(1, 1_000),
+    "strategy": Rule(choices=STRATEGIES),
+    "dataset": Rule(choices=DATASETS),
+    "dataset-split": Rule(choices=DATASET_SPLITS),
+    "image-size": Rule(1, 1_024),
+    "partition": Rule(choices=PARTITIONS),
+    "classes-per-client": Rule(1, 1_000),
+    "dirichlet-alpha": Rule(0, open_low=True),
+    "held-out-fraction": Rule(0, 1, open_low=True, open_high=True, allowed="must lie in (0, 1)"),
+    "seed": Rule(0, 2**63 - 1),
+    "timesteps": Rule(1, 100_000),  # the schedule holds a few float arrays of length T
+    "beta-schedule": Rule(choices=BETA_SCHEDULES),
+    "unet-layers-per-block": Rule(1, 8),
+    "batch-size": Rule(1, 4_096),
+    "client-lr": Rule(0, MAX_LR, open_low=True),
+    "server-lr": Rule(0, MAX_LR, open_low=True),
+    "client-images-per-round": Rule(0, 10_000_000),
+    "server-images-per-round": Rule(0, 10_000_000),
+    "ema-decay": Rule(0, 1, open_high=True, allowed="must lie in [0, 1) (0 disables the EMA)"),
+    "server-loss-weighting": Rule(choices=SERVER_LOSS_WEIGHTINGS),
+    "noise-policy": Rule(choices=NOISE_POLICIES),
+    "upload-dtype": Rule(choices=UPLOAD_DTYPES),
+    "max-uploads-per-client": Rule(1, 1_000_000),
+    "sampler": Rule(choices=SAMPLERS),
+    "sampling-steps": Rule(1, 100_000),
+    "ddim-eta": Rule(0, 1, allowed="must lie in [0, 1]"),
+    "eval-every": Rule(0, 10_000),
+    "metric-classifier-epochs": Rule(1, 1_000),
+    "disclosure-num-images": Rule(0, 10_000),  # and not 1 (see `validate`)
+    "wait-for-clients-seconds": Rule(0, open_low=True),
+    "round-timeout-seconds": Rule(0, open_low=True),
 }
-# Lowest and highest value of every integer key in `KEYS`
-INT_RANGES = {key: (rule.low, rule.high) for key, rule in KEYS.items() if rule.kind is int}
 
 
 class ConfigError(ValueError):
@@ -359,6 +356,10 @@ class RunConfig:
                 "level, e.g. '32,64,64'"
             )
         return channels
+
+
+# Lowest and highest value of every integer key in `KEYS` (its field's default is an int)
+INT_RANGES = {key: (rule.low, rule.high) for key, rule in KEYS.items() if type(RunConfig()._value(key)) is int}
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
