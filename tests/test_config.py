@@ -27,6 +27,9 @@ from collafuse_flwr.data.table import DatasetError
         ({"unet-block-channels": "32,abc"}, r"unet-block-channels"),
         ({"t-zeta": "200"}, r"t-zeta='200': must be an integer"),
         ({"tzeta": 200}, r"unknown run-config key\(s\) \['tzeta'\]"),
+        ({"condition": "class", "dataset": "celeba"}, r"condition='class': dataset='celeba' has no class labels"),
+        ({"condition": "attributes"}, r"condition='attributes': dataset='digits' has no attributes"),
+        ({"server-condition": "full"}, r"server-condition='full' sends each upload's condition, but condition='none'"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, message):
@@ -54,6 +57,8 @@ OUT_OF_RANGE = {
     "round-timeout-seconds": (-5.0, "> 0"), "min-replies": (6, r"\[1, num-clients=5\]"),
     "fault-injection": ("1:2:explode", "'<client>:<round>:<kind>'"),
     "server-device": ("gpu", "allowed: auto, cpu, cuda"), "client-device": ("cuda:x", "allowed: auto, cpu, cuda"),
+    "condition": ("text", "allowed: none, class, attributes"), "server-condition": ("labels", "allowed: none, client-id"),
+    "condition-dropout": (1.0, r"\[0, 1\)"), "guidance-scale": (-1.0, ">= 0"),
 }
 FREE_TEXT = {"data-dir", "attribute-groups", "fid-weights", "fcd-weights", "output-dir"}
 BOOLEANS = {"download", "unet-attention", "clip-denoised", "pooled-metrics", "resume"}

@@ -12,7 +12,7 @@ from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device,
 from collafuse_flwr.diffusion.training import train_for_images
 
 
-def _loss(net, x, g):
+def _loss(net, x, g, c=None):
     t = torch.randint(0, 100, (x.shape[0],), generator=g)
     return (net(x, t).sample - x).pow(2).mean()
 

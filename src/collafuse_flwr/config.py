@@ -38,6 +38,9 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 NOISE_POLICIES = ("once", "fresh")
 SERVER_LOSS_WEIGHTINGS = ("eps-prime", "full-chain")
 UPLOAD_DTYPES = ("float16", "float32")
+# what the clients' denoisers condition on, and the server's (diffusion/conditions.py)
+CONDITIONS = ("none", "class", "attributes")
+SERVER_CONDITIONS = ("none", "client-id", "full")
 # torch keeps a device index in 8 bits: "cuda:128" would silently become "cuda:-128"
 DEVICE = re.compile(r"auto|cpu|cuda(:(?P<index>0|[1-9][0-9]{0,2}))?")
 MAX_CUDA_INDEX = 127
@@ -116,6 +119,10 @@ KEYS = {
     "timesteps": Rule(1, 100_000),  # the schedule holds a few float arrays of length T
     "beta-schedule": Rule(choices=BETA_SCHEDULES),
     "unet-layers-per-block": Rule(1, 8),
+    "condition": Rule(choices=CONDITIONS),
+    "server-condition": Rule(choices=SERVER_CONDITIONS),
+    "condition-dropout": Rule(0, 1, open_high=True, allowed="must lie in [0, 1)"),
+    "guidance-scale": Rule(0, 100),
     "batch-size": Rule(1, 4_096),
     "client-lr": Rule(0, MAX_LR, open_low=True),
     "server-lr": Rule(0, MAX_LR, open_low=True),
@@ -165,6 +172,10 @@ class RunConfig:
     unet_block_channels: str = "16,32,64"
     unet_layers_per_block: int = 1
     unet_attention: bool = False
+    condition: str = "none"
+    server_condition: str = "none"
+    condition_dropout: float = 0.1
+    guidance_scale: float = 1.0
     batch_size: int = 64
     client_lr: float = 3e-3
     server_lr: float = 3e-3
@@ -299,6 +310,15 @@ class RunConfig:
                 f"use it with {' or '.join(ATTRIBUTE_DATASETS)}, or partition='label-groups', "
                 "'dirichlet' or 'iid'"
             )
+        if self.condition == "class" and self.dataset not in LABELLED_DATASETS:
+            raise ConfigError(f"condition='class': dataset={self.dataset!r} has no class labels; "
+                              f"use condition='attributes' or 'none'")
+        if self.condition == "attributes" and self.dataset not in ATTRIBUTE_DATASETS:
+            raise ConfigError(f"condition='attributes': dataset={self.dataset!r} has no attributes; "
+                              f"use it with {' or '.join(ATTRIBUTE_DATASETS)}, or condition='class' or 'none'")
+        if self.server_condition == "full" and self.condition == "none":
+            raise ConfigError("server-condition='full' sends each upload's condition, but condition='none'; "
+                              "set condition='class' or 'attributes', or server-condition='client-id' or 'none'")
         if not 0 <= self.t_zeta <= self.timesteps:
             raise ConfigError(
                 f"t-zeta={self.t_zeta}: the cut point must lie in [0, timesteps={self.timesteps}]"

@@ -24,12 +24,13 @@ import json
 
 STREAMS = frozenset({
     "upload",        # client, secret: eps of the cut-point uploads x_{t_zeta}
-    "client-train",  # client, secret: minibatches, t and eps of the client's training
+    "client-train",  # client, secret: minibatches, t, eps and condition dropout of the client's training
     "server-train",  # server, public: the server denoiser's training stream
     "sample",        # public: x_T of one client's evaluation samples
     "sampler-step",  # public: ancestral noise of one sampler step
     "server-only",   # server, public: the audit's server-only samples
     "reference",     # public: the images kept aside from all clients, the feature network's check split
+    "requested",     # client, public: which held-out images' conditions a client asks for when sampling
 })
 
 

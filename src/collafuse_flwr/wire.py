@@ -2,6 +2,11 @@
 
 client -> server, training:  RecordDict {"uploads": ArrayRecord {"x_cut": (n, C, H, W)},
                                          "metrics": MetricRecord {partition-id, num-examples, ...}}
+                             with server-condition "full" also
+                             "conditions": ArrayRecord {"c_cut": the uploads' raw conditions,
+                                                        "c_requested": those of the images the
+                                                        client will ask for when sampling}
+                             (labels (n,) int64, or attributes (n, A) uint8 in {0, 1})
 server -> client, sampling:  RecordDict {"handover": ArrayRecord {"x_handover": (n, C, H, W)},
                                          "config": ConfigRecord {...}}
 FedAvg baseline (strategy "fedavg"; weights instead of images):
@@ -18,7 +23,8 @@ client -> server, evaluation (not part of the protocol; measurement only):
                              "generated" (num-generated); "moments" only with pooled-metrics
 
 x_cut holds one cut-point sample x_{t_zeta} per training image and nothing else: no x0,
-eps, t, labels or weights. Everything received is checked before it is used.
+eps, t or weights; labels only in "conditions", and only when the run's server-condition is
+"full". Everything received is checked before it is used.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from flwr.common.serde import recorddict_to_proto
 
 UPLOADS = "uploads"
 UPLOAD_KEY = "x_cut"
+CONDITIONS = "conditions"
+CONDITION_KEY = "c_cut"
+REQUESTED_KEY = "c_requested"
 HANDOVER = "handover"
 HANDOVER_KEY = "x_handover"
 METRICS = "metrics"
@@ -82,15 +91,17 @@ def pack_uploads(x_cut: torch.Tensor, dtype: str, metrics: dict) -> RecordDict:
 
 def unpack_uploads(
     content: RecordDict, image_shape: tuple[int, int, int], dtype: str, cap: int, images_per_round: int,
+    with_conditions: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Validate a training reply and return (x_cut as float32 (n, C, H, W), its metrics).
 
-    Rejects (raises `UploadRejected`): any record other than "uploads" and "metrics", any
-    array other than "x_cut", metrics failing `check_metrics(TRAIN_METRICS)` (images-seen at
+    Rejects (raises `UploadRejected`): any record other than "uploads", "metrics" and, when
+    `with_conditions`, "conditions" (read by `unpack_conditions`), any array other than
+    "x_cut", metrics failing `check_metrics(TRAIN_METRICS)` (images-seen at
     most `images_per_round`), decoded values that are not `dtype` of shape (n, *image_shape),
     n different from "num-examples" or above `cap`, and non-finite or out-of-range values.
     """
-    extra = set(content.keys()) - {UPLOADS, METRICS}
+    extra = set(content.keys()) - {UPLOADS, METRICS} - ({CONDITIONS} if with_conditions else set())
     if extra or METRICS not in content.metric_records:
         raise UploadRejected(f"unexpected records {sorted(extra)} or no metrics record")
     metrics = check_metrics(content.metric_records[METRICS], _train_schema(images_per_round))
@@ -106,6 +117,45 @@ def unpack_uploads(
     if peak > MAX_ABS_VALUE:
         raise UploadRejected(f"|value| up to {peak:.3g} exceeds {MAX_ABS_VALUE}")
     return torch.from_numpy(values.astype(np.float32)), metrics
+
+
+def pack_conditions(c_cut: torch.Tensor, requested: torch.Tensor) -> ArrayRecord:
+    """A training reply's raw conditions (server-condition "full"): of the uploads, c_cut,
+    and of the images the client will ask for, requested; labels (n,) as int64, attributes
+    (n, A) in {0, 1} as uint8."""
+    def array(c: torch.Tensor) -> Array:
+        return Array(c.detach().to(torch.int64 if c.ndim == 1 else torch.uint8).contiguous().cpu().numpy())
+
+    return ArrayRecord({CONDITION_KEY: array(c_cut), REQUESTED_KEY: array(requested)})
+
+
+def unpack_conditions(
+    content: RecordDict, kind: str, size: int, uploads: int, requested: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a training reply's "conditions" record by its decoded values; return (the
+    uploads' raw conditions, the requested ones): labels (n,) int64 in [0, size) for `kind`
+    "class", attributes (n, size) float32 in {0, 1} for "attributes". Rejects a missing record,
+    keys other than "c_cut" and "c_requested", another dtype or shape, `uploads` and
+    `requested` rows expected, and values outside the range."""
+    if CONDITIONS not in content.array_records:
+        raise UploadRejected("no conditions record (server-condition is 'full')")
+    arrays = content.array_records[CONDITIONS]
+    if set(arrays.keys()) != {CONDITION_KEY, REQUESTED_KEY}:
+        raise UploadRejected(f"conditions must hold exactly {CONDITION_KEY}, {REQUESTED_KEY}; "
+                             f"got {list(arrays.keys())}")
+    out = []
+    for key, count in ((CONDITION_KEY, uploads), (REQUESTED_KEY, requested)):
+        width = size if kind == "attributes" else 1
+        dtype = "uint8" if kind == "attributes" else "int64"
+        values = decode(arrays[key], dtype, count * width, f"{CONDITIONS}.{key}")
+        shape = (count, size) if kind == "attributes" else (count,)
+        if values.shape != shape:
+            raise UploadRejected(f"{CONDITIONS}.{key}: shape {values.shape}, expected {shape}")
+        high = 1 if kind == "attributes" else size - 1
+        if values.size and (values.min() < 0 or values.max() > high):
+            raise UploadRejected(f"{CONDITIONS}.{key}: values outside [0, {high}]")
+        out.append(torch.from_numpy(values.astype(np.float32 if kind == "attributes" else np.int64)))
+    return out[0], out[1]
 
 
 def _train_schema(images_per_round: int) -> dict[str, tuple[type, float, float | None]]:
@@ -245,12 +295,13 @@ def _covariance(values: np.ndarray, name: str) -> torch.Tensor:
 
 
 def _evaluation_schema(
-    distances: list[tuple[str, str]], num_generated: int, max_real: int, max_steps: int
+    distances: list[tuple[str, str]], num_generated: int, max_real: int, max_steps: int, shares: tuple[str, ...],
 ) -> dict[str, tuple[type, float, float | None]]:
     """The `check_metrics` schema of an evaluation reply: sample sizes, the client's sampling
-    cost, its evaluation time, and the quality of every feature network the server knows,
+    cost, its evaluation time, the quality of every feature network the server knows,
     `distances` = their (Fréchet distance, KID) names: FD >= 0, KID finite (its unbiased
-    estimate dips below 0), KID's standard deviation >= 0."""
+    estimate dips below 0), KID's standard deviation >= 0, and the conditioning metrics
+    `shares` (metrics/conditioning.py), each in [0, 1]."""
     schema = {
         "partition-id": (int, 0, None),
         "num-generated": (int, num_generated, num_generated),
@@ -264,18 +315,19 @@ def _evaluation_schema(
     for fd_name, kid_name in distances:
         schema.update({fd_name: (float, 0.0, None), kid_name: (float, -math.inf, None),
                        f"{kid_name}_std": (float, 0.0, None)})
+    schema.update({name: (float, 0.0, 1.0) for name in shares})
     return schema
 
 
 def unpack_evaluation(
     content: RecordDict, networks: Mapping[str, tuple[str, str, int]], num_generated: int, max_real: int,
-    max_steps: int, pooled: bool,
+    max_steps: int, pooled: bool, shares: tuple[str, ...] = (),
 ) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Validate an evaluation reply; return (its metrics, its feature moments: `unpack_moments`,
     {} unless `pooled`).
 
     networks: {name: (Fréchet distance name, KID name, feature size d)} of every feature network
-    the server knows; the reply must report exactly these.
+    the server knows; the reply must report exactly these, and the conditioning metrics `shares`.
     Rejects: records other than "metrics" and, exactly when `pooled`, "moments"; metrics failing
     `check_metrics` against `_evaluation_schema` (every key required, nothing else: num-generated
     equal to `num_generated`, num-real in [2, max_real], client-sampling-steps in [0, max_steps],
@@ -286,7 +338,8 @@ def unpack_evaluation(
     if set(content.keys()) != wanted or METRICS not in content.metric_records or \
             (pooled and MOMENTS not in content.array_records):
         raise UploadRejected(f"records {sorted(content.keys())}; expected {sorted(wanted)}")
-    schema = _evaluation_schema([(fd, kid) for fd, kid, _ in networks.values()], num_generated, max_real, max_steps)
+    schema = _evaluation_schema([(fd, kid) for fd, kid, _ in networks.values()], num_generated, max_real, max_steps,
+                                shares)
     metrics = check_metrics(content.metric_records[METRICS], schema)
     if metrics["nfe-sample"] != metrics["num-generated"] * metrics["client-sampling-steps"]:
         raise UploadRejected(

@@ -1,9 +1,11 @@
 """The CollaFuse client: a private denoiser for t in [1, t_zeta] that never leaves the client.
 
 train:    train the private denoiser on the client's own images for its budget, then reply
-          with one cut-point sample x_{t_zeta} per training image (and counts).
-evaluate: finish the server's handed-over states x_{t_zeta} with the private denoiser and
-          reply with their quality (evaluation.py).
+          with one cut-point sample x_{t_zeta} per training image (and counts); with
+          server-condition "full" also the uploads' raw conditions and those it will request.
+evaluate: finish the server's handed-over states x_{t_zeta} with the private denoiser,
+          conditioned on the requested conditions (round.py), and reply with their quality
+          (evaluation.py).
 
 The denoiser, its optimizer and EMA persist between rounds below the client's own state
 directory (round.py, state.py), never at a path a message names, so a resumed round starts
@@ -50,20 +52,24 @@ def train(client: ClientRound, content: RecordDict) -> RecordDict:
     x_cut = cut_point_uploads(client)
     metrics = {"partition-id": client.partition_id, "num-examples": int(x_cut.shape[0]), **trained,
                "train-seconds": time.perf_counter() - start}
-    return wire.pack_uploads(x_cut, client.config.upload_dtype, metrics)
+    reply = wire.pack_uploads(x_cut, client.config.upload_dtype, metrics)
+    if client.conditioning.server_receives_conditions and x_cut.shape[0]:
+        reply[wire.CONDITIONS] = wire.pack_conditions(client.data.train_conditions, client.requested_conditions())
+    return reply
 
 
 def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
     """Finish the handed-over states in `content` with the private denoiser (the client's
-    steps of the split sampler); the evaluation reply."""
+    steps of the split sampler, conditioned on the requested conditions); the evaluation reply."""
     config = client.config
     x = wire.unpack_handover(content, client.image_shape, config.eval_num_samples)
     sampler = client.protocol.sampler(config)
+    requested = client.requested_conditions()
     start = time.perf_counter()
     net = None
     if len(sampler.client_steps):
         net = client.trained_denoiser().for_sampling()
         seed = wire.config_int(client.message_config, "sample-seed", 0, 2**63 - 1)
-        x = sampler.run(net, x, sampler.client_steps, seed)
+        x = sampler.run(net, x, sampler.client_steps, seed, client.conditions(requested))
     images = x.clamp(-1, 1)
-    return evaluation_reply(client, images, net, len(sampler.client_steps), time.perf_counter() - start)
+    return evaluation_reply(client, images, requested, net, len(sampler.client_steps), time.perf_counter() - start)

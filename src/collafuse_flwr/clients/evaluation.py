@@ -2,7 +2,8 @@
 its own state directory, their quality against its held-out images on every available feature
 network, the cost of its sampling steps, and (pooled-metrics) per feature network the mean and
 covariance of both sets' features for the server's pooled row: statistics of each set, never
-one image's features."""
+one image's features; and whether the images show the requested conditions
+(metrics/conditioning.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from flwr.app import MetricRecord, RecordDict
 
 from collafuse_flwr import wire
 from collafuse_flwr.clients.round import ClientRound
-from collafuse_flwr.data import partition_key
+from collafuse_flwr.data import condition_sizes, partition_key
+from collafuse_flwr.metrics.conditioning import conditioning_metric_names, conditioning_scores
 from collafuse_flwr.metrics.cost import sampling_cost
 from collafuse_flwr.metrics.distances import feature_moments, named_distances
 from collafuse_flwr.metrics.features import cached_features, load_feature_networks, resolved_weights
@@ -23,17 +25,19 @@ from collafuse_flwr.outputs import save_grid
 
 
 def evaluation_reply(
-    client: ClientRound, images: torch.Tensor, net: UNet2DModel | None, steps: int, sample_seconds: float
+    client: ClientRound, images: torch.Tensor, requested: torch.Tensor | None, net: UNet2DModel | None, steps: int,
+    sample_seconds: float,
 ) -> RecordDict:
     """Save the client's generated `images` (n, C, H, W) in [-1, 1] as a grid and report their
-    quality against the client's held-out images, and the cost of the `steps` sampling steps
-    the client ran with `net` (none when `net` is None). With pooled-metrics the reply adds,
+    quality against the client's held-out images, how well they show the `requested` raw
+    conditions they were generated for (None: unconditional), and the cost of the `steps`
+    sampling steps the client ran with `net` (none when `net` is None). With pooled-metrics the reply adds,
     per feature network, the mean and covariance of the held-out and of the generated images'
     features (`wire.pack_moments`): statistics of each set, never a per-image feature."""
     config, partition_id = client.config, client.partition_id
     save_grid(images, client.samples_dir / f"round-{client.server_round:03d}-client-{partition_id}.png")
     start = time.perf_counter()
-    quality, moments = _quality(client, images)
+    quality, moments = _quality(client, images, requested)
     metrics = {
         "partition-id": partition_id,
         "num-generated": int(images.shape[0]),
@@ -51,10 +55,13 @@ def evaluation_reply(
     return content
 
 
-def _quality(client: ClientRound, images: torch.Tensor) -> tuple[dict[str, float], dict[str, tuple]]:
+def _quality(
+    client: ClientRound, images: torch.Tensor, requested: torch.Tensor | None
+) -> tuple[dict[str, float], dict[str, tuple]]:
     """Distances between the generated images and the held-out images on every available
-    feature network (the held-out features are cached), and for the pooled row the moments
-    {"<network>-<real|generated>": (mean (d,), covariance (d, d))} of both sets' features."""
+    feature network (the held-out features are cached), the conditioning metrics on the
+    fd_classifier network, and for the pooled row the moments {"<network>-<real|generated>":
+    (mean (d,), covariance (d, d))} of both sets' features."""
     config = client.config
     weights = resolved_weights(config.fid_weights, config.fcd_weights)
     networks = load_feature_networks(Path(str(client.message_config["classifier-path"])), weights)
@@ -68,4 +75,6 @@ def _quality(client: ClientRound, images: torch.Tensor) -> tuple[dict[str, float
         for kind, features in (("real", real), ("generated", fake)):
             m = feature_moments(features)
             moments[f"{network.name}-{kind}"] = (m.mean, m.covariance)
+    names = conditioning_metric_names(config, condition_sizes(config)[0])
+    quality.update(conditioning_scores(networks[0].module, images, requested, client.data.held_out_targets, names))
     return quality, moments

@@ -8,7 +8,8 @@ train:    check the received weights against this client's own model (keys, shap
           and num-examples = the client's number of training images (FedAvg's averaging weight).
 evaluate: load the averaged sampling weights, sample from x_T ~ N(0, I) through all steps
           with the seed the server sends (the one a CollaFuse client of this partition gets),
-          report quality and cost.
+          conditioned on the client's requested conditions (those a CollaFuse client asks
+          for), report quality and cost.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
     net.load_state_dict({k[4:]: v for k, v in wire.weights_state(wire.check_weights(received, reference)).items()})
     sampler = client.protocol.sampler(config)
     seed = wire.config_int(client.message_config, "sample-seed", 0, 2**63 - 1)
+    requested = client.requested_conditions()
     start = time.perf_counter()
     x = initial_noise(config.eval_num_samples, client.image_shape, seed)
-    images = sampler.run(net.eval(), x, sampler.client_steps, seed).clamp(-1, 1)
-    return evaluation_reply(client, images, net, len(sampler.client_steps), time.perf_counter() - start)
+    images = sampler.run(net.eval(), x, sampler.client_steps, seed, client.conditions(requested)).clamp(-1, 1)
+    return evaluation_reply(client, images, requested, net, len(sampler.client_steps), time.perf_counter() - start)

@@ -14,7 +14,8 @@ from flwr.app import ConfigRecord, Context, Message
 from collafuse_flwr import wire
 from collafuse_flwr.clients.state import ClientState, state_root
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.data import ClientData, client_data
+from collafuse_flwr.data import ClientData, client_data, condition_sizes
+from collafuse_flwr.diffusion.conditions import Conditioning
 from collafuse_flwr.diffusion.losses import client_loss
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device, resolve_device
 from collafuse_flwr.diffusion.protocol import Protocol
@@ -22,12 +23,14 @@ from collafuse_flwr.diffusion.schedule import CutSchedule
 from collafuse_flwr.diffusion.training import train_for_images
 from collafuse_flwr.metrics.cost import train_cost
 from collafuse_flwr.outputs import complete_rounds, drop_rounds_before, round_dir
+from collafuse_flwr.seeds import public_seed
 
 
 @dataclass(frozen=True)
 class ClientRound:
     """What a client knows when a message arrives: its validated config, the partition the
-    server assigned it, the round, its private state (state.py) and its data."""
+    server assigned it, the round, its private state (state.py), its data and what each
+    side of the cut conditions on."""
 
     config: RunConfig
     partition_id: int
@@ -37,6 +40,7 @@ class ClientRound:
     run_key: str
     protocol: Protocol
     data: ClientData
+    conditioning: Conditioning
 
     @property
     def schedule(self) -> CutSchedule:
@@ -102,6 +106,7 @@ class ClientRound:
             run_key,
             Protocol.of(config),
             client_data(config, partition_id),
+            Conditioning.of(config, *condition_sizes(config)),
         )
 
     @property
@@ -110,13 +115,32 @@ class ClientRound:
         return resolve_device("client-device", self.config.client_device)
 
     def new_net(self) -> UNet2DModel:
-        """A freshly initialised denoiser of the run's architecture for this client's images,
-        on the client's device."""
-        c = self.config
+        """A freshly initialised denoiser of the run's architecture for this client's images
+        (conditioned on the clients' condition space, if any), on the client's device."""
+        c, space = self.config, self.conditioning.client
         return on_device(build_denoiser(
             c.image_size, self.image_shape[0], c.block_channels, c.unet_layers_per_block,
-            c.unet_attention, seed=c.seed + 1 + self.partition_id,
+            c.unet_attention, seed=c.seed + 1 + self.partition_id, condition_dim=space.size if space else 0,
         ), self.device)
+
+    def conditions(self, raw: torch.Tensor | None) -> torch.Tensor | None:
+        """Condition vectors (n, d) of the client's denoiser for raw conditions (None when it
+        is unconditional)."""
+        space = self.conditioning.client
+        return None if space is None else space.encode(raw)
+
+    def requested_conditions(self) -> torch.Tensor | None:
+        """The raw conditions this client asks for when it samples: those of eval-num-samples of
+        its held-out images, a random order of them (repeated when there are fewer) drawn with
+        the public stream ("requested", partition id): the same in every round and every run
+        of the seed, so runs are compared on the same requests. The indices are public, the
+        conditions behind them are not. None when the clients are unconditional."""
+        held = self.data.held_out_conditions
+        if held is None:
+            return None
+        generator = torch.Generator().manual_seed(public_seed(self.config.seed, "requested", self.partition_id))
+        order = torch.randperm(len(held), generator=generator)
+        return held[order.repeat(-(-self.config.eval_num_samples // len(held)))[: self.config.eval_num_samples]]
 
     def denoiser(self) -> Denoiser:
         """This client's denoiser, optimizer and EMA as the previous round left them (from
@@ -136,17 +160,19 @@ class ClientRound:
 
     def train(self, denoiser: Denoiser) -> dict[str, float]:
         """Train `denoiser` for `client-images-per-round` images of this client's training
-        split on the client's steps t in [1, t_zeta] of the protocol's schedule (`client_loss`;
-        no image when the client owns no step), with minibatches, t and eps from its secret
+        split on the client's steps t in [1, t_zeta] of the protocol's schedule (`client_loss`,
+        on the images' conditions with condition-dropout; no image when the client owns no
+        step), with minibatches, t, eps and the dropout from its secret
         "client-train" stream, and save it as this round's. Returns the reply's training
         metrics train-loss, images-seen and the training cost; each client behaviour adds its
         own num-examples and train-seconds."""
-        schedule = self.schedule
+        schedule, dropout = self.schedule, self.conditioning.dropout
         budget = 0 if schedule.client_range.is_empty else self.config.client_images_per_round
         generator = torch.Generator().manual_seed(self.seed("client-train"))
         stats = train_for_images(
             denoiser, self.data.train, budget, self.config.batch_size,
-            lambda n, x0, g: client_loss(n, schedule, x0, g), generator,
+            lambda n, x0, g, c: client_loss(n, schedule, x0, g, c, dropout), generator,
+            self.conditions(self.data.train_conditions),
         )
         self.save(denoiser)
         return {

@@ -28,12 +28,15 @@ MIN_HELD_OUT = 2
 class ClientData:
     """One client's images `train` (N, C, S, S) and `held_out` (M, C, S, S), float32 in
     [-1, 1], with the targets of the evaluation feature network beside them: class labels
-    (N,) int64, or attributes (N, A) float32 for a dataset without classes (CelebA)."""
+    (N,) int64, or attributes (N, A) float32 for a dataset without classes (CelebA); and the
+    images' raw conditions for the run's `condition` (`ImageTable.conditions`; None: "none")."""
 
     train: torch.Tensor
     train_targets: torch.Tensor
     held_out: torch.Tensor
     held_out_targets: torch.Tensor
+    train_conditions: torch.Tensor | None = None
+    held_out_conditions: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -129,11 +132,18 @@ def client_data(config: RunConfig, partition_id: int) -> ClientData:
         )
     table = load_table(config)
     train, held = client_indices(config)[partition_id]
-    targets = table.targets()
+    targets, conditions = table.targets(), table.conditions(config.condition)
     return ClientData(
         as_model_input(table.images[train]), targets[train],
         as_model_input(table.images[held]), targets[held],
+        None if conditions is None else conditions[train], None if conditions is None else conditions[held],
     )
+
+
+def condition_sizes(config: RunConfig) -> tuple[int, int]:
+    """(number of classes, number of attributes) of the configured dataset (0 where it has none)."""
+    table = load_table(config)
+    return len(table.class_names) if table.labels is not None else 0, len(table.attribute_names)
 
 
 def training_images(config: RunConfig, partition_id: int, limit: int) -> torch.Tensor:

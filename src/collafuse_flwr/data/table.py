@@ -63,6 +63,19 @@ class ImageTable:
             return torch.from_numpy(np.asarray(self.labels, dtype=np.int64))
         return torch.from_numpy(np.asarray(self.attributes, dtype=np.float32))
 
+    def conditions(self, kind: str) -> torch.Tensor | None:
+        """The raw conditions of every image for the run config's `condition`: "class" ->
+        labels (N,) int64, "attributes" -> attributes (N, A) float32 in {0, 1}, "none" -> None."""
+        if kind == "none":
+            return None
+        values = self.labels if kind == "class" else self.attributes
+        if values is None:
+            raise DatasetError(f"{self.source}: condition={kind!r}, but these images have no "
+                               f"{'class labels' if kind == 'class' else 'attributes'}")
+        if kind == "class":
+            return torch.from_numpy(np.asarray(values, dtype=np.int64))
+        return torch.from_numpy(np.asarray(values, dtype=np.float32))
+
 
 def as_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] or float [-1, 1] images (n, C, S, S), numpy or torch, as float32 in

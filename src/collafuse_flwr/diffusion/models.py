@@ -1,4 +1,5 @@
-"""Denoisers: diffusers `UNet2DModel` eps-predictors built from the run config, on a device.
+"""Denoisers: diffusers `UNet2DModel` eps-predictors built from the run config, on a device;
+`ConditionalUNet`, the same U-Net with a condition vector added to its time embedding.
 
 A denoiser on an accelerator keeps the interface of one on the CPU: it takes and returns CPU
 tensors (hooks move the inputs to its device and the output back), so data, random
@@ -8,16 +9,61 @@ only the network's arithmetic moves."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.configuration_utils import register_to_config
 from diffusers.training_utils import EMAModel
+from diffusers.utils import logging as diffusers_logging
+from torch import nn
 
 from collafuse_flwr.config import ConfigError
 from collafuse_flwr.outputs import DamagedFileError, read_tensors, write_directory_atomically
 
 DENOISER_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "optimizer.pt")  # + ema.pt with an EMA
+
+
+class ConditionalUNet(UNet2DModel):
+    """`UNet2DModel` conditioned on a vector c: (n, condition_dim) (diffusion/conditions.py):
+    emb = time_embedding(k) + W c + b, added to every residual block like the time embedding
+    (diffusers' "identity" class embedding fed by the learned projection W, b). c = 0 is the
+    null condition of classifier-free guidance; `condition=None` means c = 0. A diffusers
+    model: `save_pretrained` / `from_pretrained` keep `condition_dim` in config.json."""
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (64,),
+        layers_per_block: int = 1,
+        down_block_types: tuple[str, ...] = ("DownBlock2D",),
+        up_block_types: tuple[str, ...] = ("UpBlock2D",),
+        norm_num_groups: int = 8,
+        condition_dim: int = 1,
+    ):
+        super().__init__(
+            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+            down_block_types=down_block_types, up_block_types=up_block_types, norm_num_groups=norm_num_groups,
+            class_embed_type="identity",
+        )
+        self.condition_projection = nn.Linear(condition_dim, self.time_embedding.linear_2.out_features)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor | None = None,
+                return_dict: bool = True):
+        """eps(x_t: (n, C, H, W), k: (n,), c: (n, condition_dim) or None for the null condition)."""
+        if condition is None:
+            condition = sample.new_zeros(sample.shape[0], self.config.condition_dim)
+        embedded = self.condition_projection(condition.to(self.condition_projection.weight))
+        return super().forward(sample, timestep, class_labels=embedded, return_dict=return_dict)
+
+
+# The classes a saved denoiser's config.json may name (nothing else is ever instantiated)
+DENOISER_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, ConditionalUNet)}
 
 
 def build_denoiser(
@@ -27,8 +73,10 @@ def build_denoiser(
     layers_per_block: int = 1,
     attention: bool = False,
     seed: int = 0,
+    condition_dim: int = 0,
 ) -> UNet2DModel:
-    """A U-Net mapping (x_t: (n, C, H, W), k: (n,)) to eps: (n, C, H, W).
+    """A U-Net mapping (x_t: (n, C, H, W), k: (n,)) to eps: (n, C, H, W); with
+    `condition_dim` > 0 a `ConditionalUNet` that also takes c: (n, condition_dim).
 
     One resolution level per entry of `block_channels`; with `attention` the lowest
     resolution level gets self-attention. Weights are initialised from `seed`.
@@ -39,7 +87,7 @@ def build_denoiser(
     if attention:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     torch.manual_seed(seed)
-    return UNet2DModel(
+    common = dict(
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,
@@ -48,7 +96,10 @@ def build_denoiser(
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         norm_num_groups=min(8, block_channels[0]),
-    ).eval()
+    )
+    if condition_dim:
+        return ConditionalUNet(**common, condition_dim=condition_dim).eval()
+    return UNet2DModel(**common).eval()
 
 
 def resolve_device(key: str, spec: str) -> torch.device:
@@ -159,11 +210,17 @@ class Denoiser:
         missing = [name for name in needed if not (directory / name).is_file()]
         if missing:
             raise DamagedFileError(f"{directory}: not a saved denoiser (missing {', '.join(missing)})")
+        # diffusers warns that a ConditionalUNet's config holds UNet2DModel's other keys: expected
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
         try:
-            net = UNet2DModel.from_pretrained(directory, low_cpu_mem_usage=False, local_files_only=True,
-                                              use_safetensors=True).eval()
+            net = _saved_class(directory).from_pretrained(
+                directory, low_cpu_mem_usage=False, local_files_only=True, use_safetensors=True,
+            ).eval()
         except (OSError, RuntimeError, TypeError, ValueError) as err:  # e.g. cut-off weights, config.json not JSON
             raise DamagedFileError(f"{directory}: the network cannot be loaded ({err})") from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         denoiser = cls(net, lr, ema_decay, device)
         for name, target in (("optimizer.pt", denoiser.optimizer), ("ema.pt", denoiser.ema)):
             if target is None:
@@ -178,3 +235,14 @@ class Denoiser:
     def exists(directory: Path) -> bool:
         """Whether `directory` holds every file `save` writes for any denoiser (the EMA's aside)."""
         return all((Path(directory) / name).is_file() for name in DENOISER_FILES)
+
+
+def _saved_class(directory: Path) -> type[UNet2DModel]:
+    """The denoiser class a saved config.json names, if it is one of `DENOISER_CLASSES`."""
+    try:
+        name = json.loads((Path(directory) / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"config.json unreadable ({err})") from None
+    if name not in DENOISER_CLASSES:
+        raise ValueError(f"config.json names {name!r}, not one of {sorted(DENOISER_CLASSES)}")
+    return DENOISER_CLASSES[name]

@@ -65,14 +65,16 @@ class Protocol:
         """Whether the handed-over state is clamped to [-1, 1] (the published variant only)."""
         return self.variant == "published"
 
-    def server_loss(self, net: nn.Module, x_r: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The server's loss on a batch of uploads x_r: (n, C, H, W); a scalar."""
+    def server_loss(self, net: nn.Module, x_r: torch.Tensor, generator: torch.Generator,
+                    c: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+        """The server's loss on a batch of uploads x_r: (n, C, H, W) with their server-side
+        conditions c: (n, d) or None, dropped with probability `dropout`; a scalar."""
         if self.variant == "published":
-            return published_server_loss(net, self.schedule, x_r, generator)
-        return server_loss(net, self.schedule, x_r, generator, self.server_loss_weighting)
+            return published_server_loss(net, self.schedule, x_r, generator, c, dropout)
+        return server_loss(net, self.schedule, x_r, generator, self.server_loss_weighting, c, dropout)
 
     def sampler(self, config: RunConfig) -> SplitSampler:
-        """The run's sampler (`sampler`, `sampling-steps`, `clip-denoised`, `ddim-eta`) split
-        at the handover time into the server's and the client's steps."""
+        """The run's sampler (`sampler`, `sampling-steps`, `clip-denoised`, `ddim-eta`,
+        `guidance-scale`) split at the handover time into the server's and the client's steps."""
         return SplitSampler.build(config.sampler, self.schedule, config.sampling_steps, config.clip_denoised,
-                                  config.ddim_eta, self.handover_time)
+                                  config.ddim_eta, self.handover_time, config.guidance_scale)

@@ -17,6 +17,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
+from collafuse_flwr.diffusion.conditions import guided_eps
 from collafuse_flwr.diffusion.schedule import CutSchedule
 from collafuse_flwr.seeds import sub_seed
 
@@ -57,14 +58,18 @@ def denoise(
     timesteps: torch.Tensor,
     seed: int,
     eta: float = 0.0,
+    c: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Run the sampler's steps `timesteps` on state x: (n, C, H, W); return the new state.
 
-    Each step's ancestral noise comes from the stream (seed, "sampler-step", k), so splitting
-    a loop into two calls changes nothing: split sampling equals the single loop exactly.
+    c: (n, d) the conditions (None: an unconditional network), with classifier-free guidance
+    of scale `guidance_scale` (`conditions.guided_eps`). Each step's ancestral noise comes
+    from the stream (seed, "sampler-step", k), so splitting a loop into two calls changes
+    nothing: split sampling equals the single loop exactly.
     """
     for k in timesteps:
-        eps = net(x, k.expand(x.shape[0])).sample
+        eps = guided_eps(net, x, k.expand(x.shape[0]), c, guidance_scale)
         generator = torch.Generator().manual_seed(sub_seed(seed, "sampler-step", int(k)))
         kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
         x = sampler.step(eps, k, x, generator=generator, **kwargs).prev_sample
@@ -80,23 +85,27 @@ def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tenso
 class SplitSampler:
     """A sampler's grid split at the handover time: the server runs `server_steps` from x_T,
     the client `client_steps` from the handed-over state (diffusers indices, descending;
-    either may be empty). `denoise` over both in turn equals one loop over `all_steps`."""
+    either may be empty), each side with its own conditions and the same guidance scale.
+    `denoise` over both in turn equals one loop over `all_steps`."""
 
     scheduler: DDPMScheduler | DDIMScheduler
     server_steps: torch.Tensor
     client_steps: torch.Tensor
     eta: float
+    guidance_scale: float = 1.0
 
     @classmethod
     def build(cls, kind: str, schedule: CutSchedule, steps: int, clip_denoised: bool, eta: float,
-              handover_time: int) -> SplitSampler:
+              handover_time: int, guidance_scale: float = 1.0) -> SplitSampler:
         scheduler = make_sampler(kind, schedule, steps, clip_denoised)
-        return cls(scheduler, *split_at_cut(scheduler, handover_time), eta)
+        return cls(scheduler, *split_at_cut(scheduler, handover_time), eta, guidance_scale)
 
     @property
     def all_steps(self) -> torch.Tensor:
         return self.scheduler.timesteps
 
-    def run(self, net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, seed: int) -> torch.Tensor:
-        """`denoise` with this sampler: x (n, C, H, W) through `timesteps`."""
-        return denoise(net, self.scheduler, x, timesteps, seed, self.eta)
+    def run(self, net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, seed: int,
+            c: torch.Tensor | None = None) -> torch.Tensor:
+        """`denoise` with this sampler: x (n, C, H, W) through `timesteps`, conditioned on
+        c: (n, d) (None: unconditional)."""
+        return denoise(net, self.scheduler, x, timesteps, seed, self.eta, c, self.guidance_scale)

@@ -15,14 +15,17 @@ def train_for_images(
     data: torch.Tensor,
     num_images: int,
     batch_size: int,
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Generator, torch.Tensor | None], torch.Tensor],
     generator: torch.Generator,
+    conditions: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Train `denoiser` on random minibatches of `data` until `num_images` were seen.
 
-    data: (N, C, H, W). Every step draws min(batch_size, remaining) images without
-    replacement within a pass over the data. Returns {"loss": mean loss, "images-seen": n,
-    "steps": s}; nothing happens (loss = nan) when the budget or the data is empty.
+    data: (N, C, H, W); conditions: (N, d) the images' condition vectors, or None. Every step
+    draws min(batch_size, remaining) images (with their conditions) without replacement within
+    a pass over the data and calls loss_fn(net, images, generator, conditions). Returns
+    {"loss": mean loss, "images-seen": n, "steps": s}; nothing happens (loss = nan) when the
+    budget or the data is empty.
     """
     net, optimizer = denoiser.net, denoiser.optimizer
     seen, steps, total = 0, 0, 0.0
@@ -32,8 +35,8 @@ def train_for_images(
         if order.numel() == 0:
             order = torch.randperm(data.shape[0], generator=generator)
         take = min(batch_size, num_images - seen, order.numel())
-        batch, order = data[order[:take]], order[take:]
-        loss = loss_fn(net, batch, generator)
+        index, order = order[:take], order[take:]
+        loss = loss_fn(net, data[index], generator, None if conditions is None else conditions[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

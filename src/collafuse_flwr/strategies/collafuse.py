@@ -2,10 +2,14 @@
 
 Each round:
   configure_train   -> a train message per client carrying only config (no weights);
-  aggregate_train   -> validate every client's cut-point uploads x_{t_zeta}, pool them and
-                       train the server denoiser on t in (t_zeta, T] by the sub-chain loss;
+  aggregate_train   -> validate every client's cut-point uploads x_{t_zeta} (and, with
+                       server-condition "full", their conditions), pool them and train the
+                       server denoiser on t in (t_zeta, T] by the sub-chain loss, conditioned
+                       on the server's condition of each upload (diffusion/conditions.py);
   configure_evaluate-> (on evaluation rounds) run the server's half of the sampler from T
-                       down to t_zeta and send each client its handed-over states;
+                       down to t_zeta, conditioned on the client ("client-id") or on the
+                       conditions it requested ("full"), and send each client its
+                       handed-over states;
   aggregate_evaluate-> collect each client's quality and cost figures, compute the pooled
                        quality row from the clients' features, run the disclosure audit
                        (metrics/audit.py) and rewrite summary.json.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -31,6 +35,8 @@ from flwr.serverapp.strategy import Strategy
 from collafuse_flwr import wire
 from collafuse_flwr.checkpoint import Checkpoint, save_checkpoint
 from collafuse_flwr.config import RunConfig
+from collafuse_flwr.data import condition_sizes
+from collafuse_flwr.diffusion.conditions import Conditioning
 from collafuse_flwr.diffusion.models import Denoiser
 from collafuse_flwr.diffusion.protocol import Protocol
 from collafuse_flwr.diffusion.sampling import initial_noise
@@ -83,6 +89,9 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.protocol = Protocol.of(config)
         self.generator = torch.Generator().manual_seed(public_seed(config.seed, "server-train"))
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
+        self.conditioning = Conditioning.of(config, *condition_sizes(config))
+        self.conditions: dict[int, torch.Tensor] = {}  # partition id -> the server's condition of each upload
+        self.requested: dict[int, torch.Tensor] = {}  # partition id -> raw conditions it asks for ("full")
         self.parties = Parties(config.num_clients, run_dir, run_key, config.min_replies)
         self.audit = DisclosureAudit(config, self.protocol.schedule, networks, run_dir.features_cache)
 
@@ -91,17 +100,19 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         return ArrayRecord()
 
     def restore(self, checkpoint: Checkpoint) -> None:
-        """Continue after `checkpoint`'s round: its RNG state, pool of uploads and audit views
-        (the denoiser was loaded from the same checkpoint)."""
+        """Continue after `checkpoint`'s round: its RNG state, pool of uploads with their
+        conditions, the requested conditions and audit views (the denoiser was loaded from the
+        same checkpoint)."""
         state = checkpoint.strategy_state
         self.generator.set_state(state["generator"])
-        self.uploads = state["uploads"]
+        self.uploads, self.conditions, self.requested = state["uploads"], state["conditions"], state["requested"]
         self.audit.load_state(state["audit"])
         super().restore(checkpoint)
 
     def checkpoint(self, server_round: int) -> None:
-        """Checkpoint the end of `server_round`: denoiser, RNG, pool, audit views."""
-        state = {"generator": self.generator.get_state(), "uploads": self.uploads, "audit": self.audit.state()}
+        """Checkpoint the end of `server_round`: denoiser, RNG, pool, conditions, audit views."""
+        state = {"generator": self.generator.get_state(), "uploads": self.uploads, "conditions": self.conditions,
+                 "requested": self.requested, "audit": self.audit.state()}
         save_checkpoint(self.run_dir, server_round, self.config, self.denoiser, state)
 
     def summary(self) -> None:
@@ -145,24 +156,42 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
     def _receive_uploads(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[list[tuple], dict]:
-        """Validate every reply; keep each client's latest accepted x_{t_zeta} in the pool
-        (a client that fails this round keeps its earlier upload there).
+        """Validate every reply; keep each client's latest accepted x_{t_zeta} in the pool with
+        the server's condition of each (a client that fails this round keeps its earlier
+        upload there) and, under "full", the conditions it will request.
 
-        Returns metrics.csv rows per client (and per fault) and a summary over the accepted
-        replies.
+        Returns metrics.csv rows per client (and per fault; conditions-received counts the raw
+        conditions the client sent) and a summary over the accepted replies.
         """
+        receives = self.conditioning.server_receives_conditions
+
         def read(reply: Message) -> tuple[int, tuple]:
             x_cut, metrics = wire.unpack_uploads(
                 reply.content, self.image_shape, self.config.upload_dtype, self.config.max_uploads_per_client,
-                self.config.client_images_per_round,
+                self.config.client_images_per_round, with_conditions=receives,
             )
-            return self.parties.check_partition(reply.metadata.src_node_id, metrics), (x_cut, metrics)
+            pid = self.parties.check_partition(reply.metadata.src_node_id, metrics)
+            raw = requested = None
+            if receives and x_cut.shape[0]:
+                space = self.conditioning.server
+                raw, requested = wire.unpack_conditions(reply.content, space.kind, space.size, x_cut.shape[0],
+                                                        self.config.eval_num_samples)
+            elif wire.CONDITIONS in reply.content:
+                raise wire.UploadRejected("conditions sent without uploads")
+            return pid, (x_cut, metrics, raw, requested)
 
         received, rows = self.parties.receive(server_round, "train", replies, read)
         losses = []
         for reply in received:
-            x_cut, metrics = reply.payload
+            x_cut, metrics, raw, requested = reply.payload
             self.uploads[reply.partition_id] = x_cut
+            conditions = self.conditioning.server_conditions(reply.partition_id, raw, x_cut.shape[0])
+            if conditions is not None:
+                self.conditions[reply.partition_id] = conditions
+            if requested is not None:
+                self.requested[reply.partition_id] = requested
+            sent = 0 if raw is None else len(raw) + len(requested)
+            rows.append((server_round, str(reply.partition_id), "conditions-received", float(sent)))
             self.audit.record(reply.partition_id, x_cut, server_round)
             if metrics["images-seen"]:
                 losses.append(float(metrics["train-loss"]))
@@ -181,12 +210,14 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         """Train the server denoiser on the pool for its budget."""
         start = time.perf_counter()
         # pool in partition-id order: reply arrival order must not change the training stream
-        pool = [self.uploads[pid] for pid in sorted(self.uploads)]
-        pool = torch.cat(pool) if pool else torch.empty((0, *self.image_shape))
+        pids = sorted(self.uploads)
+        pool = torch.cat([self.uploads[pid] for pid in pids]) if pids else torch.empty((0, *self.image_shape))
+        conditions = torch.cat([self.conditions[pid] for pid in pids]) if self.conditions and pids else None
         budget = 0 if self.protocol.schedule.server_range.is_empty else self.config.server_images_per_round
+        dropout = self.conditioning.dropout
         stats = train_for_images(
             self.denoiser, pool, budget, self.config.batch_size,
-            self.protocol.server_loss, self.generator,
+            lambda n, x, g, c: self.protocol.server_loss(n, x, g, c, dropout), self.generator, conditions,
         )
         stats["seconds"] = time.perf_counter() - start
         cost = train_cost(self.denoiser.net, self.image_shape, int(stats["images-seen"]))
@@ -203,8 +234,10 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Run the server's half of the sampler (T down to the handover time: t_zeta, or
-        T rho (2 - rho) for "published") for every client and send each its handed-over states
-        (float32; clamped to [-1, 1] only for "published")."""
+        T rho (2 - rho) for "published") for every client, conditioned on the server's
+        condition for it, and send each its handed-over states (float32; clamped to [-1, 1]
+        only for "published"). Under "full", a client that has never sent the conditions it
+        requests gets no message this round (logged)."""
         if not self.config.is_eval_round(server_round):
             return []
         c = self.config
@@ -214,9 +247,16 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         start = time.perf_counter()
         # seeds and grid rows follow the partition ids (node ids change from run to run)
         for node in self.parties.assign(grid.get_node_ids()):
-            seed = public_seed(c.seed, "sample", server_round, self.parties.partition_of[node])
+            pid = self.parties.partition_of[node]
+            if self.conditioning.server_receives_conditions and len(sampler.server_steps) and pid not in self.requested:
+                line = f"round {server_round} evaluate: client {pid} sent no requested conditions yet; not sampled"
+                log(WARNING, line)
+                self.run_dir.append_log(line)
+                continue
+            seed = public_seed(c.seed, "sample", server_round, pid)
             x = initial_noise(c.eval_num_samples, self.image_shape, seed)
-            x = sampler.run(net, x, sampler.server_steps, seed)
+            condition = self.conditioning.server_conditions(pid, self.requested.get(pid), c.eval_num_samples)
+            x = sampler.run(net, x, sampler.server_steps, seed, condition)
             if self.protocol.clamps_handover:
                 x = x.clamp(-1, 1)
             config = ConfigRecord({"sample-seed": seed, "classifier-path": str(self.classifier_path)})
@@ -256,3 +296,4 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         save_grid(server_only, self.run_dir.server_only_grid(server_round))
         rows = [(server_round, client, metric, value) for client, metric, value in self.audit.measure(net, server_only)]
         return rows + [(server_round, "server", "disclosure-seconds", time.perf_counter() - start)]
+

@@ -14,6 +14,8 @@ from flwr.common.logger import log
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
+from collafuse_flwr.data import condition_sizes
+from collafuse_flwr.metrics.conditioning import conditioning_metric_names
 from collafuse_flwr.metrics.distances import Moments, frechet_distance, pooled_moments
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.run_dir import RunDirectory
@@ -28,8 +30,9 @@ def evaluation_rows(
     """metrics.csv rows of every accepted evaluation reply (then the pooled row) and each
     metric's values over the clients. A failed, invalid or missing reply gives one row
     `evaluate-fault-<kind>` (parties.py) and nothing else."""
+    shares = conditioning_metric_names(config, condition_sizes(config)[0])
     received, rows = parties.receive(
-        server_round, "evaluate", replies, lambda reply: _evaluation_reply(reply, parties, networks, config),
+        server_round, "evaluate", replies, lambda reply: _evaluation_reply(reply, parties, networks, config, shares),
     )
     per_metric = {}
     for reply in received:
@@ -40,18 +43,22 @@ def evaluation_rows(
                 rows.append((server_round, str(reply.partition_id), key, float(value)))
                 per_metric.setdefault(key, []).append(float(value))
     pooled = pooled_quality(networks, [reply.payload[1] for reply in received if reply.payload[1]])
+    # every client generates eval-num-samples images: the pooled share is the clients' mean
+    pooled.update({name: sum(per_metric[name]) / len(per_metric[name]) for name in shares if per_metric.get(name)})
     rows += [(server_round, "pooled", k, v) for k, v in pooled.items()]
     return rows, per_metric
 
 
 def _evaluation_reply(
-    reply: Message, parties: Parties, networks: list[FeatureNetwork], config: RunConfig
+    reply: Message, parties: Parties, networks: list[FeatureNetwork], config: RunConfig, shares: tuple[str, ...],
 ) -> tuple[int, tuple[dict, dict[str, Moments]]]:
-    """The partition id, validated metrics and feature moments ({"<network>-<real|generated>":
-    Moments}, empty without pooled-metrics) of one evaluation reply (`wire.unpack_evaluation`)."""
+    """The partition id, validated metrics (with the conditioning metrics `shares`) and feature
+    moments ({"<network>-<real|generated>": Moments}, empty without pooled-metrics) of one
+    evaluation reply (`wire.unpack_evaluation`)."""
     metrics, moments = wire.unpack_evaluation(
         reply.content, {n.name: (n.fd_name, n.kid_name, n.module.num_features) for n in networks},
         config.eval_num_samples, config.max_uploads_per_client, config.sampling_steps, config.pooled_metrics,
+        shares,
     )
     pid = parties.check_partition(reply.metadata.src_node_id, metrics)
     counts = {"real": metrics["num-real"], "generated": metrics["num-generated"]}

@@ -17,11 +17,13 @@ from flwr.serverapp import Grid
 
 from collafuse_flwr.checkpoint import Checkpoint, latest_checkpoint, resumable_run
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.data import client_indices, image_shape, load_table, partition_key
+from collafuse_flwr.data import client_indices, condition_sizes, image_shape, load_table, partition_key
 from collafuse_flwr.data.clients import reference_images
 from collafuse_flwr.data.report import write_partition_report
+from collafuse_flwr.diffusion.conditions import Conditioning
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, resolve_device
 from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
+from collafuse_flwr.metrics.conditioning import conditioning_note
 from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
 from collafuse_flwr.run_dir import RunDirectory, check_output_dir
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
@@ -43,6 +45,23 @@ def feature_network(config: RunConfig, run_dir: RunDirectory) -> tuple[Path, flo
         config.metric_classifier_epochs, config.seed,
     )
     return path, classifier_accuracy(net, torch.from_numpy(images[reference.check]), targets[reference.check])
+
+
+def condition_note(config: RunConfig) -> str:
+    """What the denoisers condition on and what the server learns of the clients' conditions."""
+    clients = ("unconditional clients" if config.condition == "none" else
+               f"clients conditioned on each image's {'class' if config.condition == 'class' else 'attributes'} "
+               f"(condition-dropout={config.condition_dropout}, guidance-scale={config.guidance_scale})")
+    if config.strategy == "fedavg":
+        return f"{clients}; fedavg: no server denoiser, nothing about conditions is sent"
+    server = {
+        "none": "an unconditional server: no condition is sent",
+        "client-id": "a server conditioned on the sender of each upload (which it knows anyway): no condition is sent",
+        "full": "a server conditioned on each upload's condition, which the client sends with it (the paper's "
+                "setup): the server learns every training image's condition and those of the "
+                "eval-num-samples held-out images each client asks for (conditions-received per client)",
+    }[config.server_condition]
+    return f"{clients}; {server}"
 
 
 def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
@@ -68,6 +87,10 @@ def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
             if config.pooled_metrics else "pooled-metrics = false: the clients send no feature moments, no pooled row"
         ),
     }
+    notes["conditions"] = condition_note(config)
+    accuracy_note = conditioning_note(config, condition_sizes(config)[0])
+    if accuracy_note:
+        notes["condition-accuracy"] = accuracy_note
     skipped = {w.backbone.name: w.skip_message() for w in weights.values() if not w.available}
     if skipped:
         notes["skipped"] = skipped
@@ -145,9 +168,12 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
     if checkpoint:
         model = checkpoint.model
     else:
+        conditioning = Conditioning.of(config, *condition_sizes(config))
+        # FedAvg's global model is the clients' (their condition space); CollaFuse's the server's
+        space = conditioning.client if config.strategy == "fedavg" else conditioning.server
         net = build_denoiser(
             config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
-            config.unet_attention, seed=config.seed,
+            config.unet_attention, seed=config.seed, condition_dim=space.size if space else 0,
         )
         model = Denoiser(net, config.server_lr, config.ema_decay, device)
     networks = load_feature_networks(classifier_path, weights)
