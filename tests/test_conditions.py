@@ -1,0 +1,300 @@
+"""Conditional CollaFuse: the condition spaces, classifier-free guidance, split sampling with a
+condition on each side, and what the server receives of the clients' conditions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import Array, RecordDict
+
+from collafuse_flwr import wire
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.data import client_data
+from collafuse_flwr.diffusion.conditions import ConditionSpace, Conditioning, drop_conditions, guided_eps
+from collafuse_flwr.diffusion.models import ConditionalUNet, Denoiser, build_denoiser
+from collafuse_flwr.diffusion.sampling import SplitSampler, initial_noise
+from collafuse_flwr.diffusion.schedule import CutSchedule
+from collafuse_flwr.metrics.conditioning import conditioning_metric_names, conditioning_scores
+from collafuse_flwr.outputs import DamagedFileError
+from collafuse_flwr.run_dir import RunDirectory
+from collafuse_flwr.strategies import collafuse
+from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
+from exchange import Grid, answer, send, send_train
+from test_wire import RUN_KEY, client_context, train_metrics
+
+
+def _net(dim: int = 3, seed: int = 0) -> ConditionalUNet:
+    net = build_denoiser(8, 1, (8, 16), condition_dim=dim, seed=seed)
+    with torch.no_grad():  # a trained network's output depends on c; make this one's visibly
+        net.condition_projection.weight.normal_(0, 1, generator=torch.Generator().manual_seed(seed))
+    return net
+
+
+def _x_k(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 10, 50, 99])[:n]
+
+
+def test_condition_spaces_encode_labels_attributes_and_senders():
+    assert torch.equal(ConditionSpace("class", 4).encode(torch.tensor([2, 0])),
+                       torch.tensor([[0.0, 0, 1, 0], [1, 0, 0, 0]]))
+    assert torch.equal(ConditionSpace("client", 3).encode(torch.tensor([1])), torch.tensor([[0.0, 1, 0]]))
+    # no attribute present is -1 everywhere, not the null condition 0
+    assert torch.equal(ConditionSpace("attributes", 3).encode(torch.tensor([[0.0, 1, 0]])), torch.tensor([[-1.0, 1, -1]]))
+
+
+@pytest.mark.parametrize("mode,server", [("none", None), ("client-id", ("client", 5)), ("full", ("class", 10))])
+def test_server_condition_modes(mode, server):
+    config = RunConfig(condition="class", server_condition=mode)
+    conditioning = Conditioning.of(config, num_classes=10, num_attributes=0)
+    assert conditioning.client == ConditionSpace("class", 10)
+    assert (conditioning.server and (conditioning.server.kind, conditioning.server.size)) == server
+    assert conditioning.server_receives_conditions == (mode == "full")
+    labels = torch.tensor([7, 7, 1])
+    c = conditioning.server_conditions(3, labels, 3)
+    if mode == "none":
+        assert c is None
+    else:
+        expected = torch.full((3,), 3) if mode == "client-id" else labels
+        assert torch.equal(c, conditioning.server.encode(expected))
+        assert conditioning.server_conditions(3, None, 0).shape == (0, conditioning.server.size)
+
+
+def test_the_null_condition_is_zero_and_the_condition_matters():
+    net, (x, k) = _net(), _x_k()
+    c = torch.eye(3)[[0, 1, 2, 0]]
+    with torch.no_grad():
+        assert torch.equal(net(x, k).sample, net(x, k, torch.zeros(4, 3)).sample)
+        assert not torch.allclose(net(x, k, c).sample, net(x, k).sample)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 3.0])
+def test_guidance_is_the_null_prediction_plus_w_times_the_difference(scale):
+    net, (x, k) = _net(), _x_k()
+    c = torch.eye(3)[[0, 1, 2, 0]]
+    with torch.no_grad():
+        conditional, null = net(x, k, c).sample, net(x, k).sample
+        guided = guided_eps(net, x, k, c, scale)
+    assert torch.allclose(guided, null + scale * (conditional - null), atol=1e-5)
+    if scale == 1.0:  # one conditional pass, nothing else
+        assert torch.equal(guided, conditional)
+
+
+def test_an_unconditional_network_ignores_guidance():
+    net, (x, k) = build_denoiser(8, 1, (8, 16)), _x_k()
+    with torch.no_grad():
+        assert torch.equal(guided_eps(net, x, k, None, 3.0), net(x, k).sample)
+
+
+def test_condition_dropout_nulls_rows_at_its_rate_and_none_draws_nothing():
+    c = torch.ones(20_000, 4)
+    dropped = drop_conditions(c, 0.3, torch.Generator().manual_seed(0))
+    nulled = (dropped == 0).all(1).float().mean()
+    assert abs(float(nulled) - 0.3) < 0.015 and ((dropped == 0).all(1) | (dropped == 1).all(1)).all()
+    assert torch.equal(drop_conditions(c, 0.0, torch.Generator().manual_seed(0)), c)
+    generator = torch.Generator().manual_seed(5)
+    state = generator.get_state()
+    assert drop_conditions(None, 0.3, generator) is None and torch.equal(generator.get_state(), state)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+@pytest.mark.parametrize("t_zeta", [0, 40, 100])
+def test_guided_split_sampling_equals_the_single_loop(kind, t_zeta):
+    """The server's steps then the client's, each with guidance, equal one loop over all steps
+    (the same network and condition on both sides); t_zeta = 0 and T use the same code."""
+    sampler = SplitSampler.build(kind, CutSchedule(100, t_zeta), 10, True, 0.0, t_zeta, guidance_scale=2.5)
+    net, c = _net(), torch.eye(3)[[0, 1, 2, 1]]
+    x = initial_noise(4, (1, 8, 8), seed=3)
+    split = sampler.run(net, sampler.run(net, x, sampler.server_steps, 9, c), sampler.client_steps, 9, c)
+    assert torch.equal(split, sampler.run(net, x, sampler.all_steps, 9, c))
+    assert not torch.equal(split, sampler.run(net, x, sampler.all_steps, 9, None))
+
+
+def test_a_conditional_denoiser_is_saved_and_loaded_as_itself(tmp_path):
+    denoiser = Denoiser(_net(dim=5), 1e-3, 0.9)
+    denoiser.save(tmp_path / "d")
+    loaded = Denoiser.load(tmp_path / "d", 1e-3, 0.9)
+    (x, k), c = _x_k(), torch.eye(5)[[0, 1, 2, 4]]
+    assert isinstance(loaded.net, ConditionalUNet) and loaded.net.config.condition_dim == 5
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x, k, c).sample, denoiser.net(x, k, c).sample)
+
+
+def test_a_saved_denoiser_naming_another_class_is_refused(tmp_path):
+    Denoiser(_net(), 1e-3, 0.0).save(tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    (tmp_path / "d" / "config.json").write_text(json.dumps(dict(config, _class_name="AutoencoderKL")))
+    with pytest.raises(DamagedFileError, match="names 'AutoencoderKL'"):
+        Denoiser.load(tmp_path / "d", 1e-3, 0.0)
+
+
+# ------------------------------------------------------------------ what crosses the wire
+def test_conditions_round_trip_by_their_decoded_values():
+    labels, requested = torch.tensor([3, 0, 9]), torch.tensor([1, 1])
+    content = RecordDict({wire.CONDITIONS: wire.pack_conditions(labels, requested)})
+    got, asked = wire.unpack_conditions(content, "class", 10, uploads=3, requested=2)
+    assert torch.equal(got, labels) and torch.equal(asked, requested)
+    attributes = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    content = RecordDict({wire.CONDITIONS: wire.pack_conditions(attributes, attributes[:1])})
+    assert content[wire.CONDITIONS][wire.CONDITION_KEY].dtype == "uint8"
+    got, asked = wire.unpack_conditions(content, "attributes", 2, uploads=2, requested=1)
+    assert torch.equal(got, attributes) and torch.equal(asked, attributes[:1])
+
+
+def _conditions(c_cut: np.ndarray, requested: np.ndarray | None = None, **extra) -> RecordDict:
+    arrays = {wire.CONDITION_KEY: c_cut, wire.REQUESTED_KEY: np.zeros(2, np.int64) if requested is None else requested}
+    record = wire.pack_conditions(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    for key in list(record.keys()):
+        del record[key]
+    for key, value in {**arrays, **extra}.items():
+        record[key] = Array(value)
+    return RecordDict({wire.CONDITIONS: record})
+
+
+HOSTILE_CONDITIONS = {
+    "label-out-of-range": _conditions(np.array([0, 10, 1])),
+    "negative-label": _conditions(np.array([0, -1, 1])),
+    "float-labels": _conditions(np.array([0.0, 1.0, 2.0])),
+    "fewer-than-uploads": _conditions(np.array([0, 1])),
+    "more-than-uploads": _conditions(np.array([0, 1, 2, 3])),
+    "requested-count": _conditions(np.array([0, 1, 2]), np.zeros(3, np.int64)),
+    "extra-array": _conditions(np.array([0, 1, 2]), eps=np.zeros(3, np.float32)),
+    "no-record": RecordDict(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONDITIONS))
+def test_hostile_conditions_are_rejected(case):
+    with pytest.raises(wire.UploadRejected):
+        wire.unpack_conditions(HOSTILE_CONDITIONS[case], "class", 10, uploads=3, requested=2)
+
+
+def test_attributes_must_be_binary():
+    content = RecordDict({wire.CONDITIONS: wire.pack_conditions(torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 1.0]]))})
+    with pytest.raises(wire.UploadRejected, match=r"outside \[0, 1\]"):
+        wire.unpack_conditions(content, "attributes", 2, uploads=1, requested=1)
+
+
+# ------------------------------------------------------------------ the server's side
+def _strategy(run_config: dict, tmp_path) -> CollaFuseStrategy:
+    config = RunConfig.from_flower(run_config)
+    space = Conditioning.of(config, 10, 0).server
+    net = build_denoiser(config.image_size, 1, config.block_channels, condition_dim=space.size if space else 0)
+    return CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8),
+                             tmp_path / "f", [], {})
+
+
+def _upload(pid: int, labels: list[int] | None, requested: int = 8) -> RecordDict:
+    content = wire.pack_uploads(torch.zeros(len(labels or [0, 0, 0]), 1, 8, 8), "float16",
+                                train_metrics(pid, len(labels or [0, 0, 0])))
+    if labels is not None:
+        content[wire.CONDITIONS] = wire.pack_conditions(torch.tensor(labels), torch.arange(requested) % 10)
+    return content
+
+
+def _recording(monkeypatch) -> list:
+    trained = []
+    original = collafuse.train_for_images
+
+    def recording(denoiser, data, num_images, batch_size, loss_fn, generator, conditions=None):
+        trained.append((data.clone(), conditions))
+        return original(denoiser, data, num_images, batch_size, loss_fn, generator, conditions)
+
+    monkeypatch.setattr(collafuse, "train_for_images", recording)
+    return trained
+
+
+def test_under_full_the_server_trains_on_each_uploads_condition(tiny_run_config, tmp_path, task_identity,
+                                                                monkeypatch):
+    """The uploads' labels reach the server's loss aligned with the pool (partition order);
+    a reply without them is rejected; what each client sent is counted."""
+    trained = _recording(monkeypatch)
+    run_config = dict(tiny_run_config, condition="class", **{"server-condition": "full"})
+    strategy = _strategy(run_config, tmp_path)
+    sent = send_train(strategy, [10, 11, 12])
+    replies = [answer(sent[12], _upload(2, [5, 5])), answer(sent[10], _upload(0, [1, 2, 3])),
+               answer(sent[11], _upload(1, None))]
+    strategy.aggregate_train(1, replies)
+    (pool, conditions), = trained
+    assert pool.shape[0] == 5 and torch.equal(conditions, torch.eye(10)[[1, 2, 3, 5, 5]])
+    assert torch.equal(strategy.requested[0], torch.arange(8) % 10) and sorted(strategy.requested) == [0, 2]
+    metrics = pd.read_csv(tmp_path / "metrics.csv", dtype={"client": str})
+    received = metrics[metrics["metric"] == "conditions-received"].set_index("client")["value"].to_dict()
+    assert received == {"0": 3 + 8, "2": 2 + 8}
+    assert metrics[metrics["metric"] == "train-fault-rejected"]["client"].tolist() == ["1"]
+
+
+def test_under_client_id_no_condition_leaves_a_client(tiny_run_config, tmp_path, task_identity, monkeypatch):
+    """The server conditions each upload on its sender; a reply carrying labels is rejected,
+    and the clients' real replies carry none."""
+    trained = _recording(monkeypatch)
+    run_config = dict(tiny_run_config, condition="class", **{"server-condition": "client-id"})
+    strategy = _strategy(run_config, tmp_path)
+    sent = send_train(strategy, [10, 11])
+    from collafuse_flwr import client_app
+
+    honest = client_app.train(sent[10], client_context(run_config, tmp_path / "client"))
+    assert set(honest.content.keys()) == {wire.UPLOADS, wire.METRICS}
+    strategy.aggregate_train(1, [honest, answer(sent[11], _upload(1, [1, 2, 3]))])
+    (pool, conditions), = trained
+    assert sorted(strategy.uploads) == [0] and torch.equal(conditions, torch.eye(5)[[0] * len(pool)])
+
+
+def test_a_clients_real_reply_under_full_carries_its_labels_and_requests(tiny_run_config, tmp_path, task_identity):
+    run_config = dict(tiny_run_config, condition="class", **{"server-condition": "full"})
+    strategy = _strategy(run_config, tmp_path)
+    sent = send_train(strategy, [10])
+    from collafuse_flwr import client_app
+
+    reply = client_app.train(sent[10], client_context(run_config, tmp_path / "client"))
+    data = client_data(RunConfig.from_flower(run_config), 0)
+    labels, requested = wire.unpack_conditions(reply.content, "class", 10, len(data.train), 8)
+    assert torch.equal(labels, data.train_conditions)
+    assert set(requested.tolist()) <= set(data.held_out_conditions.tolist())
+
+
+def test_under_full_a_client_that_sent_no_requests_is_not_sampled_for(tiny_run_config, tmp_path, task_identity):
+    run_config = dict(tiny_run_config, condition="class", **{"server-condition": "full"})
+    strategy = _strategy(run_config, tmp_path)
+    sent = send_train(strategy, [10, 11])
+    strategy.aggregate_train(1, [answer(sent[10], _upload(0, [1, 2, 3]))])
+    evaluate = send(strategy.configure_evaluate(1, None, None, Grid([10, 11])))
+    assert sorted(evaluate) == [10]
+    assert "client 1 sent no requested conditions yet" in (tmp_path / "log.txt").read_text()
+
+
+# ------------------------------------------------------------------ conditioning metrics
+class _Classifier:
+    """Predicts the class (or attributes) it is told to, whatever the image."""
+
+    def __init__(self, logits: torch.Tensor):
+        self._logits = logits
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self._logits[: len(images)]
+
+
+def test_condition_accuracy_and_own_class_share():
+    images = torch.zeros(4, 1, 8, 8)
+    classifier = _Classifier(torch.eye(10)[[1, 2, 3, 7]])
+    names = conditioning_metric_names(RunConfig(condition="class"), 10)
+    scores = conditioning_scores(classifier, images, torch.tensor([1, 2, 9, 9]), torch.tensor([1, 2, 2, 3]), names)
+    assert scores == {"condition-accuracy": 0.5, "own-class-share": 0.75}
+    attributes = _Classifier(torch.tensor([[1.0, -1.0], [1.0, 1.0]]))
+    names = conditioning_metric_names(RunConfig(dataset="celeba", condition="attributes"), 0)
+    scores = conditioning_scores(attributes, images[:2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]), None, names)
+    assert scores == {"condition-accuracy": 0.75}
+
+
+@pytest.mark.parametrize("dataset,condition,classes,names", [
+    ("digits", "none", 10, ("own-class-share",)),
+    ("digits", "class", 10, ("own-class-share", "condition-accuracy")),
+    ("celeba", "attributes", 0, ("condition-accuracy",)),
+    ("celeba", "none", 0, ()),
+    ("awa2", "attributes", 50, ("own-class-share",)),  # the network predicts classes, not predicates
+])
+def test_which_conditioning_metrics_a_reply_carries(dataset, condition, classes, names):
+    assert conditioning_metric_names(RunConfig(dataset=dataset, condition=condition), classes) == names
