@@ -163,3 +163,141 @@ def test_a_sweep_may_start_from_an_overlay(tmp_path):
     path.write_text(path.read_text().replace("base.toml", "missing.toml"))
     with pytest.raises(ConfigError, match="missing.toml does not exist"):
         load_sweep(path, tmp_path / "out")
+
+
+VARIANTS = '''
+[sweep]
+datasets = ["digits"]
+strategies = ["collafuse", "fedavg"]
+t-zeta = [0, 20, 100]
+seeds = [0, 1]
+''' + TINY + '''
+[strategy.collafuse]
+t-zeta = [20, 100]
+ema-decay = 0.9
+
+[variant.plain]
+condition = "none"
+
+[variant.class]
+strategies = ["collafuse"]
+t-zeta = [0]
+condition = "class"
+server-condition = "full"
+ema-decay = 0.5
+
+[variant.fedavg-big]
+strategies = ["fedavg"]
+client-images-per-round = 96
+'''
+
+
+def test_variants_run_their_strategies_at_their_cut_points_with_their_run_config(tmp_path):
+    path = _write(tmp_path, VARIANTS)
+    runs, _ = load_sweep(path, tmp_path / "out")
+    # datasets, then variants in file order, then strategies, t_zeta, seed
+    assert [r.name for r in runs] == [
+        *(f"digits-plain-collafuse-tz{t}-seed{s}" for t in (20, 100) for s in (0, 1)),  # the strategy's cut points
+        "digits-plain-fedavg-seed0", "digits-plain-fedavg-seed1",
+        "digits-class-collafuse-tz0-seed0", "digits-class-collafuse-tz0-seed1",  # its own, not the strategy's
+        "digits-fedavg-big-fedavg-seed0", "digits-fedavg-big-fedavg-seed1"]
+    by_name = {r.name: r for r in runs}
+    plain, conditional = by_name["digits-plain-collafuse-tz20-seed0"], by_name["digits-class-collafuse-tz0-seed0"]
+    assert plain.variant == "plain" and plain.run_config["condition"] == "none" and plain.run_config["ema-decay"] == 0.9
+    assert conditional.variant == "class" and conditional.t_zeta == 0 and conditional.run_config["t-zeta"] == 0
+    assert conditional.run_config["condition"] == "class" and conditional.run_config["server-condition"] == "full"
+    assert conditional.run_config["ema-decay"] == 0.5  # the variant wins over the strategy's table
+    assert "strategies" not in conditional.run_config  # a sweep-only key
+    big = by_name["digits-fedavg-big-fedavg-seed1"]
+    assert big.t_zeta == 100 and big.run_config["client-images-per-round"] == 96 and big.num_clients == 5
+    assert "client-images-per-round" not in by_name["digits-plain-fedavg-seed1"].run_config
+    assert len({r.config_hash for r in runs}) == len(runs)
+    # without variants every run's variant is ""
+    assert {r.variant for r in load_sweep(_write(tmp_path, HEAD + TINY), tmp_path / "out")[0]} == {""}
+
+
+V_HEAD = HEAD.replace('["collafuse"]', '["collafuse", "fedavg"]') + TINY
+
+
+@pytest.mark.parametrize("text,message", [
+    (V_HEAD + '[variant.Big]\n', "[variant.Big]: a variant's name must consist of lowercase letters, digits and '-'"),
+    (V_HEAD + '[variant.a_b]\n', "[variant.a_b]: a variant's name must consist"),
+    ('variant = 3\n' + V_HEAD, "[variant] must be a table"),
+    (V_HEAD + '[variant]\na = 3\n', "[variant.a] must be a table"),
+    (V_HEAD + '[variant.a]\nstrategies = ["published"]\n',
+     "[variant.a] strategies: 'published' is not one of the sweep's strategy values"),
+    (V_HEAD + '[variant.a]\nstrategies = []\n', "[variant.a] strategies must be a non-empty list of strings"),
+    (V_HEAD + '[variant.a]\nstrategies = "fedavg"\n', "[variant.a] strategies must be a non-empty list of strings"),
+    (V_HEAD + '[variant.a]\nstrategies = ["fedavg", "fedavg"]\n', "[variant.a] strategies lists ['fedavg'] more"),
+    (V_HEAD + '[variant.a]\nt-zeta = 20\n', "[variant.a] t-zeta must be a non-empty list of integers"),
+    (V_HEAD + '[variant.a]\nt-zeta = [true]\n', "[variant.a] t-zeta must be a non-empty list of integers"),
+    (V_HEAD + '[variant.a]\nt-zeta = [20, 20]\n', "[variant.a] t-zeta lists [20] more than once"),
+    (V_HEAD + '[variant.a]\nstrategies = ["fedavg"]\nt-zeta = [20]\n',
+     "[variant.a] sets t-zeta, which the sweep gives every run"),
+    *((V_HEAD + f'[variant.a]\n{key} = {value}\n', f"[variant.a] sets {key}, which the sweep gives every run")
+      for key, value in (("dataset", '"cifar10"'), ("strategy", '"fedavg"'), ("seed", "1"), ("output-dir", '"x"'))),
+    (V_HEAD + '[variant.a]\nstrategies = ["collafuse"]\n',
+     "[sweep] strategies lists 'fedavg', which no [variant.<name>] runs"),
+])
+def test_bad_variant_tables_fail_before_any_run(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_sweep(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry,message", [
+    ('condition = "bogus"', "condition='bogus'"),
+    ('conditon = "class"', "unknown run-config key(s) ['conditon']"),
+    ('condition = "none"\nserver-condition = "full"', "server-condition='full' sends each upload's condition"),
+])
+def test_a_variants_run_config_is_validated_per_run(tmp_path, entry, message):
+    path = _write(tmp_path, V_HEAD + f'[variant.a]\nstrategies = ["collafuse"]\n[variant.b]\n{entry}\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}, run digits-b-collafuse-tz20-seed0: {message}")):
+        load_sweep(path, tmp_path / "out")
+
+
+def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
+    """Fake completed runs (a status and a summary.json each): summary.csv names each row's
+    variant and number of clients; results.md groups by variant and adds the conditioning
+    metrics and the total training compute (server + num_clients x client mean); the figures
+    draw a line per variant and strategy."""
+    import json
+
+    from collafuse_flwr.tools.sweep import summary_table
+    from collafuse_flwr.tools.sweep_plots import plot_sweep
+    from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
+
+    runs, _ = load_sweep(_write(tmp_path, VARIANTS), tmp_path / "out")
+    for run in runs:
+        pooled = {"own-class-share": 0.9 + 0.05 * run.seed}
+        if run.variant == "class":
+            pooled["condition-accuracy"] = 0.8 + 0.1 * run.seed
+        quality = {"pooled": pooled, "clients": {"0": {"fd_classifier": 10.0 + 2 * run.seed}}}
+        server = {} if run.strategy == "fedavg" else {"flops-train": 2e12}
+        summary = {"timesteps": 100, "quality": quality, "disclosure": {},
+                   "cost": {"server": server, "clients_mean": {"flops-train": 1e12}}}
+        (run.out_dir / "00001-run").mkdir(parents=True)
+        (run.out_dir / "00001-run" / "summary.json").write_text(json.dumps(summary))
+        run.status_path.write_text(json.dumps({"status": "finished:completed", "run_dir": "00001-run"}))
+    runs[-1].status_path.write_text(json.dumps({"status": "finished:failed", "run_dir": None}))
+    table = summary_table(runs)
+    assert set(table.variant) == {"plain", "class", "fedavg-big"} and set(table.num_clients) == {5}
+    frame = results_table(table)
+    assert list(frame.columns) == ["dataset", "variant", "strategy", "t_zeta", "seeds", "fd_classifier client mean",
+                                   "condition accuracy pooled", "own-class share pooled", "client TFLOPs train",
+                                   "server TFLOPs", "total train TFLOPs"]
+    assert [tuple(r) for r in frame[["variant", "strategy", "t_zeta", "seeds"]].itertuples(index=False)] == [
+        ("plain", "collafuse", 20, 2), ("plain", "collafuse", 100, 2), ("plain", "fedavg", "—", 2),
+        ("class", "collafuse", 0, 2), ("fedavg-big", "fedavg", "—", 1)]
+    conditional = frame.iloc[3]
+    assert conditional["condition accuracy pooled"] == "0.850 ± 0.071"  # std of (0.8, 0.9)
+    assert conditional["total train TFLOPs"] == "7.00 ± 0.00"  # 2 + 5 x 1
+    fedavg = frame.iloc[2]
+    assert fedavg["condition accuracy pooled"] == "—" and fedavg["server TFLOPs"] == "—"
+    assert fedavg["total train TFLOPs"] == "5.00 ± 0.00"  # no server training: 5 x 1
+    row = "| digits | class | collafuse | 0 | 2 | 11 ± 1 | 0.850 ± 0.071 | 0.925 ± 0.035 | 1.00 ± 0.00 | 2.00 ± 0.00 |"
+    assert to_markdown(frame).splitlines()[5] == row + " 7.00 ± 0.00 |"
+    # a summary table without variants ("" in every row) has no variant column
+    assert "variant" not in results_table(table.assign(variant="")).columns
+    assert [f.name for f in plot_sweep(table, tmp_path / "figures")] == ["quality.png", "cost.png"]

@@ -1,4 +1,4 @@
-"""Sweeps: datasets x strategies x t_zeta x seeds, each a real `flwr run`, then one table.
+"""Sweeps: datasets x variants x strategies x t_zeta x seeds, each a real `flwr run`, then one table.
 
     collafuse-sweep simulations/sweep-digits.toml [--out DIR] [--project .]
 
@@ -21,22 +21,38 @@ A sweep file (TOML):
     [strategy.published]               # one strategy's runs: its own cut points (and run config)
     t-zeta = [200, 500]
 
+    [variant.class]                    # optional: a run-config variant compared within the sweep
+    strategies = ["collafuse"]         # sweep-only: the strategies it runs (default: all of [sweep])
+    t-zeta = [0, 200]                  # sweep-only: its own cut points (default: the strategy's, [sweep]'s)
+    condition = "class"                # run config of its runs, above [run-config], [dataset.<name>]
+    server-condition = "full"          # and [strategy.<name>]
+
 The four lists are non-empty and name each value once (datasets and strategies are strings,
 t-zeta and seeds integers; a bool is no integer); num-supernodes is an integer >= 1. The sweep
 gives every run its dataset, strategy, t-zeta, seed and output-dir: no table sets them, except
-that [strategy.<name>] may list its own t-zeta. Overlay and sweep file are UTF-8 TOML.
+that [strategy.<name>] and [variant.<name>] may list their own t-zeta (a variant's wins).
+Overlay and sweep file are UTF-8 TOML.
 
-A `fedavg` run has no cut point: it runs once per dataset and seed, named
-`<dataset>-fedavg-seed<s>` (its t_zeta column holds T). Every run's config is validated before
-the first run starts. Run `<name>` writes into `<out>/runs/<name>/` and, when it ends,
-`status.json` there with the final status `flwr ls` reports (`flwr run` exits 0 even when the
-run failed) and its run directory. The sweep's runs share one local SuperLink, stopped when the
-sweep ends (`stopping_local_superlink`). A relaunch skips runs whose status is
+Without [variant.<name>] tables every strategy runs once per dataset, cut point and seed, named
+`<dataset>-<strategy>-tz<t>-seed<s>`. With them, the runs are the variants' own, in file order:
+each variant (a name of lowercase letters, digits and '-') runs its strategies (a subset of
+[sweep] strategies; each of those is run by some variant) once per dataset, cut point and seed,
+named `<dataset>-<variant>-<strategy>-tz<t>-seed<s>`. A variant's run config comes on top of all
+other tables, so two variants may differ in conditioning or in their training budgets.
+
+A `fedavg` run has no cut point: it runs once per dataset (and variant) and seed, named
+`<dataset>[-<variant>]-fedavg-seed<s>` (its t_zeta column holds T). Every run's config is
+validated before the first run starts. Run `<name>` writes into `<out>/runs/<name>/` and, when
+it ends, `status.json` there with the final status `flwr ls` reports (`flwr run` exits 0 even
+when the run failed) and its run directory. The sweep's runs share one local SuperLink, stopped
+when the sweep ends (`stopping_local_superlink`). A relaunch skips runs whose status is
 `finished:completed` for the same run config and retries the others. Afterwards
 `<out>/summary.csv` holds one row per run and metric (quality pooled and averaged over clients,
-disclosure averaged over clients, cost per party), `<out>/results.md` the table of mean ± standard
-deviation over seeds per strategy and t_zeta, and `<out>/figures/` the figures against
-t_zeta, with the t_zeta = 0 (global), t_zeta = T (local) and FedAvg runs as reference levels.
+disclosure averaged over clients, cost per party; with the run's variant, "" without variants,
+and number of clients), `<out>/results.md` the table of mean ± standard deviation over seeds per
+dataset, variant, strategy and t_zeta, and `<out>/figures/` the figures against t_zeta, with the
+t_zeta = 0 (global), t_zeta = T (local) and FedAvg runs as reference levels (with variants: one
+line per variant and strategy).
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -62,10 +79,11 @@ from collafuse_flwr.tools.launch import flwr_run, format_run_config, stopping_lo
 SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes", "overlay"}
 # [sweep]'s lists and the type of their entries
 SWEEP_LISTS = {"datasets": str, "strategies": str, "t-zeta": int, "seeds": int}
-SECTIONS = {"sweep", "run-config", "dataset", "strategy"}
+SECTIONS = {"sweep", "run-config", "dataset", "strategy", "variant"}
 # Run-config keys the sweep gives every run itself ([sweep] lists, --out): no table may set them
-# (a strategy's table may set its own t-zeta list)
+# (a strategy's or a variant's table may set its own t-zeta list)
 SET_BY_SWEEP = ("dataset", "strategy", "t-zeta", "seed", "output-dir")
+VARIANT_NAME = re.compile(r"[a-z0-9-]+")
 
 
 @dataclass(frozen=True)
@@ -74,9 +92,11 @@ class SweepRun:
 
     name: str
     dataset: str
+    variant: str  # "" in a sweep without variants
     strategy: str
     t_zeta: int
     seed: int
+    num_clients: int
     run_config: dict
     out_dir: Path
 
@@ -105,6 +125,16 @@ class SweepRun:
         return RunDirectory(self.out_dir / status["run_dir"]) if status.get("run_dir") else None
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One [variant.<name>] of a sweep: the strategies it runs, its own cut points (None: the
+    strategy's or [sweep]'s) and the run config it sets."""
+
+    strategies: list[str]
+    t_zeta: list[int] | None
+    run_config: dict
+
+
 def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
     """The runs of sweep file `path` writing below `out`, and the number of SuperNodes;
     raises `ConfigError` naming the file and the key for bad TOML, an unknown key or section,
@@ -116,7 +146,7 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
     spec = _read_toml(path)
     if set(spec) - SECTIONS or "sweep" not in spec:
         raise ConfigError(f"{path}: sections must be [sweep] (required), [run-config], [dataset.<name>], "
-                          f"[strategy.<name>]; got {sorted(spec)}")
+                          f"[strategy.<name>], [variant.<name>]; got {sorted(spec)}")
     sweep = _table(path, "sweep", spec["sweep"])
     if set(sweep) - SWEEP_KEYS or not set(SWEEP_LISTS) <= set(sweep):
         raise ConfigError(f"{path}: [sweep] needs datasets, strategies, t-zeta, seeds (and may set "
@@ -134,12 +164,8 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
             raise ConfigError(f"{path}: [{section}.{sorted(unknown)[0]}] is not one of the sweep's {section} values")
         tables |= {f"{section}.{name}": _table(path, f"{section}.{name}", table) for name, table in named.items()}
     for name, table in tables.items():
-        own_cuts = name.startswith("strategy.") and name != "strategy.fedavg"
-        taken = [key for key in SET_BY_SWEEP if key in table and not (key == "t-zeta" and own_cuts)]
-        if taken:
-            raise ConfigError(f"{path}: [{name}] sets {taken[0]}, which the sweep gives every run "
-                              "([sweep] datasets, strategies, t-zeta, seeds; output-dir: --out; "
-                              "fedavg has no cut point)")
+        _check_not_set_by_sweep(path, name, table, own_cuts=name.startswith("strategy.") and name != "strategy.fedavg")
+    variants = _variants(path, _table(path, "variant", spec.get("variant", {})), sweep["strategies"])
     run_config = tables["run-config"]
     if "overlay" in sweep:
         if not isinstance(sweep["overlay"], str):
@@ -153,23 +179,65 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
         if "t-zeta" in table:
             _distinct(path, f"strategy.{name}", "t-zeta", table["t-zeta"], int)
     runs = []
-    for dataset, strategy, seed in itertools.product(sweep["datasets"], sweep["strategies"], sweep["seeds"]):
-        overrides = dict(strategies[strategy])
-        cuts = overrides.pop("t-zeta", sweep["t-zeta"])
-        base = {**run_config, **tables.get(f"dataset.{dataset}", {}), **overrides,
-                "dataset": dataset, "strategy": strategy, "seed": seed}
-        if strategy == "fedavg":  # no cut point: one run, recorded at t_zeta = T
-            cuts = [base.get("timesteps", RunConfig().timesteps)]
-        for t_zeta in cuts:
-            name = (f"{dataset}-fedavg-seed{seed}" if strategy == "fedavg"
-                    else f"{dataset}-{strategy}-tz{t_zeta}-seed{seed}")
-            runs.append(_sweep_run(path, out, name, {**base, "t-zeta": t_zeta}))
-    runs.sort(key=lambda r: (sweep["datasets"].index(r.dataset), sweep["strategies"].index(r.strategy),
-                             r.t_zeta, r.seed))
-    mismatched = [r.name for r in runs if RunConfig.from_flower(r.run_config).num_clients != supernodes]
+    for dataset, variant, seed in itertools.product(sweep["datasets"], variants, sweep["seeds"]):
+        own = variants[variant]
+        for strategy in own.strategies:
+            overrides = dict(strategies[strategy])
+            cuts = overrides.pop("t-zeta", sweep["t-zeta"])
+            base = {**run_config, **tables.get(f"dataset.{dataset}", {}), **overrides, **own.run_config,
+                    "dataset": dataset, "strategy": strategy, "seed": seed}
+            if strategy == "fedavg":  # no cut point: one run, recorded at t_zeta = T
+                cuts = [base.get("timesteps", RunConfig().timesteps)]
+            elif own.t_zeta is not None:
+                cuts = own.t_zeta
+            label = f"{dataset}-{variant}-{strategy}" if variant else f"{dataset}-{strategy}"
+            for t_zeta in cuts:
+                name = f"{label}-seed{seed}" if strategy == "fedavg" else f"{label}-tz{t_zeta}-seed{seed}"
+                runs.append(_sweep_run(path, out, name, variant, {**base, "t-zeta": t_zeta}))
+    runs.sort(key=lambda r: (sweep["datasets"].index(r.dataset), list(variants).index(r.variant),
+                             sweep["strategies"].index(r.strategy), r.t_zeta, r.seed))
+    mismatched = [r.name for r in runs if r.num_clients != supernodes]
     if mismatched:
         raise ConfigError(f"{path}: num-clients differs from num-supernodes={supernodes} in {mismatched[0]}")
     return runs, supernodes
+
+
+def _check_not_set_by_sweep(path: Path, name: str, table: dict, own_cuts: bool) -> None:
+    """A `ConfigError` naming the file and [name] if `table` sets a key the sweep gives every
+    run (t-zeta is allowed when `own_cuts`: a table of runs with cut points)."""
+    taken = [key for key in SET_BY_SWEEP if key in table and not (key == "t-zeta" and own_cuts)]
+    if taken:
+        raise ConfigError(f"{path}: [{name}] sets {taken[0]}, which the sweep gives every run "
+                          "([sweep] datasets, strategies, t-zeta, seeds; output-dir: --out; "
+                          "fedavg has no cut point)")
+
+
+def _variants(path: Path, tables: dict, strategies: list[str]) -> dict[str, Variant]:
+    """The [variant.<name>] tables of sweep file `path` in file order, checked against the
+    sweep's `strategies`; without any, one unnamed variant "" that runs every strategy."""
+    if not tables:
+        return {"": Variant(strategies, None, {})}
+    variants = {}
+    for name, table in tables.items():
+        where = f"variant.{name}"
+        config = dict(_table(path, where, table))
+        if not VARIANT_NAME.fullmatch(name):
+            raise ConfigError(f"{path}: [{where}]: a variant's name must consist of lowercase letters, "
+                              "digits and '-'")
+        runs = config.pop("strategies", strategies)
+        _distinct(path, where, "strategies", runs, str)
+        foreign = [s for s in runs if s not in strategies]
+        if foreign:
+            raise ConfigError(f"{path}: [{where}] strategies: {foreign[0]!r} is not one of the sweep's strategy values")
+        _check_not_set_by_sweep(path, where, config, own_cuts=any(s != "fedavg" for s in runs))
+        cuts = config.pop("t-zeta", None)
+        if cuts is not None:
+            _distinct(path, where, "t-zeta", cuts, int)
+        variants[name] = Variant(runs, cuts, config)
+    idle = [s for s in strategies if not any(s in v.strategies for v in variants.values())]
+    if idle:
+        raise ConfigError(f"{path}: [sweep] strategies lists {idle[0]!r}, which no [variant.<name>] runs")
+    return variants
 
 
 def _read_toml(path: Path) -> dict:
@@ -198,7 +266,7 @@ def _distinct(path: Path, table: str, key: str, value: Any, kind: type) -> None:
         raise ConfigError(f"{path}: [{table}] {key} lists {twice} more than once; each value names one run")
 
 
-def _sweep_run(path: Path, out: Path, name: str, config: dict) -> SweepRun:
+def _sweep_run(path: Path, out: Path, name: str, variant: str, config: dict) -> SweepRun:
     """One validated run of sweep file `path` (relative paths resolved, output below `out`)."""
     run_out = (out / "runs" / name).resolve()
     config = {**config, "output-dir": str(run_out)}
@@ -212,7 +280,8 @@ def _sweep_run(path: Path, out: Path, name: str, config: dict) -> SweepRun:
                 config[key] = str(Path(config[key]).expanduser().resolve())
             except RuntimeError as err:  # a symlink loop
                 raise ConfigError(f"{path}, run {name}: {key}={config[key]!r}: {err}") from None
-    return SweepRun(name, checked.dataset, checked.strategy, checked.t_zeta, checked.seed, config, run_out)
+    return SweepRun(name, checked.dataset, variant, checked.strategy, checked.t_zeta, checked.seed,
+                    checked.num_clients, config, run_out)
 
 
 def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | None = None,
@@ -242,11 +311,12 @@ def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | 
 def summary_table(runs: list[SweepRun]) -> pd.DataFrame:
     """One row per run and metric: quality (`pooled`, `client-mean`), disclosure
     (`client-mean`, `pooled`), cost (`server`, `client-mean`); a failed or missing run gives
-    one row with metric "status" and no value."""
+    one row with metric "status" and no value. Every row names its run's variant ("" without
+    variants) and number of clients."""
     rows = []
     for run in runs:
-        base = {"run": run.name, "dataset": run.dataset, "strategy": run.strategy, "t_zeta": run.t_zeta,
-                "seed": run.seed}
+        base = {"run": run.name, "dataset": run.dataset, "variant": run.variant, "strategy": run.strategy,
+                "t_zeta": run.t_zeta, "seed": run.seed, "num_clients": run.num_clients}
         status = json.loads(run.status_path.read_text()) if run.status_path.exists() else {"status": "not run"}
         run_dir = run.run_dir(status)
         summary_path = run_dir.summary_json if run_dir else None

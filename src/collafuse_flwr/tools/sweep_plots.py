@@ -5,6 +5,10 @@ quality.png     quality distances, pooled and averaged over clients; the t_zeta 
                 model), the t_zeta = T run (local models) and any FedAvg run drawn as reference levels
 disclosure.png  linkage, reconstruction and distances of what the server holds or can generate
 cost.png        compute and bytes per client (mean over clients) and of the server
+
+In a sweep with variants every panel draws one line per variant and strategy instead, in the
+same colour in every panel (a FedAvg run or a single cut point as one point, at T or at that cut
+point), and no reference levels: those would mix the variants.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from collafuse_flwr.outputs import write_atomically  # noqa: E402
+from collafuse_flwr.tools.sweep_tables import has_variants  # noqa: E402
 
 QUALITY = (("pooled", "fd_classifier"), ("client-mean", "fd_classifier"), ("pooled", "fid"),
            ("client-mean", "fid"), ("pooled", "fcd"), ("client-mean", "fcd"))
@@ -47,6 +52,10 @@ def _figure(table: pd.DataFrame, specs, path: Path, references: bool) -> Path | 
               if ((table.dataset == d) & (table.party == party) & (table.metric == metric)).any()]
     if not panels:
         return None
+    variants = has_variants(table)
+    series = ["variant", "strategy"] if variants else ["strategy"]
+    # with variants, one colour per variant and strategy in every panel (else the axes' cycle)
+    colors = {key: f"C{i % 10}" for i, (key, _) in enumerate(table.groupby(series))} if variants else {}
     cols = min(3, len(panels))
     lines = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(lines, cols, figsize=(4.4 * cols, 3.3 * lines), squeeze=False)
@@ -54,12 +63,12 @@ def _figure(table: pd.DataFrame, specs, path: Path, references: bool) -> Path | 
         ax.axis("off")
     for ax, (dataset, party, metric) in zip(axes.flat, panels):
         rows = table[(table.dataset == dataset) & (table.party == party) & (table.metric == metric)]
-        for strategy, g in rows.groupby("strategy"):
+        for key, g in rows.groupby(series):
             stats = g.groupby("t_zeta").value.agg(["mean", "std", "count"]).reset_index()
-            if len(stats) > 1 or strategy != "fedavg":
+            if variants or len(stats) > 1 or key[-1] != "fedavg":
                 ax.errorbar(stats.t_zeta, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                            label=strategy)
-        if references:
+                            color=colors.get(key), label=" ".join(key))
+        if references and not variants:
             for label, level in _references(rows).items():
                 ax.axhline(level, linestyle="--", color=REFERENCE_STYLE[label], label=label)
         ax.set(title=f"{dataset}: {metric} ({party})", xlabel="t_zeta")
