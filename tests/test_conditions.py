@@ -14,7 +14,7 @@ from flwr.app import Array, RecordDict
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_data
-from collafuse_flwr.diffusion.conditions import ConditionSpace, Conditioning, drop_conditions, guided_eps
+from collafuse_flwr.diffusion.conditions import Conditioning, ConditionSpace, drop_conditions, guided_eps
 from collafuse_flwr.diffusion.models import ConditionalUNet, Denoiser, build_denoiser
 from collafuse_flwr.diffusion.sampling import SplitSampler, initial_noise
 from collafuse_flwr.diffusion.schedule import CutSchedule
@@ -43,7 +43,8 @@ def test_condition_spaces_encode_labels_attributes_and_senders():
                        torch.tensor([[0.0, 0, 1, 0], [1, 0, 0, 0]]))
     assert torch.equal(ConditionSpace("client", 3).encode(torch.tensor([1])), torch.tensor([[0.0, 1, 0]]))
     # no attribute present is -1 everywhere, not the null condition 0
-    assert torch.equal(ConditionSpace("attributes", 3).encode(torch.tensor([[0.0, 1, 0]])), torch.tensor([[-1.0, 1, -1]]))
+    attributes = ConditionSpace("attributes", 3).encode(torch.tensor([[0.0, 1, 0]]))
+    assert torch.equal(attributes, torch.tensor([[-1.0, 1, -1]]))
 
 
 @pytest.mark.parametrize("mode,server", [("none", None), ("client-id", ("client", 5)), ("full", ("class", 10))])
@@ -173,7 +174,8 @@ def test_hostile_conditions_are_rejected(case):
 
 
 def test_attributes_must_be_binary():
-    content = RecordDict({wire.CONDITIONS: wire.pack_conditions(torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 1.0]]))})
+    record = wire.pack_conditions(torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 1.0]]))
+    content = RecordDict({wire.CONDITIONS: record})
     with pytest.raises(wire.UploadRejected, match=r"outside \[0, 1\]"):
         wire.unpack_conditions(content, "attributes", 2, uploads=1, requested=1)
 

@@ -25,9 +25,9 @@ from collafuse_flwr.outputs import write_atomically
 from collafuse_flwr.run_dir import RunDirectory
 
 QUALITY = ("fd_classifier", "kid_classifier", "kid_classifier_std", "fid", "kid", "kid_std", "fcd",
-           "kid_clip", "kid_clip_std", "num-generated", "num-real")
+           "kid_clip", "kid_clip_std", "num-generated", "num-real", "condition-accuracy", "own-class-share")
 DISCLOSURE_PREFIXES = ("upload-", "server-only-", "reconstruction-", "linkage-")
-DISCLOSURE = ("views-per-image", "effective-snr")
+DISCLOSURE = ("views-per-image", "effective-snr", "conditions-received")
 COST_SUMS = {
     "nfe-train": ("nfe-train",), "flops-train": ("flops-train",), "nfe-sample": ("nfe-sample",),
     "flops-sample": ("flops-sample",), "train-seconds": ("train-seconds",),
