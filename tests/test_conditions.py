@@ -300,3 +300,13 @@ def test_condition_accuracy_and_own_class_share():
 ])
 def test_which_conditioning_metrics_a_reply_carries(dataset, condition, classes, names):
     assert conditioning_metric_names(RunConfig(dataset=dataset, condition=condition), classes) == names
+
+
+def test_a_labelled_grid_is_written(tmp_path):
+    from PIL import Image
+
+    from collafuse_flwr.outputs import save_labelled_grid
+
+    save_labelled_grid(torch.rand(10, 1, 8, 8) * 2 - 1, [str(i % 3) for i in range(10)], tmp_path / "g.png", ncol=5)
+    with Image.open(tmp_path / "g.png") as image:
+        assert image.width > image.height > 100

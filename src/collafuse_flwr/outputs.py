@@ -118,6 +118,28 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     write_atomically(path, lambda tmp: save_image(shown, tmp, nrow=nrow, padding=2, pad_value=0.5))
 
 
+def save_labelled_grid(images: torch.Tensor, labels: list[str], path: Path, ncol: int = 8) -> None:
+    """Save images (n, C, H, W) in [-1, 1] as a PNG grid of `ncol` columns with each image's
+    label (e.g. the class it was generated for) written below it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrow = -(-len(images) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.1 * ncol, 1.3 * nrow), squeeze=False)
+    shown = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(shown[i].squeeze(-1) if shown.shape[-1] == 1 else shown[i], cmap="gray", vmin=0, vmax=1)
+            ax.set_title(labels[i], fontsize=7, pad=2)
+    fig.tight_layout(pad=0.3)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
 # Per-round state directories `round-NNN` (the server's checkpoints, each client's denoiser)
 ROUND_DIR = re.compile(r"round-(\d{3,})$")
 

@@ -16,12 +16,12 @@ from flwr.app import MetricRecord, RecordDict
 
 from collafuse_flwr import wire
 from collafuse_flwr.clients.round import ClientRound
-from collafuse_flwr.data import condition_sizes, partition_key
+from collafuse_flwr.data import condition_sizes, load_table, partition_key
 from collafuse_flwr.metrics.conditioning import conditioning_metric_names, conditioning_scores
 from collafuse_flwr.metrics.cost import sampling_cost
 from collafuse_flwr.metrics.distances import feature_moments, named_distances
 from collafuse_flwr.metrics.features import cached_features, load_feature_networks, resolved_weights
-from collafuse_flwr.outputs import save_grid
+from collafuse_flwr.outputs import save_grid, save_labelled_grid
 
 
 def evaluation_reply(
@@ -35,7 +35,10 @@ def evaluation_reply(
     per feature network, the mean and covariance of the held-out and of the generated images'
     features (`wire.pack_moments`): statistics of each set, never a per-image feature."""
     config, partition_id = client.config, client.partition_id
-    save_grid(images, client.samples_dir / f"round-{client.server_round:03d}-client-{partition_id}.png")
+    name = f"round-{client.server_round:03d}-client-{partition_id}"
+    save_grid(images, client.samples_dir / f"{name}.png")
+    if requested is not None:
+        _save_labelled(client, images, requested, client.samples_dir / f"{name}-labelled.png")
     start = time.perf_counter()
     quality, moments = _quality(client, images, requested)
     metrics = {
@@ -53,6 +56,18 @@ def evaluation_reply(
     if config.pooled_metrics:
         content[wire.MOMENTS] = wire.pack_moments(moments)
     return content
+
+
+def _save_labelled(client: ClientRound, images: torch.Tensor, requested: torch.Tensor, path: Path) -> None:
+    """The first 64 generated images, ordered by what they were generated for, each labelled
+    with it: the class name, or the requested attributes present (their first 24 characters)."""
+    table = load_table(client.config)
+    if requested.ndim == 1:
+        labels = [table.class_names[int(y)] for y in requested]
+    else:
+        labels = [", ".join(n for n, a in zip(table.attribute_names, row) if a)[:24] or "(none)" for row in requested]
+    order = sorted(range(len(labels)), key=lambda i: labels[i])[:64]
+    save_labelled_grid(images[order], [labels[i] for i in order], path)
 
 
 def _quality(
