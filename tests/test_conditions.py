@@ -310,3 +310,32 @@ def test_a_labelled_grid_is_written(tmp_path):
     save_labelled_grid(torch.rand(10, 1, 8, 8) * 2 - 1, [str(i % 3) for i in range(10)], tmp_path / "g.png", ncol=5)
     with Image.open(tmp_path / "g.png") as image:
         assert image.width > image.height > 100
+
+
+@pytest.mark.parametrize("mode", ["client-id", "full"])
+def test_the_audit_of_a_conditional_server_uses_what_it_knows(mode, tiny_run_config, tmp_path, task_identity):
+    """The server's own samples for a client are conditioned on its id, or on conditions drawn
+    from its uploads' (null for a client that sent none); the attacks run with them."""
+    run_config = dict(tiny_run_config, condition="class", **{"server-condition": mode, "disclosure-num-images": 4})
+    strategy = _strategy(run_config, tmp_path)
+    sent = send_train(strategy, [10, 11])
+    labels = [1, 2, 3] if mode == "full" else None
+    strategy.aggregate_train(1, [answer(sent[10], _upload(0, labels)), answer(sent[11], _upload(1, labels))])
+    conditions = strategy._server_only_conditions(0, 1)
+    if mode == "full":
+        assert conditions.shape == (8, 10) and set(conditions.argmax(1).tolist()) <= {1, 2, 3}
+        assert torch.equal(strategy._server_only_conditions(2, 1), torch.zeros(8, 10))
+    else:
+        assert torch.equal(conditions, torch.eye(5)[[0] * 8])
+    rows = strategy._audit(1)
+    assert {c for _, c, m, _ in rows if m == "reconstruction-psnr-tweedie"} == {"0", "1"}
+
+
+def test_tweedie_uses_the_views_conditions():
+    from collafuse_flwr.metrics import disclosure
+
+    net, schedule = _net(dim=10), CutSchedule(100, 20)
+    views = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    c = torch.eye(10)[[1, 2, 3, 4, 5, 6]]
+    assert not torch.equal(disclosure.tweedie_estimate(net, schedule, views, 1, c),
+                           disclosure.tweedie_estimate(net, schedule, views, 1))

@@ -37,7 +37,7 @@ def _play(run_config: dict, tmp_path: Path) -> tuple[CollaFuseStrategy, list[byt
 
 
 def _reconstruction(strategy: CollaFuseStrategy) -> dict[tuple[str, str], float]:
-    server_only = torch.zeros(8, 1, 8, 8)
+    server_only = dict.fromkeys(range(strategy.config.num_clients), torch.zeros(8, 1, 8, 8))
     rows = strategy.audit.measure(strategy.denoiser.for_sampling(), server_only)
     return {(client, metric): value for client, metric, value in rows if metric.startswith("reconstruction-psnr")}
 

@@ -8,9 +8,11 @@ them needs the truth, the clients' training images, which the audit reads from t
 - upload-<fd>, upload-<kid>: distance between the uploads (viewed as images, clipped to
   [-1, 1]) and the training images, on every available feature network;
 - server-only-<fd>, server-only-<kid>: distance between images the server generates alone
-  (its sampler continued below t_zeta with its own model) and the training images, per client
-  and pooled;
-- reconstruction-{psnr,ssim}-{tweedie,wiener}: the server's estimates of x0 from the views;
+  (its sampler continued below t_zeta with its own model; a conditional server generates for
+  each client with what it knows of it: the client's id, or its uploads' conditions) and the
+  training images, per client and pooled;
+- reconstruction-{psnr,ssim}-{tweedie,wiener}: the server's estimates of x0 from the views
+  (Tweedie with the server's condition of each view when it is conditional);
 - reconstruction-{psnr,ssim}-recompute: the server recomputes the noise of the client's latest
   upload from every seed it can derive from what it holds (run seed, configuration, partition
   ids, rounds: the public streams of seeds.py and the derivation this project used before the
@@ -107,12 +109,20 @@ class DisclosureAudit:
         return rows
 
     @torch.no_grad()
-    def measure(self, server_net, server_only: torch.Tensor) -> list[tuple[str, str, float]]:
-        """(client, metric, value) rows for every client; `server_only` are images (n, C, H, W)
-        the server generated on its own, `server_net` its eps-predictor for Tweedie."""
+    def measure(
+        self, server_net, server_only: dict[int, torch.Tensor], conditions: dict[int, torch.Tensor] | None = None,
+    ) -> list[tuple[str, str, float]]:
+        """(client, metric, value) rows for every client; `server_only` are the images
+        (n, C, H, W) the server generated on its own for each client (the same tensor for every
+        client when it is unconditional; the pooled row uses each distinct tensor once),
+        `server_net` its eps-predictor for Tweedie, `conditions` its condition vectors (m, d)
+        of each client's uploads (None: unconditional)."""
         rows, pooled_truth = [], {n.name: [] for n in self.networks}
-        fake = {n.name: n.features(server_only) for n in self.networks}
+        features = {id(images): {n.name: n.features(images) for n in self.networks}  # each distinct tensor once
+                    for images in server_only.values()}
+        pooled_fake = {n.name: torch.cat([f[n.name] for f in features.values()]) for n in self.networks}
         for pid in range(self.config.num_clients):
+            fake = features[id(server_only[pid])]
             count = min(self.config.disclosure_num_images, len(client_indices(self.config)[pid][0]))
             truth = training_images(self.config, pid, count)
             key = f"{partition_key(self.config)}:client-{pid}:train-{count}"
@@ -122,10 +132,10 @@ class DisclosureAudit:
                 distances = named_distances(n.fd_name, n.kid_name, truth_features[n.name], fake[n.name])
                 rows += _rows(pid, "server-only-", distances)
             if pid in self.view_sum:
-                rows += self._attack(pid, truth, truth_features, server_net)
+                rows += self._attack(pid, truth, truth_features, server_net, (conditions or {}).get(pid))
         for n in self.networks:
             rows += _rows("pooled", "server-only-", named_distances(
-                n.fd_name, n.kid_name, torch.cat(pooled_truth[n.name]), fake[n.name]))
+                n.fd_name, n.kid_name, torch.cat(pooled_truth[n.name]), pooled_fake[n.name]))
         return rows
 
     def derivable_seeds(self, pid: int, server_round: int) -> list[int]:
@@ -141,7 +151,8 @@ class DisclosureAudit:
                   for r in ([], *([k] for k in range(1, server_round + 1)))]
         return seeds
 
-    def _attack(self, pid: int, truth: torch.Tensor, truth_features: dict, server_net) -> list[tuple]:
+    def _attack(self, pid: int, truth: torch.Tensor, truth_features: dict, server_net,
+                conditions: torch.Tensor | None) -> list[tuple]:
         total, count = self.view_sum[pid]
         views = (total / count).float()
         truth = truth[: len(views)]
@@ -154,7 +165,8 @@ class DisclosureAudit:
         a1, b1 = disclosure.view_noise(self.schedule, 1)
         estimates = {
             "wiener": disclosure.wiener_estimate(views, a, sigma),
-            "tweedie": disclosure.tweedie_estimate(server_net, self.schedule, views, count),
+            "tweedie": disclosure.tweedie_estimate(server_net, self.schedule, views, count,
+                                                   None if conditions is None else conditions[: len(views)]),
             "recompute": disclosure.recompute_estimate(
                 latest, upload_shape, a1, b1, self.derivable_seeds(pid, server_round)),
         }

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from collafuse_flwr.diffusion.conditions import predict
 from collafuse_flwr.diffusion.schedule import CutSchedule
 
 PSNR_CAP = 100.0  # dB: exact reconstructions (t_zeta = 0) report the cap instead of infinity
@@ -65,11 +66,14 @@ def wiener_estimate(views: torch.Tensor, a: float, sigma: float) -> torch.Tensor
 
 
 @torch.no_grad()
-def tweedie_estimate(net: nn.Module, schedule: CutSchedule, views: torch.Tensor, count: int) -> torch.Tensor:
+def tweedie_estimate(
+    net: nn.Module, schedule: CutSchedule, views: torch.Tensor, count: int, c: torch.Tensor | None = None
+) -> torch.Tensor:
     """Tweedie's formula with the server's eps-predictor: the averaged view is rescaled to the
     marginal of the protocol time t whose SNR is closest to `effective_snr`, then
     x0_hat = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t), clamped to [-1, 1]
-    (t = r for a single view; the network was trained on t > r only, so t <= r extrapolates)."""
+    (t = r for a single view; the network was trained on t > r only, so t <= r extrapolates).
+    c: (n, d) the server's condition of each view, for a conditional server (None: unconditional)."""
     a, sigma = view_noise(schedule, count)
     if sigma == 0:
         return views.clamp(-1, 1)
@@ -78,9 +82,10 @@ def tweedie_estimate(net: nn.Module, schedule: CutSchedule, views: torch.Tensor,
     abar_t = float(schedule.alpha_bar[t])
     x_t = views * (math.sqrt(abar_t) / a)
     k = schedule.net_timestep(torch.full((len(views),), t))
+    conditions = [None] * len(k.split(64)) if c is None else c.split(64)
     estimates = [
-        (x - math.sqrt(1 - abar_t) * net(x, kk).sample) / math.sqrt(abar_t)
-        for x, kk in zip(x_t.split(64), k.split(64))
+        (x - math.sqrt(1 - abar_t) * predict(net, x, kk, cc)) / math.sqrt(abar_t)
+        for x, kk, cc in zip(x_t.split(64), k.split(64), conditions)
     ]
     return torch.cat(estimates).clamp(-1, 1)
 

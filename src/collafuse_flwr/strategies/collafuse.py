@@ -283,7 +283,9 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         return means
 
     def _audit(self, server_round: int) -> list[tuple]:
-        """The disclosure audit's rows; the server's own samples for it run the whole chain."""
+        """The disclosure audit's rows; the server's own samples for it run the whole chain:
+        one batch for all clients from an unconditional server, else one per client
+        conditioned on what the server knows of it (`_server_only_conditions`)."""
         if not self.audit.enabled:
             return []
         start = time.perf_counter()
@@ -292,8 +294,28 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         net = self.denoiser.for_sampling()
         seed = public_seed(c.seed, "server-only", server_round)
         x = initial_noise(c.eval_num_samples, self.image_shape, seed)
-        server_only = sampler.run(net, x, sampler.all_steps, seed).clamp(-1, 1)
-        save_grid(server_only, self.run_dir.server_only_grid(server_round))
-        rows = [(server_round, client, metric, value) for client, metric, value in self.audit.measure(net, server_only)]
+        if self.conditioning.server is None:
+            images = sampler.run(net, x, sampler.all_steps, seed).clamp(-1, 1)
+            server_only = dict.fromkeys(range(c.num_clients), images)
+        else:
+            server_only = {pid: sampler.run(net, x, sampler.all_steps, seed,
+                                            self._server_only_conditions(pid, server_round)).clamp(-1, 1)
+                           for pid in range(c.num_clients)}
+        shown = list({id(images): images[:8] for images in server_only.values()}.values())
+        save_grid(torch.cat(shown), self.run_dir.server_only_grid(server_round), nrow=8)
+        rows = [(server_round, client, metric, value)
+                for client, metric, value in self.audit.measure(net, server_only, self.conditions or None)]
         return rows + [(server_round, "server", "disclosure-seconds", time.perf_counter() - start)]
 
+    def _server_only_conditions(self, pid: int, server_round: int) -> torch.Tensor:
+        """The conditions (eval-num-samples, d) of the server's own samples for client `pid`:
+        its id ("client-id"), or a public random choice of its uploads' conditions ("full";
+        the null condition for a client that sent none)."""
+        n, space = self.config.eval_num_samples, self.conditioning.server
+        if space.kind == "client":
+            return self.conditioning.server_conditions(pid, None, n)
+        known = self.conditions.get(pid)
+        if known is None or not len(known):
+            return torch.zeros(n, space.size)
+        generator = torch.Generator().manual_seed(public_seed(self.config.seed, "server-only", server_round, pid))
+        return known[torch.randint(len(known), (n,), generator=generator)]
