@@ -84,3 +84,17 @@ def standin_weights(tmp_path_factory) -> tuple[Path, Path]:
     save_file({f"visual.{k}": v.half().contiguous() for k, v in visual.state_dict().items()},
               str(root / "open_clip_model.safetensors"))
     return root / "weights-inception-standin.pth", root / "open_clip_model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def standin_text_weights(tmp_path_factory) -> Path:
+    """An open_clip ViT-B/32 checkpoint with the text tower only (what condition='text' reads;
+    .safetensors, float16, random values): it exercises the code path, its embeddings mean nothing."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    model = open_clip.create_model("ViT-B-32", force_quick_gelu=True)
+    path = tmp_path_factory.mktemp("text-weights") / "open_clip_model.safetensors"
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items() if not k.startswith("visual.")},
+              str(path))
+    return path

@@ -339,3 +339,37 @@ def test_tweedie_uses_the_views_conditions():
     c = torch.eye(10)[[1, 2, 3, 4, 5, 6]]
     assert not torch.equal(disclosure.tweedie_estimate(net, schedule, views, 1, c),
                            disclosure.tweedie_estimate(net, schedule, views, 1))
+
+
+# ------------------------------------------------------------------ text conditions
+def test_prompts_join_the_present_attributes():
+    from collafuse_flwr.diffusion.text import prompts
+
+    names = ("Black_Hair", "Smiling", "Young")
+    assert prompts(torch.tensor([[1, 0, 1], [0, 0, 0]]), names) == ["Black Hair, Young", ""]
+
+
+def test_the_text_tower_embeds_prompts_as_unit_vectors(standin_text_weights):
+    from collafuse_flwr.diffusion.text import TextEncoder
+
+    encoder = TextEncoder(standin_text_weights)
+    embedded = encoder.encode(["Smiling", "Black Hair, Young", "Smiling"])
+    assert embedded.shape == (3, 512) and torch.allclose(embedded.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.equal(embedded[0], embedded[2]) and not torch.allclose(embedded[0], embedded[1])
+    space = ConditionSpace("text", 512, 3, lambda raw: encoder.encode([str(r.tolist()) for r in raw]))
+    assert space.encode(torch.tensor([[1, 0, 1]])).shape == (1, 512)
+    assert (space.raw_kind, space.raw_width) == ("attributes", 3)
+
+
+def test_text_conditions_need_clip_weights_with_a_text_tower(standin_weights, tmp_path, monkeypatch):
+    from collafuse_flwr.config import ConfigError
+    from collafuse_flwr.diffusion.text import text_encoder
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("COLLAFUSE_FCD_WEIGHTS", raising=False)
+    with pytest.raises(ConfigError, match="condition='text' encodes prompts with CLIP.*fcd-weights"):
+        text_encoder(RunConfig(dataset="celeba", condition="text"))
+    _, visual_only = standin_weights
+    with pytest.raises(ConfigError, match="holds no CLIP ViT-B/32 text tower"):
+        text_encoder(RunConfig(dataset="celeba", condition="text", fcd_weights=str(visual_only)))

@@ -57,7 +57,7 @@ OUT_OF_RANGE = {
     "round-timeout-seconds": (-5.0, "> 0"), "min-replies": (6, r"\[1, num-clients=5\]"),
     "fault-injection": ("1:2:explode", "'<client>:<round>:<kind>'"),
     "server-device": ("gpu", "allowed: auto, cpu, cuda"), "client-device": ("cuda:x", "allowed: auto, cpu, cuda"),
-    "condition": ("text", "allowed: none, class, attributes"),
+    "condition": ("words", "allowed: none, class, attributes, text"),
     "server-condition": ("labels", "allowed: none, client-id"),
     "condition-dropout": (1.0, r"\[0, 1\)"), "guidance-scale": (-1.0, ">= 0"),
 }

@@ -39,7 +39,7 @@ NOISE_POLICIES = ("once", "fresh")
 SERVER_LOSS_WEIGHTINGS = ("eps-prime", "full-chain")
 UPLOAD_DTYPES = ("float16", "float32")
 # what the clients' denoisers condition on, and the server's (diffusion/conditions.py)
-CONDITIONS = ("none", "class", "attributes")
+CONDITIONS = ("none", "class", "attributes", "text")
 SERVER_CONDITIONS = ("none", "client-id", "full")
 # torch keeps a device index in 8 bits: "cuda:128" would silently become "cuda:-128"
 DEVICE = re.compile(r"auto|cpu|cuda(:(?P<index>0|[1-9][0-9]{0,2}))?")
@@ -313,8 +313,8 @@ class RunConfig:
         if self.condition == "class" and self.dataset not in LABELLED_DATASETS:
             raise ConfigError(f"condition='class': dataset={self.dataset!r} has no class labels; "
                               f"use condition='attributes' or 'none'")
-        if self.condition == "attributes" and self.dataset not in ATTRIBUTE_DATASETS:
-            raise ConfigError(f"condition='attributes': dataset={self.dataset!r} has no attributes; "
+        if self.condition in ("attributes", "text") and self.dataset not in ATTRIBUTE_DATASETS:
+            raise ConfigError(f"condition={self.condition!r}: dataset={self.dataset!r} has no attributes; "
                               f"use it with {' or '.join(ATTRIBUTE_DATASETS)}, or condition='class' or 'none'")
         if self.server_condition == "full" and self.condition == "none":
             raise ConfigError("server-condition='full' sends each upload's condition, but condition='none'; "

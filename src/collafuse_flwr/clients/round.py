@@ -14,8 +14,8 @@ from flwr.app import ConfigRecord, Context, Message
 from collafuse_flwr import wire
 from collafuse_flwr.clients.state import ClientState, state_root
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.data import ClientData, client_data, condition_sizes
-from collafuse_flwr.diffusion.conditions import Conditioning
+from collafuse_flwr.data import ClientData, client_data
+from collafuse_flwr.diffusion.conditions import Conditioning, run_conditioning
 from collafuse_flwr.diffusion.losses import client_loss
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device, resolve_device
 from collafuse_flwr.diffusion.protocol import Protocol
@@ -106,7 +106,7 @@ class ClientRound:
             run_key,
             Protocol.of(config),
             client_data(config, partition_id),
-            Conditioning.of(config, *condition_sizes(config)),
+            run_conditioning(config),
         )
 
     @property

@@ -1,14 +1,17 @@
 """What each side of the cut conditions on, and classifier-free guidance (PROTOCOL.md, "Conditions").
 
 A condition is a vector c: (n, d) added to a denoiser's time embedding (`models.ConditionalUNet`);
-c = 0 is the null condition. Three kinds of condition space:
+c = 0 is the null condition. Four kinds of condition space:
 
 - "class": c = one_hot(y), d = the dataset's number of classes (y: (n,) int64 labels);
 - "attributes": c = 2a - 1, d = A (a: (n, A) binary attributes, so "no attribute present"
   differs from the null condition);
+- "text": c = CLIP's unit-norm embedding of the prompt of the attributes a (text.py), d = 512;
 - "client": c = one_hot(partition id of the client that sent the image), d = num-clients.
 
-`condition` picks the clients' space (none, class, attributes), `server-condition` the server's:
+What a client holds, and under "full" sends, are the raw conditions: labels, or attributes
+(for "text" too: the prompt follows from them). `condition` picks the clients' space (none,
+class, attributes, text), `server-condition` the server's:
 "full" (the clients' space: each upload's raw condition is sent with it, the paper's setup),
 "client-id" (the sender's partition id, which the server knows anyway: no label leaves a
 client) or "none" (an unconditional server).
@@ -23,34 +26,46 @@ on each side with its own condition (w = 1: the conditional prediction alone, on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from collafuse_flwr.config import RunConfig
-
-KINDS = ("class", "attributes", "client")
+from collafuse_flwr.data import condition_sizes, load_table
+from collafuse_flwr.diffusion.text import prompts, text_encoder
 
 
 @dataclass(frozen=True)
 class ConditionSpace:
-    """One side's conditions: `kind` (see the module docstring) and `size` (classes,
-    attributes or clients); the vectors c have `size` entries."""
+    """One side's conditions: `kind` (see the module docstring), `size` (the length of the
+    vectors c: classes, attributes, 512 or clients) and, for "text", `raw_size` (the number of
+    attributes) and `embed` (raw attributes (n, A) -> embeddings (n, 512), text.py)."""
 
     kind: str
     size: int
+    raw_size: int = 0
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     def encode(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw conditions to vectors c: (n, size) float32. raw: labels or partition ids (n,)
-        int64 in [0, size) ("class", "client"), or attributes (n, size) in {0, 1}."""
+        int64 in [0, size) ("class", "client"), or attributes (n, A) in {0, 1}."""
         if self.kind == "attributes":
             return 2 * raw.float() - 1
+        if self.kind == "text":
+            return self.embed(raw)
         return nn.functional.one_hot(raw.long(), self.size).float()
 
-    def raw_shape(self, n: int) -> tuple[int, ...]:
-        """The shape of n raw conditions: (n,) for labels and ids, (n, size) for attributes."""
-        return (n, self.size) if self.kind == "attributes" else (n,)
+    @property
+    def raw_kind(self) -> str:
+        """What the raw conditions are: "class" (labels or ids) or "attributes"."""
+        return "attributes" if self.kind in ("attributes", "text") else "class"
+
+    @property
+    def raw_width(self) -> int:
+        """Classes, or attributes per raw condition."""
+        return self.raw_size or self.size
 
 
 @dataclass(frozen=True)
@@ -64,11 +79,15 @@ class Conditioning:
     guidance_scale: float
 
     @classmethod
-    def of(cls, config: RunConfig, num_classes: int, num_attributes: int) -> Conditioning:
+    def of(cls, config: RunConfig, num_classes: int, num_attributes: int,
+           embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Conditioning:
         """From `condition`, `server-condition`, `condition-dropout` and `guidance-scale`;
-        `num_classes` and `num_attributes` are the dataset's."""
-        sizes = {"class": num_classes, "attributes": num_attributes}
-        client = ConditionSpace(config.condition, sizes[config.condition]) if config.condition != "none" else None
+        `num_classes` and `num_attributes` are the dataset's, `embed` the text embedding of raw
+        attributes (condition "text" only)."""
+        spaces = {"class": ConditionSpace("class", num_classes),
+                  "attributes": ConditionSpace("attributes", num_attributes),
+                  "text": ConditionSpace("text", 512, num_attributes, embed)}
+        client = spaces.get(config.condition)
         server = {"none": None, "full": client,
                   "client-id": ConditionSpace("client", config.num_clients)}[config.server_condition]
         return cls(client, server, config.condition_dropout, config.guidance_scale)
@@ -113,3 +132,13 @@ def guided_eps(net: nn.Module, x: torch.Tensor, k: torch.Tensor, c: torch.Tensor
     both = predict(net, torch.cat([x, x]), torch.cat([k, k]), torch.cat([c, torch.zeros_like(c)]))
     conditional, null = both.chunk(2)
     return null + scale * (conditional - null)
+
+
+def run_conditioning(config: RunConfig) -> Conditioning:
+    """The run's conditioning, from the dataset's classes and attributes (and, for "text", the
+    CLIP text encoder of `fcd-weights`: a `ConfigError` when it is not available)."""
+    embed = None
+    if config.condition == "text":
+        encoder, names = text_encoder(config), load_table(config).attribute_names
+        embed = lambda raw: encoder.encode(prompts(raw, names))
+    return Conditioning.of(config, *condition_sizes(config), embed)

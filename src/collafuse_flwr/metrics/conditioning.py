@@ -4,7 +4,7 @@ attributes:
 
 - condition-accuracy: the share of generated images the network assigns to the requested class
   (condition "class"), or the mean agreement of its predicted attributes (logit > 0) with the
-  requested ones (condition "attributes" on a dataset without classes: CelebA). Not computable,
+  requested ones (condition "attributes" or "text" on a dataset without classes: CelebA). Not computable,
   and not reported, when the clients are unconditional or the network predicts classes while
   the condition is attributes (AwA2's predicates); summary.json says so.
 - own-class-share: the share of generated images the network assigns to a class present among
@@ -27,7 +27,7 @@ def conditioning_metric_names(config: RunConfig, num_classes: int) -> tuple[str,
     """The conditioning metrics an evaluation reply carries, for a dataset with `num_classes`
     classes (0: attributes only)."""
     names = ("own-class-share",) if num_classes else ()
-    if config.condition == "class" or (config.condition == "attributes" and not num_classes):
+    if config.condition == "class" or (config.condition in ("attributes", "text") and not num_classes):
         names += ("condition-accuracy",)
     return names
 

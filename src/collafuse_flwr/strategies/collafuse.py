@@ -35,8 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from collafuse_flwr import wire
 from collafuse_flwr.checkpoint import Checkpoint, save_checkpoint
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.data import condition_sizes
-from collafuse_flwr.diffusion.conditions import Conditioning
+from collafuse_flwr.diffusion.conditions import run_conditioning
 from collafuse_flwr.diffusion.models import Denoiser
 from collafuse_flwr.diffusion.protocol import Protocol
 from collafuse_flwr.diffusion.sampling import initial_noise
@@ -89,7 +88,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.protocol = Protocol.of(config)
         self.generator = torch.Generator().manual_seed(public_seed(config.seed, "server-train"))
         self.uploads: dict[int, torch.Tensor] = {}  # partition id -> latest x_{t_zeta}
-        self.conditioning = Conditioning.of(config, *condition_sizes(config))
+        self.conditioning = run_conditioning(config)
         self.conditions: dict[int, torch.Tensor] = {}  # partition id -> the server's condition of each upload
         self.requested: dict[int, torch.Tensor] = {}  # partition id -> raw conditions it asks for ("full")
         self.parties = Parties(config.num_clients, run_dir, run_key, config.min_replies)
@@ -174,8 +173,8 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             raw = requested = None
             if receives and x_cut.shape[0]:
                 space = self.conditioning.server
-                raw, requested = wire.unpack_conditions(reply.content, space.kind, space.size, x_cut.shape[0],
-                                                        self.config.eval_num_samples)
+                raw, requested = wire.unpack_conditions(reply.content, space.raw_kind, space.raw_width,
+                                                        x_cut.shape[0], self.config.eval_num_samples)
             elif wire.CONDITIONS in reply.content:
                 raise wire.UploadRejected("conditions sent without uploads")
             return pid, (x_cut, metrics, raw, requested)

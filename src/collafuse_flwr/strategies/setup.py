@@ -20,7 +20,7 @@ from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import client_indices, condition_sizes, image_shape, load_table, partition_key
 from collafuse_flwr.data.clients import reference_images
 from collafuse_flwr.data.report import write_partition_report
-from collafuse_flwr.diffusion.conditions import Conditioning
+from collafuse_flwr.diffusion.conditions import run_conditioning
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, resolve_device
 from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
 from collafuse_flwr.metrics.conditioning import conditioning_note
@@ -49,8 +49,9 @@ def feature_network(config: RunConfig, run_dir: RunDirectory) -> tuple[Path, flo
 
 def condition_note(config: RunConfig) -> str:
     """What the denoisers condition on and what the server learns of the clients' conditions."""
+    what = {"class": "class", "attributes": "attributes", "text": "attributes as a CLIP text prompt"}
     clients = ("unconditional clients" if config.condition == "none" else
-               f"clients conditioned on each image's {'class' if config.condition == 'class' else 'attributes'} "
+               f"clients conditioned on each image's {what[config.condition]} "
                f"(condition-dropout={config.condition_dropout}, guidance-scale={config.guidance_scale})")
     if config.strategy == "fedavg":
         return f"{clients}; fedavg: no server denoiser, nothing about conditions is sent"
@@ -139,6 +140,7 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
     log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
     shape = image_shape(config)
     client_indices(config)  # checks the partition before anything is written
+    conditioning = run_conditioning(config)  # and the text encoder's weights
     check_output_dir(config.output_dir)
     device = resolve_device("server-device", config.server_device)
     resumed = resumable_run(config) if config.resume else None
@@ -168,7 +170,6 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
     if checkpoint:
         model = checkpoint.model
     else:
-        conditioning = Conditioning.of(config, *condition_sizes(config))
         # FedAvg's global model is the clients' (their condition space); CollaFuse's the server's
         space = conditioning.client if config.strategy == "fedavg" else conditioning.server
         net = build_denoiser(

@@ -1,0 +1,80 @@
+"""Text conditions (condition "text"): the authors' prompt of an image, its positive attributes
+comma-joined ("Black Hair, Smiling, Young"), encoded by the text tower of OpenAI's CLIP
+ViT-B/32 (open_clip, QuickGELU) into a unit vector c: (512,).
+
+The weights are the CLIP checkpoint `fcd-weights` names (weights.py: run config, environment,
+Hugging Face cache; never downloaded) and must hold the text tower (a full open_clip
+checkpoint, not only its `visual.*` weights). They are read without unpickling (`read_weights`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from collafuse_flwr.config import ConfigError, RunConfig
+from collafuse_flwr.metrics.features import read_weights
+from collafuse_flwr.metrics.weights import resolve_weights
+
+EMBEDDING_SIZE = 512
+
+
+def prompts(attributes: torch.Tensor, names: tuple[str, ...]) -> list[str]:
+    """The prompt of each row of attributes (n, A) in {0, 1}: the names of its present
+    attributes, underscores as spaces, comma-joined in the dataset's order ("" for none)."""
+    return [", ".join(name.replace("_", " ") for name, on in zip(names, row.tolist()) if on) for row in attributes]
+
+
+class TextEncoder:
+    """CLIP ViT-B/32's text tower: prompts -> unit-norm embeddings (n, 512), each distinct
+    prompt encoded once per process."""
+
+    def __init__(self, path: Path):
+        import open_clip
+
+        model = open_clip.create_model("ViT-B-32", force_quick_gelu=True)
+        model.visual = torch.nn.Identity()  # the image tower is not needed
+        state = {k.removeprefix("module."): v for k, v in read_weights(path).items()}
+        text = {k: v for k, v in state.items() if not k.startswith("visual.")}
+        expected = set(model.state_dict())
+        missing = sorted(expected - set(text))
+        if missing:
+            raise ValueError(f"{path} holds no CLIP ViT-B/32 text tower (missing {', '.join(missing[:3])}, ...): "
+                             "condition='text' needs a full open_clip checkpoint, not only its visual.* weights")
+        try:
+            model.load_state_dict({k: text[k] for k in expected}, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{path} is not an open_clip CLIP ViT-B/32 checkpoint: {str(err)[:300]}") from None
+        self.model = model.float().eval()
+        self.tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm text embeddings (n, 512) of `texts`."""
+        new = sorted(set(texts) - set(self.cache))
+        for start in range(0, len(new), 256):
+            batch = new[start:start + 256]
+            embedded = self.model.encode_text(self.tokenizer(batch), normalize=True).float()
+            self.cache.update(zip(batch, embedded))
+        return torch.stack([self.cache[t] for t in texts]) if texts else torch.empty(0, EMBEDDING_SIZE)
+
+
+@lru_cache(maxsize=2)
+def _encoder(path: Path) -> TextEncoder:
+    return TextEncoder(path)
+
+
+def text_encoder(config: RunConfig) -> TextEncoder:
+    """The run's text encoder (one per process and weights file); a `ConfigError` naming the
+    key and saying how to supply weights when there are none or they hold no text tower."""
+    weights = resolve_weights("clip", config.fcd_weights)
+    if not weights.available:
+        raise ConfigError(f"condition='text' encodes prompts with CLIP ViT-B/32's text tower, but there are no CLIP "
+                          f"weights ({weights.found_in}); {weights.backbone.how_to_get}")
+    try:
+        return _encoder(Path(weights.path))
+    except ValueError as err:
+        raise ConfigError(f"{weights.found_in}: {err}") from None
