@@ -368,8 +368,12 @@ def test_text_conditions_need_clip_weights_with_a_text_tower(standin_weights, tm
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("COLLAFUSE_FCD_WEIGHTS", raising=False)
-    with pytest.raises(ConfigError, match="condition='text' encodes prompts with CLIP.*fcd-weights"):
+    with pytest.raises(ConfigError, match="condition='text' encodes prompts with CLIP.*text-weights.*fcd-weights"):
         text_encoder(RunConfig(dataset="celeba", condition="text"))
     _, visual_only = standin_weights
-    with pytest.raises(ConfigError, match="holds no CLIP ViT-B/32 text tower"):
+    with pytest.raises(ConfigError, match="fcd-weights: .*holds no CLIP ViT-B/32 text tower"):
         text_encoder(RunConfig(dataset="celeba", condition="text", fcd_weights=str(visual_only)))
+    with pytest.raises(ConfigError, match="text-weights=.*holds no CLIP ViT-B/32 text tower"):
+        text_encoder(RunConfig(dataset="celeba", condition="text", text_weights=str(visual_only)))
+    with pytest.raises(ConfigError, match="text-weights='/nowhere/t.safetensors': no such file"):
+        text_encoder(RunConfig(dataset="celeba", condition="text", text_weights="/nowhere/t.safetensors"))

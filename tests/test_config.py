@@ -61,7 +61,7 @@ OUT_OF_RANGE = {
     "server-condition": ("labels", "allowed: none, client-id"),
     "condition-dropout": (1.0, r"\[0, 1\)"), "guidance-scale": (-1.0, ">= 0"),
 }
-FREE_TEXT = {"data-dir", "attribute-groups", "fid-weights", "fcd-weights", "output-dir"}
+FREE_TEXT = {"data-dir", "attribute-groups", "fid-weights", "fcd-weights", "text-weights", "output-dir"}
 BOOLEANS = {"download", "unet-attention", "clip-denoised", "pooled-metrics", "resume"}
 
 

@@ -57,7 +57,7 @@ MAX_EVAL_NUM_SAMPLES = 50_000
 # client-lr, server-lr: in (0, MAX_LR]
 MAX_LR = 1.0
 # Keys whose string becomes a file-system path
-PATH_KEYS = ("data-dir", "fid-weights", "fcd-weights", "output-dir")
+PATH_KEYS = ("data-dir", "fid-weights", "fcd-weights", "text-weights", "output-dir")
 # Keys that cannot change what a run computes: not part of its identity (`identity_hash`)
 OPERATIONAL_KEYS = ("output-dir", "resume", "wait-for-clients-seconds", "round-timeout-seconds", "server-device",
                     "client-device")
@@ -195,6 +195,7 @@ class RunConfig:
     metric_classifier_epochs: int = 15
     fid_weights: str = ""
     fcd_weights: str = ""
+    text_weights: str = ""
     pooled_metrics: bool = True
     disclosure_num_images: int = 256
     output_dir: str = "results/runs"

@@ -2,9 +2,10 @@
 comma-joined ("Black Hair, Smiling, Young"), encoded by the text tower of OpenAI's CLIP
 ViT-B/32 (open_clip, QuickGELU) into a unit vector c: (512,).
 
-The weights are the CLIP checkpoint `fcd-weights` names (weights.py: run config, environment,
-Hugging Face cache; never downloaded) and must hold the text tower (a full open_clip
-checkpoint, not only its `visual.*` weights). They are read without unpickling (`read_weights`).
+The weights are the file `text-weights` names, else the CLIP checkpoint FCD uses (`fcd-weights`,
+weights.py: run config, environment, Hugging Face cache; never downloaded); they must hold the
+text tower (a full open_clip checkpoint, or its text weights: not only `visual.*`). They are
+read without unpickling (`read_weights`).
 """
 
 from __future__ import annotations
@@ -68,13 +69,21 @@ def _encoder(path: Path) -> TextEncoder:
 
 
 def text_encoder(config: RunConfig) -> TextEncoder:
-    """The run's text encoder (one per process and weights file); a `ConfigError` naming the
-    key and saying how to supply weights when there are none or they hold no text tower."""
-    weights = resolve_weights("clip", config.fcd_weights)
-    if not weights.available:
-        raise ConfigError(f"condition='text' encodes prompts with CLIP ViT-B/32's text tower, but there are no CLIP "
-                          f"weights ({weights.found_in}); {weights.backbone.how_to_get}")
+    """The run's text encoder (one per process and weights file): `text-weights`, else the
+    CLIP weights of `fcd-weights`; a `ConfigError` naming the key and saying how to supply
+    weights when there are none or they hold no text tower."""
+    if config.text_weights:
+        path, source = Path(config.text_weights).expanduser(), f"text-weights={config.text_weights!r}"
+        if not path.is_file():
+            raise ConfigError(f"{source}: no such file")
+    else:
+        weights = resolve_weights("clip", config.fcd_weights)
+        if not weights.available:
+            raise ConfigError(f"condition='text' encodes prompts with CLIP ViT-B/32's text tower, but there are no "
+                              f"CLIP weights ({weights.found_in}); pass text-weights='/path/file', or "
+                              f"{weights.backbone.how_to_get}")
+        path, source = Path(weights.path), weights.found_in
     try:
-        return _encoder(Path(weights.path))
+        return _encoder(path)
     except ValueError as err:
-        raise ConfigError(f"{weights.found_in}: {err}") from None
+        raise ConfigError(f"{source}: {err}") from None
