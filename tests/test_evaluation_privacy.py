@@ -112,6 +112,7 @@ def _content(pid: int) -> RecordDict:
         "partition-id": pid, "num-generated": len(fake), "num-real": len(real), "client-sampling-steps": 2,
         "sample-seconds": 0.5, "nfe-sample": 2.0 * len(fake), "flops-sample": 1e6,
         **named_distances(NETWORK.fd_name, NETWORK.kid_name, real, fake), "eval-seconds": 0.1,
+        "own-class-share": 0.25 * (pid + 1),  # the digits have classes: always reported
     }
     moments = {f"pixels-{kind}": (m.mean, m.covariance)
                for kind, m in (("real", feature_moments(real)), ("generated", feature_moments(fake)))}
@@ -148,8 +149,10 @@ def test_pooled_row_is_the_distance_of_all_clients_features_from_their_moments(e
     metrics, summary, _ = _evaluate(eval_config, tmp_path, {node: _content(pid) for pid, node in enumerate(NODES)})
     assert not metrics["metric"].str.contains("fault").any()
     pooled = metrics[metrics["client"] == "pooled"].set_index("metric")["value"]
-    assert sorted(pooled.index) == ["fd_pixels", "num-generated", "num-real"]  # no KID: it needs every image
+    # no KID: it needs every image
+    assert sorted(pooled.index) == ["fd_pixels", "num-generated", "num-real", "own-class-share"]
     assert pooled["fd_pixels"] == pytest.approx(_pooled_fd([0, 1, 2]), rel=1e-5)
+    assert pooled["own-class-share"] == pytest.approx(0.5)  # the clients' mean: equal sample sizes
     assert pooled["num-real"] == 19 and pooled["num-generated"] == 24
     assert summary["quality"]["pooled"]["num-real"] == 19
 
@@ -251,6 +254,9 @@ HOSTILE = {
     "held-out count above the cap": (_metric("num-real", 100_000), "num-real=100000"),
     "one held-out image": (_metric("num-real", 1), "num-real=1"),
     "more steps than the sampler's": (_metric("client-sampling-steps", 11), "client-sampling-steps=11"),
+    "a share above 1": (_metric("own-class-share", 1.5), "own-class-share=1.5"),
+    "no own-class share": (_without("own-class-share"), "missing ['own-class-share']"),
+    "a conditioning figure of unconditional clients": (_metric("condition-accuracy", 1.0), "condition-accuracy"),
     "another node's partition": (_metric("partition-id", 0), "partition-id 0"),
 }
 

@@ -43,8 +43,8 @@ def evaluation_rows(
                 rows.append((server_round, str(reply.partition_id), key, float(value)))
                 per_metric.setdefault(key, []).append(float(value))
     pooled = pooled_quality(networks, [reply.payload[1] for reply in received if reply.payload[1]])
-    # every client generates eval-num-samples images: the pooled share is the clients' mean
-    pooled.update({name: sum(per_metric[name]) / len(per_metric[name]) for name in shares if per_metric.get(name)})
+    if config.pooled_metrics:  # every client generates eval-num-samples images: the pooled share is their mean
+        pooled.update({name: sum(per_metric[name]) / len(per_metric[name]) for name in shares if per_metric.get(name)})
     rows += [(server_round, "pooled", k, v) for k, v in pooled.items()]
     return rows, per_metric
 
