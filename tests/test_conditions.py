@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, RecordDict
 
 from collafuse_flwr import wire
-from collafuse_flwr.config import RunConfig
+from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import client_data
 from collafuse_flwr.diffusion.conditions import Conditioning, ConditionSpace, drop_conditions, guided_eps
 from collafuse_flwr.diffusion.models import ConditionalUNet, Denoiser, build_denoiser
@@ -362,7 +362,6 @@ def test_the_text_tower_embeds_prompts_as_unit_vectors(standin_text_weights):
 
 
 def test_text_conditions_need_clip_weights_with_a_text_tower(standin_weights, tmp_path, monkeypatch):
-    from collafuse_flwr.config import ConfigError
     from collafuse_flwr.diffusion.text import text_encoder
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -377,3 +376,31 @@ def test_text_conditions_need_clip_weights_with_a_text_tower(standin_weights, tm
         text_encoder(RunConfig(dataset="celeba", condition="text", text_weights=str(visual_only)))
     with pytest.raises(ConfigError, match="text-weights='/nowhere/t.safetensors': no such file"):
         text_encoder(RunConfig(dataset="celeba", condition="text", text_weights="/nowhere/t.safetensors"))
+
+
+def test_group_attributes_keep_only_the_clients_group(monkeypatch):
+    """condition-attributes = "group": a client's conditions hold its group's attributes only
+    (the authors' CelebA prompts); condition accuracy is judged on those attributes."""
+    import numpy as np
+
+    from collafuse_flwr.data import clients
+    from collafuse_flwr.data.table import ImageTable
+
+    rng = np.random.default_rng(0)
+    table = ImageTable(rng.integers(0, 256, (60, 3, 8, 8), dtype=np.uint8), None, (),
+                       rng.integers(0, 2, (60, 4)).astype(np.uint8), ("A", "B", "C", "D"), "fake")
+    monkeypatch.setattr(clients, "load_table", lambda config: table)
+    config = RunConfig(dataset="celeba", image_size=8, num_clients=2, attribute_groups="A; B,C",
+                       condition="attributes", condition_attributes="group")
+    for pid, kept in ((0, [1.0, 0, 0, 0]), (1, [0, 1.0, 1.0, 0])):
+        data = clients.client_data(config, pid)
+        assert torch.equal(clients.group_columns(config, pid), torch.tensor(kept))
+        assert (data.train_conditions[:, torch.tensor(kept) == 0] == 0).all()
+        assert data.train_conditions[:, torch.tensor(kept) == 1].sum() > 0
+    scores = conditioning_scores(_Classifier(torch.tensor([[1.0, 1.0, -1.0, 1.0]])), torch.zeros(1, 3, 8, 8),
+                                 torch.tensor([[0.0, 1.0, 1.0, 0.0]]), None, ("condition-accuracy",),
+                                 torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    assert scores == {"condition-accuracy": 0.5}  # B agrees, C does not; A and D are not asked for
+    with pytest.raises(ConfigError, match="condition-attributes='group'.*partition='attribute-groups'"):
+        RunConfig.from_flower({"dataset": "celeba", "partition": "iid", "condition": "attributes",
+                               "condition-attributes": "group"})

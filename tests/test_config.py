@@ -58,7 +58,7 @@ OUT_OF_RANGE = {
     "fault-injection": ("1:2:explode", "'<client>:<round>:<kind>'"),
     "server-device": ("gpu", "allowed: auto, cpu, cuda"), "client-device": ("cuda:x", "allowed: auto, cpu, cuda"),
     "condition": ("words", "allowed: none, class, attributes, text"),
-    "server-condition": ("labels", "allowed: none, client-id"),
+    "server-condition": ("labels", "allowed: none, client-id"), "condition-attributes": ("some", "allowed: all, group"),
     "condition-dropout": (1.0, r"\[0, 1\)"), "guidance-scale": (-1.0, ">= 0"),
 }
 FREE_TEXT = {"data-dir", "attribute-groups", "fid-weights", "fcd-weights", "text-weights", "output-dir"}

@@ -41,6 +41,8 @@ UPLOAD_DTYPES = ("float16", "float32")
 # what the clients' denoisers condition on, and the server's (diffusion/conditions.py)
 CONDITIONS = ("none", "class", "attributes", "text")
 SERVER_CONDITIONS = ("none", "client-id", "full")
+# which attributes an attribute or text condition holds: all of the image's, or its client's group's
+CONDITION_ATTRIBUTES = ("all", "group")
 # torch keeps a device index in 8 bits: "cuda:128" would silently become "cuda:-128"
 DEVICE = re.compile(r"auto|cpu|cuda(:(?P<index>0|[1-9][0-9]{0,2}))?")
 MAX_CUDA_INDEX = 127
@@ -121,6 +123,7 @@ KEYS = {
     "unet-layers-per-block": Rule(1, 8),
     "condition": Rule(choices=CONDITIONS),
     "server-condition": Rule(choices=SERVER_CONDITIONS),
+    "condition-attributes": Rule(choices=CONDITION_ATTRIBUTES),
     "condition-dropout": Rule(0, 1, open_high=True, allowed="must lie in [0, 1)"),
     "guidance-scale": Rule(0, 100),
     "batch-size": Rule(1, 4_096),
@@ -174,6 +177,7 @@ class RunConfig:
     unet_attention: bool = False
     condition: str = "none"
     server_condition: str = "none"
+    condition_attributes: str = "all"
     condition_dropout: float = 0.1
     guidance_scale: float = 1.0
     batch_size: int = 64
@@ -317,6 +321,11 @@ class RunConfig:
         if self.condition in ("attributes", "text") and self.dataset not in ATTRIBUTE_DATASETS:
             raise ConfigError(f"condition={self.condition!r}: dataset={self.dataset!r} has no attributes; "
                               f"use it with {' or '.join(ATTRIBUTE_DATASETS)}, or condition='class' or 'none'")
+        if self.condition_attributes == "group" and (self.condition not in ("attributes", "text")
+                                                     or self.partition != "attribute-groups"):
+            raise ConfigError("condition-attributes='group' keeps the attributes of each client's group: it needs "
+                              f"condition='attributes' or 'text' and partition='attribute-groups' (got "
+                              f"condition={self.condition!r}, partition={self.partition!r})")
         if self.server_condition == "full" and self.condition == "none":
             raise ConfigError("server-condition='full' sends each upload's condition, but condition='none'; "
                               "set condition='class' or 'attributes', or server-condition='client-id' or 'none'")

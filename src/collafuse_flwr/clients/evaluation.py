@@ -16,7 +16,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from collafuse_flwr import wire
 from collafuse_flwr.clients.round import ClientRound
-from collafuse_flwr.data import condition_sizes, load_table, partition_key
+from collafuse_flwr.data import condition_sizes, group_columns, load_table, partition_key
 from collafuse_flwr.metrics.conditioning import conditioning_metric_names, conditioning_scores
 from collafuse_flwr.metrics.cost import sampling_cost
 from collafuse_flwr.metrics.distances import feature_moments, named_distances
@@ -91,5 +91,7 @@ def _quality(
             m = feature_moments(features)
             moments[f"{network.name}-{kind}"] = (m.mean, m.covariance)
     names = conditioning_metric_names(config, condition_sizes(config)[0])
-    quality.update(conditioning_scores(networks[0].module, images, requested, client.data.held_out_targets, names))
+    columns = group_columns(config, client.partition_id) if config.condition_attributes == "group" else None
+    quality.update(conditioning_scores(networks[0].module, images, requested, client.data.held_out_targets, names,
+                                       columns))
     return quality, moments

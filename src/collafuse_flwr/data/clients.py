@@ -13,7 +13,7 @@ import torch
 
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data.loaders import data_root, load_table
-from collafuse_flwr.data.partitions import partition
+from collafuse_flwr.data.partitions import attribute_group_names, partition
 from collafuse_flwr.data.table import DatasetError, ImageTable, as_model_input
 from collafuse_flwr.seeds import public_seed
 
@@ -29,7 +29,8 @@ class ClientData:
     """One client's images `train` (N, C, S, S) and `held_out` (M, C, S, S), float32 in
     [-1, 1], with the targets of the evaluation feature network beside them: class labels
     (N,) int64, or attributes (N, A) float32 for a dataset without classes (CelebA); and the
-    images' raw conditions for the run's `condition` (`ImageTable.conditions`; None: "none")."""
+    images' raw conditions for the run's `condition` (`ImageTable.conditions`; None: "none"),
+    with condition-attributes "group" only the attributes of the client's group (0 elsewhere)."""
 
     train: torch.Tensor
     train_targets: torch.Tensor
@@ -133,11 +134,21 @@ def client_data(config: RunConfig, partition_id: int) -> ClientData:
     table = load_table(config)
     train, held = client_indices(config)[partition_id]
     targets, conditions = table.targets(), table.conditions(config.condition)
+    own = (None,) * 2
+    if conditions is not None:
+        mask = group_columns(config, partition_id) if config.condition_attributes == "group" else 1
+        own = conditions[train] * mask, conditions[held] * mask
     return ClientData(
         as_model_input(table.images[train]), targets[train],
-        as_model_input(table.images[held]), targets[held],
-        None if conditions is None else conditions[train], None if conditions is None else conditions[held],
+        as_model_input(table.images[held]), targets[held], *own,
     )
+
+
+def group_columns(config: RunConfig, partition_id: int) -> torch.Tensor:
+    """(A,) float32: 1 at the attributes of client `partition_id`'s group (`attribute-groups`), 0 elsewhere."""
+    names = load_table(config).attribute_names
+    group = set(attribute_group_names(config)[partition_id])
+    return torch.tensor([float(name in group) for name in names])
 
 
 def condition_sizes(config: RunConfig) -> tuple[int, int]:

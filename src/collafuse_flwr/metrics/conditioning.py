@@ -4,7 +4,8 @@ attributes:
 
 - condition-accuracy: the share of generated images the network assigns to the requested class
   (condition "class"), or the mean agreement of its predicted attributes (logit > 0) with the
-  requested ones (condition "attributes" or "text" on a dataset without classes: CelebA). Not computable,
+  requested ones (condition "attributes" or "text" on a dataset without classes: CelebA; with
+  condition-attributes "group", over the client's group's attributes only). Not computable,
   and not reported, when the clients are unconditional or the network predicts classes while
   the condition is attributes (AwA2's predicates); summary.json says so.
 - own-class-share: the share of generated images the network assigns to a class present among
@@ -45,13 +46,18 @@ def conditioning_note(config: RunConfig, num_classes: int) -> str | None:
 @torch.no_grad()
 def conditioning_scores(
     classifier: FeatureClassifier, images: torch.Tensor, requested: torch.Tensor | None,
-    held_out_targets: torch.Tensor, names: tuple[str, ...],
+    held_out_targets: torch.Tensor, names: tuple[str, ...], columns: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The metrics `names` of generated images (n, C, H, W) in [-1, 1] generated for the raw
     conditions `requested` (labels (n,) or attributes (n, A)), for a client whose held-out
-    images have the classifier's targets `held_out_targets`."""
+    images have the classifier's targets `held_out_targets`; `columns` (A,) in {0, 1}: the
+    attributes the condition holds (None: all)."""
     scores = {}
-    if "condition-accuracy" in names:
+    if "condition-accuracy" in names and columns is not None:
+        keep = columns.bool()
+        predicted = torch.cat([classifier.logits(batch) > 0 for batch in images.split(512)])
+        scores["condition-accuracy"] = float((predicted[:, keep] == requested[:, keep].bool()).float().mean())
+    elif "condition-accuracy" in names:
         scores["condition-accuracy"] = classifier_accuracy(classifier, images, requested)
     if "own-class-share" in names:
         predicted = torch.cat([classifier.logits(batch).argmax(1) for batch in images.split(512)])
