@@ -59,14 +59,20 @@ def evaluation_reply(
 
 
 def _save_labelled(client: ClientRound, images: torch.Tensor, requested: torch.Tensor, path: Path) -> None:
-    """The first 64 generated images, ordered by what they were generated for, each labelled
-    with it: the class name, or the requested attributes present (their first 24 characters)."""
+    """Up to 64 generated images, every requested label in turn, shown grouped by what they were
+    generated for and labelled with it: the class name, or the requested attributes present
+    (their first 24 characters)."""
     table = load_table(client.config)
     if requested.ndim == 1:
         labels = [table.class_names[int(y)] for y in requested]
     else:
         labels = [", ".join(n for n, a in zip(table.attribute_names, row) if a)[:24] or "(none)" for row in requested]
-    order = sorted(range(len(labels)), key=lambda i: labels[i])[:64]
+    rank, seen = [], {}
+    for label in labels:  # the k-th image requested with its label
+        rank.append(seen.get(label, 0))
+        seen[label] = rank[-1] + 1
+    shown = sorted(range(len(labels)), key=lambda i: (rank[i], labels[i]))[:64]  # every label in turn
+    order = sorted(shown, key=lambda i: (labels[i], rank[i]))
     save_labelled_grid(images[order], [labels[i] for i in order], path)
 
 
