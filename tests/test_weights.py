@@ -8,7 +8,7 @@ import torch
 
 from collafuse_flwr.config import ConfigError
 from collafuse_flwr.metrics.features import ClipFeatures, InceptionFeatures, load_feature_networks
-from collafuse_flwr.metrics.weights import CLIP_REPO, INCEPTION_FILE, INCEPTION_URL, resolve_weights
+from collafuse_flwr.weights import CLIP_REPO, INCEPTION_FILE, INCEPTION_URL, resolve_weights
 
 
 @pytest.fixture

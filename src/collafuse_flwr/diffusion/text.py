@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.metrics.features import read_weights
-from collafuse_flwr.metrics.weights import resolve_weights
+from collafuse_flwr.weights import read_weights, resolve_weights
 
 EMBEDDING_SIZE = 512
 

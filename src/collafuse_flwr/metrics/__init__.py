@@ -1,7 +1,7 @@
-"""Evaluation: image quality (fd_classifier, FID, FCD, KID), information disclosure and cost.
+"""Evaluation: image quality (fd_classifier, FID, FCD, KID), conditioning, information disclosure and cost.
 
 classifier.py   the offline feature CNN behind fd_classifier / kid_classifier
-weights.py      where InceptionV3 and CLIP weights are found, and what is skipped without them
+conditioning.py condition accuracy and own-class share of generated images
 features.py     feature networks and the cache of real-image features
 distances.py    Fréchet distance and KID on features
 disclosure.py   attacks on the cut-point uploads: reconstruction and linkage

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import zipfile
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
@@ -21,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.common.logger import log
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from collafuse_flwr.config import ConfigError
 from collafuse_flwr.metrics.classifier import load_classifier
-from collafuse_flwr.metrics.weights import Weights, resolve_weights
-from collafuse_flwr.outputs import DamagedFileError, read_tensors, write_atomically
+from collafuse_flwr.outputs import write_atomically
+from collafuse_flwr.weights import Weights, read_weights, resolve_weights
 
 BATCH = 32
 
@@ -141,32 +139,6 @@ def _rgb(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file by name, read without ever unpickling: .safetensors through
-    safetensors, any other file through `read_tensors` (`torch.load(weights_only=True)`); a
-    {"state_dict": ...} wrapper is unwrapped. With `shapes_only`, tensors on the "meta" device:
-    only the safetensors header, or the pickle of a memory-mapped torch file, is read.
-    ValueError naming the file if it is cut off, of another format, or not a dict of tensors."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), "pt") as f:
-                state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") if shapes_only
-                         else f.get_tensor(k) for k in f.keys()}
-        else:
-            state = read_tensors(path, mmap=shapes_only and zipfile.is_zipfile(path))
-    except SafetensorError as err:
-        raise ValueError(f"{path}: cut off or not a safetensors file ({err})") from None
-    except DamagedFileError as err:
-        raise ValueError(str(err)) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state or \
-            not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise ValueError(f"{path}: not a state dict (names to tensors)")
-    return {k: v.to("meta") for k, v in state.items()} if shapes_only else state
-
-
 def file_identity(path: Path) -> str:
     """A short digest of a weights file's path, size and modification time."""
     stat = Path(path).stat()
@@ -174,7 +146,7 @@ def file_identity(path: Path) -> str:
 
 
 def resolved_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]:
-    """Where the InceptionV3 and CLIP weights are (see weights.py), unchecked: what a client
+    """Where the InceptionV3 and CLIP weights are (see collafuse_flwr/weights.py), unchecked: what a client
     uses, once the ServerApp has checked the files (`pretrained_weights`); building a network
     from them (`load_feature_networks`) still refuses a file that does not fit, never unpickling."""
     return {"inception": resolve_weights("inception", fid_weights), "clip": resolve_weights("clip", fcd_weights)}

@@ -1,4 +1,5 @@
-"""Where the pretrained feature networks' weights come from, and what is skipped without them.
+"""Pretrained weights (the feature networks', CLIP's text tower): where they come from, what is
+skipped without them, and reading them without unpickling.
 
 FID and KID need InceptionV3 (the TensorFlow FID network, as converted by torch-fidelity); FCD
 needs OpenAI's CLIP ViT-B/32. Nothing is downloaded: a run looks, in this order, at
@@ -20,12 +21,15 @@ before any run directory exists: a pickle, a cut-off file or another network's w
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from collafuse_flwr.config import ConfigError
+from collafuse_flwr.outputs import DamagedFileError, read_tensors
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -112,3 +116,29 @@ def _cached_clip() -> Path | None:
         if isinstance(found, str) and Path(found).is_file():
             return Path(found)
     return None
+
+
+def read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file by name, read without ever unpickling: .safetensors through
+    safetensors, any other file through `read_tensors` (`torch.load(weights_only=True)`); a
+    {"state_dict": ...} wrapper is unwrapped. With `shapes_only`, tensors on the "meta" device:
+    only the safetensors header, or the pickle of a memory-mapped torch file, is read.
+    ValueError naming the file if it is cut off, of another format, or not a dict of tensors."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") if shapes_only
+                         else f.get_tensor(k) for k in f.keys()}
+        else:
+            state = read_tensors(path, mmap=shapes_only and zipfile.is_zipfile(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path}: cut off or not a safetensors file ({err})") from None
+    except DamagedFileError as err:
+        raise ValueError(str(err)) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{path}: not a state dict (names to tensors)")
+    return {k: v.to("meta") for k, v in state.items()} if shapes_only else state
