@@ -143,18 +143,17 @@ def unpack_conditions(
     if set(arrays.keys()) != {CONDITION_KEY, REQUESTED_KEY}:
         raise UploadRejected(f"conditions must hold exactly {CONDITION_KEY}, {REQUESTED_KEY}; "
                              f"got {list(arrays.keys())}")
+    attributes = kind == "attributes"
+    dtype, high = ("uint8", 1) if attributes else ("int64", size - 1)
     out = []
     for key, count in ((CONDITION_KEY, uploads), (REQUESTED_KEY, requested)):
-        width = size if kind == "attributes" else 1
-        dtype = "uint8" if kind == "attributes" else "int64"
-        values = decode(arrays[key], dtype, count * width, f"{CONDITIONS}.{key}")
-        shape = (count, size) if kind == "attributes" else (count,)
+        shape = (count, size) if attributes else (count,)
+        values = decode(arrays[key], dtype, math.prod(shape), f"{CONDITIONS}.{key}")
         if values.shape != shape:
             raise UploadRejected(f"{CONDITIONS}.{key}: shape {values.shape}, expected {shape}")
-        high = 1 if kind == "attributes" else size - 1
         if values.size and (values.min() < 0 or values.max() > high):
             raise UploadRejected(f"{CONDITIONS}.{key}: values outside [0, {high}]")
-        out.append(torch.from_numpy(values.astype(np.float32 if kind == "attributes" else np.int64)))
+        out.append(torch.from_numpy(values.astype(np.float32 if attributes else np.int64)))
     return out[0], out[1]
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import condition_sizes, load_table
-from collafuse_flwr.diffusion.text import prompts, text_encoder
+from collafuse_flwr.diffusion.text import EMBEDDING_SIZE, prompts, text_encoder
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Conditioning:
         attributes (condition "text" only)."""
         spaces = {"class": ConditionSpace("class", num_classes),
                   "attributes": ConditionSpace("attributes", num_attributes),
-                  "text": ConditionSpace("text", 512, num_attributes, embed)}
+                  "text": ConditionSpace("text", EMBEDDING_SIZE, num_attributes, embed)}
         client = spaces.get(config.condition)
         server = {"none": None, "full": client,
                   "client-id": ConditionSpace("client", config.num_clients)}[config.server_condition]

@@ -89,13 +89,18 @@ def load_classifier(path: Path) -> FeatureClassifier:
     return net.eval()
 
 
-def classifier_accuracy(net: FeatureClassifier, images: torch.Tensor, targets: torch.Tensor) -> float:
-    """Top-1 accuracy on class labels (N,), or the mean per-attribute accuracy on (N, A);
-    images as in `train_classifier`."""
+def classifier_accuracy(
+    net: FeatureClassifier, images: torch.Tensor, targets: torch.Tensor, columns: torch.Tensor | None = None
+) -> float:
+    """Top-1 accuracy on class labels (N,), or the mean per-attribute accuracy on (N, A), over
+    the attributes where `columns` (A,) is 1 (None: all); images as in `train_classifier`."""
+    keep = slice(None) if columns is None else columns.bool()
     correct = 0.0
     with torch.no_grad():
         for batch in torch.arange(len(images)).split(512):
             logits = net.logits(as_model_input(images[batch]))
-            predicted = (logits > 0).float() if targets.ndim == 2 else logits.argmax(1)
-            correct += float((predicted == targets[batch]).float().sum())
-    return correct / targets.numel()
+            if targets.ndim == 2:
+                correct += float(((logits > 0).float() == targets[batch])[:, keep].float().sum())
+            else:
+                correct += float((logits.argmax(1) == targets[batch]).float().sum())
+    return correct / (targets.numel() if targets.ndim == 1 else targets[:, keep].numel())

@@ -53,12 +53,8 @@ def conditioning_scores(
     images have the classifier's targets `held_out_targets`; `columns` (A,) in {0, 1}: the
     attributes the condition holds (None: all)."""
     scores = {}
-    if "condition-accuracy" in names and columns is not None:
-        keep = columns.bool()
-        predicted = torch.cat([classifier.logits(batch) > 0 for batch in images.split(512)])
-        scores["condition-accuracy"] = float((predicted[:, keep] == requested[:, keep].bool()).float().mean())
-    elif "condition-accuracy" in names:
-        scores["condition-accuracy"] = classifier_accuracy(classifier, images, requested)
+    if "condition-accuracy" in names:
+        scores["condition-accuracy"] = classifier_accuracy(classifier, images, requested, columns)
     if "own-class-share" in names:
         predicted = torch.cat([classifier.logits(batch).argmax(1) for batch in images.split(512)])
         scores["own-class-share"] = float(torch.isin(predicted, held_out_targets.unique()).float().mean())
