@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -257,18 +258,8 @@ def test_a_variants_run_config_is_validated_per_run(tmp_path, entry, message):
         load_sweep(path, tmp_path / "out")
 
 
-def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
-    """Fake completed runs (a status and a summary.json each): summary.csv names each row's
-    variant and number of clients; results.md groups by variant and adds the conditioning
-    metrics and the total training compute (server + num_clients x client mean); the figures
-    draw a line per variant and strategy."""
-    import json
-
-    from collafuse_flwr.tools.sweep import summary_table
-    from collafuse_flwr.tools.sweep_plots import plot_sweep
-    from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
-
-    runs, _ = load_sweep(_write(tmp_path, VARIANTS), tmp_path / "out")
+def _complete(runs) -> None:
+    """Fake completed runs: a status (with the run's config hash) and a summary.json each."""
     for run in runs:
         pooled = {"own-class-share": 0.9 + 0.05 * run.seed}
         if run.variant == "class":
@@ -279,7 +270,22 @@ def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
                    "cost": {"server": server, "clients_mean": {"flops-train": 1e12}}}
         (run.out_dir / "00001-run").mkdir(parents=True)
         (run.out_dir / "00001-run" / "summary.json").write_text(json.dumps(summary))
-        run.status_path.write_text(json.dumps({"status": "finished:completed", "run_dir": "00001-run"}))
+        run.status_path.write_text(json.dumps({"status": "finished:completed", "run_dir": "00001-run",
+                                               "config_hash": run.config_hash}))
+
+
+def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
+    """Fake completed runs (a status and a summary.json each): summary.csv names each row's
+    variant and number of clients; results.md groups by variant and adds the conditioning
+    metrics and the total training compute (server + num_clients x client mean); the figures
+    draw a line per variant and strategy."""
+    from collafuse_flwr.tools.sweep import summary_table
+    from collafuse_flwr.tools.sweep_plots import plot_sweep
+    from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
+
+    runs, _ = load_sweep(_write(tmp_path, VARIANTS), tmp_path / "out")
+    _complete(runs[:-1])
+    runs[-1].out_dir.mkdir(parents=True)
     runs[-1].status_path.write_text(json.dumps({"status": "finished:failed", "run_dir": None}))
     table = summary_table(runs)
     assert set(table.variant) == {"plain", "class", "fedavg-big"} and set(table.num_clients) == {5}
@@ -301,3 +307,21 @@ def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
     # a summary table without variants ("" in every row) has no variant column
     assert "variant" not in results_table(table.assign(variant="")).columns
     assert [f.name for f in plot_sweep(table, tmp_path / "figures")] == ["quality.png", "cost.png"]
+
+
+def test_tables_only_writes_the_tables_of_the_completed_runs_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    """A sweep in progress: --tables-only starts no run and writes summary.csv, results.md and
+    the figures from the runs completed so far; the others are left out of results.md."""
+    import collafuse_flwr.tools.sweep as sweep
+
+    path, out = _write(tmp_path, VARIANTS), tmp_path / "out"
+    runs, _ = load_sweep(path, out)
+    _complete(runs[:3])
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: pytest.fail("--tables-only started a run"))
+    assert sweep.main([str(path), "--out", str(out), "--tables-only"]) == 0
+    assert f"3/{len(runs)} runs completed so far; nothing run" in capsys.readouterr().out
+    assert (out / "figures" / "quality.png").exists()
+    table = (out / "summary.csv").read_text()
+    assert all(run.name in table for run in runs)  # the rest as "not run" rows
+    seeds = [line.split(" | ")[4] for line in (out / "results.md").read_text().splitlines()[2:]]
+    assert seeds == ["2", "1"]  # plain collafuse at 20 (seeds 0 and 1), then at 100 (seed 0)

@@ -52,7 +52,8 @@ disclosure averaged over clients, cost per party; with the run's variant, "" wit
 and number of clients), `<out>/results.md` the table of mean ± standard deviation over seeds per
 dataset, variant, strategy and t_zeta, and `<out>/figures/` the figures against t_zeta, with the
 t_zeta = 0 (global), t_zeta = T (local) and FedAvg runs as reference levels (with variants: one
-line per variant and strategy).
+line per variant and strategy). `--tables-only` runs nothing and writes these from the runs
+completed so far (a sweep in progress, or one whose runs were made by several launches).
 """
 
 from __future__ import annotations
@@ -341,27 +342,40 @@ def _mean_over(clients: dict) -> dict[str, float]:
     return table.mean().dropna().to_dict() if len(table) else {}
 
 
+def write_tables(runs: list[SweepRun], out: Path) -> pd.DataFrame:
+    """Write `out`/summary.csv, results.md and figures/ from the runs of `runs` completed so far
+    (the others are rows with their status and no value); return the summary table."""
+    from collafuse_flwr.tools.sweep_plots import plot_sweep
+    from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
+
+    table = summary_table(runs)
+    write_atomically(out / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))
+    write_atomically(out / "results.md", to_markdown(results_table(table)))
+    for figure in plot_sweep(table, out / "figures"):
+        print(figure)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_file", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: results/sweeps/<sweep file name>")
     parser.add_argument("--project", type=Path, default=Path("."))
+    parser.add_argument("--tables-only", action="store_true",
+                        help="run nothing: write the tables and figures of the runs completed so far")
     args = parser.parse_args(argv)
     out = (args.out or Path("results") / "sweeps" / args.sweep_file.stem).resolve()
     try:
         runs, supernodes = load_sweep(args.sweep_file, out)
     except ConfigError as err:
         parser.error(str(err))
+    if args.tables_only:
+        completed = sum(run.completed() for run in runs)
+        write_tables(runs, out)
+        print(f"{completed}/{len(runs)} runs completed so far; nothing run; summary: {out / 'summary.csv'}")
+        return 0
     statuses = run_sweep(runs, args.project, supernodes)
-    table = summary_table(runs)
-    write_atomically(out / "summary.csv", lambda tmp: table.to_csv(tmp, index=False))
-    from collafuse_flwr.tools.sweep_plots import plot_sweep
-    from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
-
-    write_atomically(out / "results.md", to_markdown(results_table(table)))
-
-    for figure in plot_sweep(table, out / "figures"):
-        print(figure)
+    write_tables(runs, out)
     failed = [s["name"] for s in statuses if s["status"] != "finished:completed"]
     print(f"{len(runs) - len(failed)}/{len(runs)} runs completed; summary: {out / 'summary.csv'}")
     if failed:
