@@ -311,17 +311,22 @@ def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
 
 def test_tables_only_writes_the_tables_of_the_completed_runs_and_runs_nothing(tmp_path, monkeypatch, capsys):
     """A sweep in progress: --tables-only starts no run and writes summary.csv, results.md and
-    the figures from the runs completed so far; the others are left out of results.md."""
+    the figures from the runs completed so far; the others, also a run finished for another run
+    config, are left out of results.md."""
     import collafuse_flwr.tools.sweep as sweep
 
     path, out = _write(tmp_path, VARIANTS), tmp_path / "out"
     runs, _ = load_sweep(path, out)
-    _complete(runs[:3])
+    _complete(runs[:4])
+    stale = json.loads(runs[3].status_path.read_text()) | {"config_hash": "another config"}
+    runs[3].status_path.write_text(json.dumps(stale))  # finished, but the sweep file changed since
     monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: pytest.fail("--tables-only started a run"))
     assert sweep.main([str(path), "--out", str(out), "--tables-only"]) == 0
     assert f"3/{len(runs)} runs completed so far; nothing run" in capsys.readouterr().out
     assert (out / "figures" / "quality.png").exists()
     table = (out / "summary.csv").read_text()
-    assert all(run.name in table for run in runs)  # the rest as "not run" rows
+    assert all(run.name in table for run in runs)  # the rest as status rows
+    r = runs[3]
+    assert f"{r.name},digits,plain,collafuse,{r.t_zeta},{r.seed},5,stale: another run config" in table
     seeds = [line.split(" | ")[4] for line in (out / "results.md").read_text().splitlines()[2:]]
     assert seeds == ["2", "1"]  # plain collafuse at 20 (seeds 0 and 1), then at 100 (seed 0)

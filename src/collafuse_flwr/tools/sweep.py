@@ -311,20 +311,21 @@ def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | 
 
 def summary_table(runs: list[SweepRun]) -> pd.DataFrame:
     """One row per run and metric: quality (`pooled`, `client-mean`), disclosure
-    (`client-mean`, `pooled`), cost (`server`, `client-mean`); a failed or missing run gives
-    one row with metric "status" and no value. Every row names its run's variant ("" without
-    variants) and number of clients."""
+    (`client-mean`, `pooled`), cost (`server`, `client-mean`); a run not `completed()` (failed,
+    missing, or finished with another run config than the sweep file's) gives one row with
+    metric "status" and no value. Every row names its run's variant ("" without variants) and
+    number of clients."""
     rows = []
     for run in runs:
         base = {"run": run.name, "dataset": run.dataset, "variant": run.variant, "strategy": run.strategy,
                 "t_zeta": run.t_zeta, "seed": run.seed, "num_clients": run.num_clients}
         status = json.loads(run.status_path.read_text()) if run.status_path.exists() else {"status": "not run"}
-        run_dir = run.run_dir(status)
-        summary_path = run_dir.summary_json if run_dir else None
-        if status["status"] != "finished:completed" or not summary_path or not summary_path.exists():
-            rows.append({**base, "status": status["status"], "party": "", "metric": "status", "value": None})
+        if not run.completed():
+            stale = status["status"] == "finished:completed"
+            rows.append({**base, "status": "stale: another run config" if stale else status["status"],
+                         "party": "", "metric": "status", "value": None})
             continue
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads(run.run_dir(status).summary_json.read_text())
         base.update(status="finished:completed", timesteps=summary["timesteps"])
         for section in ("quality", "disclosure"):
             block = summary[section]
@@ -342,9 +343,9 @@ def _mean_over(clients: dict) -> dict[str, float]:
     return table.mean().dropna().to_dict() if len(table) else {}
 
 
-def write_tables(runs: list[SweepRun], out: Path) -> pd.DataFrame:
+def write_tables(runs: list[SweepRun], out: Path) -> None:
     """Write `out`/summary.csv, results.md and figures/ from the runs of `runs` completed so far
-    (the others are rows with their status and no value); return the summary table."""
+    (the others are rows with their status and no value)."""
     from collafuse_flwr.tools.sweep_plots import plot_sweep
     from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
 
@@ -353,7 +354,6 @@ def write_tables(runs: list[SweepRun], out: Path) -> pd.DataFrame:
     write_atomically(out / "results.md", to_markdown(results_table(table)))
     for figure in plot_sweep(table, out / "figures"):
         print(figure)
-    return table
 
 
 def main(argv: list[str] | None = None) -> int:
