@@ -14,15 +14,17 @@ from flwr.app import Array, RecordDict
 from collafuse_flwr import wire
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import client_data
+from collafuse_flwr.data.clients import ClientData
 from collafuse_flwr.diffusion.conditions import Conditioning, ConditionSpace, drop_conditions, guided_eps
 from collafuse_flwr.diffusion.models import ConditionalUNet, Denoiser, build_denoiser
 from collafuse_flwr.diffusion.sampling import SplitSampler, initial_noise
 from collafuse_flwr.diffusion.schedule import CutSchedule
-from collafuse_flwr.metrics.conditioning import conditioning_metric_names, conditioning_scores
+from collafuse_flwr.metrics.conditioning import blind_accuracy, conditioning_metric_names, conditioning_scores
 from collafuse_flwr.outputs import DamagedFileError
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies import collafuse
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
+from collafuse_flwr.summary import summarise
 from exchange import Grid, answer, send, send_train
 from test_wire import RUN_KEY, client_context, train_metrics
 
@@ -279,22 +281,57 @@ class _Classifier:
         return self._logits[: len(images)]
 
 
-def test_condition_accuracy_and_own_class_share():
+def _held_out(targets: torch.Tensor, conditions: torch.Tensor) -> ClientData:
+    """A client whose held-out images (zeros) have these classifier targets and conditions."""
+    images = torch.zeros(len(targets), 1, 8, 8)
+    return ClientData(images, targets, images, targets, conditions, conditions)
+
+
+def test_condition_accuracy_its_references_and_own_class_share():
+    """Generated images (what the network says of them) against the requests; the same network
+    on the real held-out images; the best image-blind answer (class 9, asked twice of four)."""
     images = torch.zeros(4, 1, 8, 8)
     classifier = _Classifier(torch.eye(10)[[1, 2, 3, 7]])
     names = conditioning_metric_names(RunConfig(condition="class"), 10)
-    scores = conditioning_scores(classifier, images, torch.tensor([1, 2, 9, 9]), torch.tensor([1, 2, 2, 3]), names)
-    assert scores == {"condition-accuracy": 0.5, "own-class-share": 0.75}
+    labels = torch.tensor([1, 2, 2, 3])
+    scores = conditioning_scores(classifier, images, torch.tensor([1, 2, 9, 9]), _held_out(labels, labels), names)
+    assert scores == {"condition-accuracy": 0.5, "condition-accuracy-real": 0.5, "condition-accuracy-blind": 0.5,
+                      "own-class-share": 0.75}
     attributes = _Classifier(torch.tensor([[1.0, -1.0], [1.0, 1.0]]))
     names = conditioning_metric_names(RunConfig(dataset="celeba", condition="attributes"), 0)
-    scores = conditioning_scores(attributes, images[:2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]), None, names)
-    assert scores == {"condition-accuracy": 0.75}
+    requested = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    scores = conditioning_scores(attributes, images[:2], requested, _held_out(requested, requested), names)
+    assert scores == {"condition-accuracy": 0.75, "condition-accuracy-real": 0.75, "condition-accuracy-blind": 0.5}
+
+
+def test_a_network_blind_to_the_images_scores_no_better_than_the_image_blind_reference():
+    """A network that says 'absent' to every attribute of every image reaches exactly the
+    image-blind reference when absence is the majority, whatever the images show."""
+    requested = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 0, 0]])
+    for columns, blind in ((None, 0.75), (torch.tensor([1.0, 1.0, 0.0]), 0.75)):
+        assert blind_accuracy(requested, columns) == blind
+        never = conditioning_scores(_Classifier(-torch.ones(4, 3)), torch.zeros(4, 3, 8, 8), requested,
+                                    _held_out(requested, requested), ("condition-accuracy",), columns)
+        assert never["condition-accuracy"] == never["condition-accuracy-real"] == blind
+    assert blind_accuracy(torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.tensor([0.0, 1.0])) == 0.5
+    assert blind_accuracy(torch.tensor([4, 4, 4, 1])) == 0.75
+
+
+@pytest.mark.parametrize("real,flagged", [(0.59, True), (0.664, True), (0.9, False)])
+def test_the_summary_flags_a_condition_accuracy_the_network_cannot_judge(real, flagged):
+    rows = [(4, "pooled", "condition-accuracy", 0.6), (4, "pooled", "condition-accuracy-real", real),
+            (4, "pooled", "condition-accuracy-blind", 0.664), (4, "0", "condition-accuracy", 0.6)]
+    metrics = pd.DataFrame(rows, columns=["round", "client", "metric", "value"])
+    notes = summarise(metrics, RunConfig(dataset="celeba", condition="attributes"), {"conditions": "kept"})["notes"]
+    assert notes["conditions"] == "kept"
+    assert ("uninformative" in notes.get("condition-accuracy", "")) == flagged
 
 
 @pytest.mark.parametrize("dataset,condition,classes,names", [
     ("digits", "none", 10, ("own-class-share",)),
-    ("digits", "class", 10, ("own-class-share", "condition-accuracy")),
-    ("celeba", "attributes", 0, ("condition-accuracy",)),
+    ("digits", "class", 10, ("own-class-share", "condition-accuracy", "condition-accuracy-real",
+                             "condition-accuracy-blind")),
+    ("celeba", "attributes", 0, ("condition-accuracy", "condition-accuracy-real", "condition-accuracy-blind")),
     ("celeba", "none", 0, ()),
     ("awa2", "attributes", 50, ("own-class-share",)),  # the network predicts classes, not predicates
 ])
@@ -397,10 +434,11 @@ def test_group_attributes_keep_only_the_clients_group(monkeypatch):
         assert torch.equal(clients.group_columns(config, pid), torch.tensor(kept))
         assert (data.train_conditions[:, torch.tensor(kept) == 0] == 0).all()
         assert data.train_conditions[:, torch.tensor(kept) == 1].sum() > 0
+    requested = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
     scores = conditioning_scores(_Classifier(torch.tensor([[1.0, 1.0, -1.0, 1.0]])), torch.zeros(1, 3, 8, 8),
-                                 torch.tensor([[0.0, 1.0, 1.0, 0.0]]), None, ("condition-accuracy",),
+                                 requested, _held_out(requested, requested), ("condition-accuracy",),
                                  torch.tensor([0.0, 1.0, 1.0, 0.0]))
-    assert scores == {"condition-accuracy": 0.5}  # B agrees, C does not; A and D are not asked for
+    assert scores["condition-accuracy"] == 0.5  # B agrees, C does not; A and D are not asked for
     with pytest.raises(ConfigError, match="condition-attributes='group'.*partition='attribute-groups'"):
         RunConfig.from_flower({"dataset": "celeba", "partition": "iid", "condition": "attributes",
                                "condition-attributes": "group"})

@@ -204,7 +204,7 @@ def test_a_conditional_flwr_run_under_full(flwr_env, tmp_path):
     value = lambda metric: metrics[metrics["metric"] == metric].set_index("client")["value"]
     received, uploads = value("conditions-received"), value("num-examples")
     assert len(received) == 5 and (received == uploads[received.index] + 8).all()
-    for metric in ("condition-accuracy", "own-class-share"):
+    for metric in ("condition-accuracy", "condition-accuracy-real", "condition-accuracy-blind", "own-class-share"):
         assert sorted(value(metric).index) == ["0", "1", "2", "3", "4", "pooled"]
         assert value(metric).between(0, 1).all()
     assert (_client_dir(flwr_env, outcome.run_dir, 0) / "samples" / "round-001-client-0-labelled.png").is_file()

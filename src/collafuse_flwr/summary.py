@@ -25,7 +25,8 @@ from collafuse_flwr.outputs import write_atomically
 from collafuse_flwr.run_dir import RunDirectory
 
 QUALITY = ("fd_classifier", "kid_classifier", "kid_classifier_std", "fid", "kid", "kid_std", "fcd",
-           "kid_clip", "kid_clip_std", "num-generated", "num-real", "condition-accuracy", "own-class-share")
+           "kid_clip", "kid_clip_std", "num-generated", "num-real", "condition-accuracy", "condition-accuracy-real",
+           "condition-accuracy-blind", "own-class-share")
 DISCLOSURE_PREFIXES = ("upload-", "server-only-", "reconstruction-", "linkage-")
 DISCLOSURE = ("views-per-image", "effective-snr", "conditions-received")
 COST_SUMS = {
@@ -49,7 +50,10 @@ def read_metrics(run_dir: RunDirectory) -> pd.DataFrame:
 
 
 def summarise(metrics: pd.DataFrame, config: RunConfig, notes: dict) -> dict:
-    """The summary.json content for a metrics table."""
+    """The summary.json content for a metrics table; a condition accuracy the feature network
+    cannot judge (metrics/conditioning.py) is flagged in the notes."""
+    quality = _latest(metrics[metrics.metric.isin(QUALITY)])
+    notes = {**notes, **uninformative_condition_accuracy(quality.get("pooled", {}))}
     return {
         "run": None,
         "dataset": config.dataset,
@@ -59,7 +63,7 @@ def summarise(metrics: pd.DataFrame, config: RunConfig, notes: dict) -> dict:
         "noise_policy": config.noise_policy,
         "rounds_completed": int(metrics["round"].max()) if len(metrics) else 0,
         "notes": notes,
-        "quality": _latest(metrics[metrics.metric.isin(QUALITY)]),
+        "quality": quality,
         "disclosure": _latest(metrics[metrics.metric.map(is_disclosure)]),
         "cost": _cost(metrics),
     }
@@ -70,6 +74,19 @@ def write_summary(run_dir: RunDirectory, config: RunConfig, notes: dict) -> None
     summary = summarise(read_metrics(run_dir), config, notes)
     summary["run"] = run_dir.name
     write_atomically(run_dir.summary_json, json.dumps(_finite(summary), indent=2) + "\n")
+
+
+def uninformative_condition_accuracy(pooled: dict) -> dict:
+    """{"condition-accuracy": why} when the feature network scores the clients' real held-out
+    images no better than the best image-blind answer (pooled means): it cannot tell the
+    requested conditions apart, so neither can its verdict on generated images. Else {}."""
+    real, blind = pooled.get("condition-accuracy-real"), pooled.get("condition-accuracy-blind")
+    if real is None or blind is None or real > blind:
+        return {}
+    return {"condition-accuracy": (
+        f"uninformative: on the clients' real held-out images the fd_classifier network scores {real:.3f}, no "
+        f"better than the best answer that ignores the images ({blind:.3f}); it cannot judge these conditions"
+    )}
 
 
 def _latest(rows: pd.DataFrame) -> dict:

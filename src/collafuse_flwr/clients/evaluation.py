@@ -98,6 +98,5 @@ def _quality(
             moments[f"{network.name}-{kind}"] = (m.mean, m.covariance)
     names = conditioning_metric_names(config, condition_sizes(config)[0])
     columns = group_columns(config, client.partition_id) if config.condition_attributes == "group" else None
-    quality.update(conditioning_scores(networks[0].module, images, requested, client.data.held_out_targets, names,
-                                       columns))
+    quality.update(conditioning_scores(networks[0].module, images, requested, client.data, names, columns))
     return quality, moments

@@ -16,6 +16,8 @@ COLUMNS = (
     ("FID pooled", "pooled", "fid", 1, "{:.1f}"),
     ("FCD pooled", "pooled", "fcd", 1, "{:.1f}"),
     ("condition accuracy pooled", "pooled", "condition-accuracy", 1, "{:.3f}"),
+    ("on real images", "pooled", "condition-accuracy-real", 1, "{:.3f}"),
+    ("image-blind best", "pooled", "condition-accuracy-blind", 1, "{:.3f}"),
     ("own-class share pooled", "pooled", "own-class-share", 1, "{:.3f}"),
     ("linkage top-1", "client-mean", "linkage-top1", 1, "{:.3f}"),
     ("Tweedie PSNR (dB)", "client-mean", "reconstruction-psnr-tweedie", 1, "{:.1f}"),
