@@ -23,6 +23,7 @@ TINY = {
     "sampling-steps": 10,
     "eval-num-samples": 8,
     "metric-classifier-epochs": 1,
+    "condition": "none",  # unconditional unless a test conditions (the default is the dataset's condition)
 }
 
 

@@ -253,11 +253,41 @@ def test_a_clients_real_reply_under_full_carries_its_labels_and_requests(tiny_ru
     sent = send_train(strategy, [10])
     from collafuse_flwr import client_app
 
-    reply = client_app.train(sent[10], client_context(run_config, tmp_path / "client"))
+    reply = client_app.train(sent[10], client_context(run_config, tmp_path / "client", share_conditions=True))
     data = client_data(RunConfig.from_flower(run_config), 0)
     labels, requested = wire.unpack_conditions(reply.content, "class", 10, len(data.train), 8)
     assert torch.equal(labels, data.train_conditions)
     assert set(requested.tolist()) <= set(data.held_out_conditions.tolist())
+
+
+def test_a_client_sends_its_conditions_only_when_it_allows_it(tiny_run_config, tmp_path, task_identity,
+                                                             monkeypatch):
+    """Under 'full' the server asks for every upload's label; the client decides (node config
+    share-conditions, else $COLLAFUSE_SHARE_CONDITIONS, else no) and refuses before any work:
+    nothing the server sets, the run config included, grants it."""
+    from collafuse_flwr import client_app
+    from collafuse_flwr.clients.state import ClientStateError
+
+    run_config = dict(tiny_run_config, condition="class", **{"server-condition": "full"})
+    sent = send_train(_strategy(run_config, tmp_path), [10])
+    monkeypatch.delenv("COLLAFUSE_SHARE_CONDITIONS", raising=False)
+    root = tmp_path / "client"
+    with pytest.raises(ClientStateError, match="share-conditions=true"):
+        client_app.train(sent[10], client_context(run_config, root))
+    assert not (root / "partition-0" / "runs").exists()  # refused before training
+    monkeypatch.setenv("COLLAFUSE_SHARE_CONDITIONS", "1")
+    with pytest.raises(ClientStateError, match="share-conditions=true"):  # the node config wins
+        client_app.train(sent[10], client_context(run_config, root, share_conditions="false"))
+    with pytest.raises(ClientStateError, match="share-conditions='maybe': use true or false"):
+        client_app.train(sent[10], client_context(run_config, root, share_conditions="maybe"))
+    assert wire.CONDITIONS in client_app.train(sent[10], client_context(run_config, root)).content
+    with pytest.raises(ConfigError, match=r"unknown run-config key\(s\) \['share-conditions'\]"):
+        RunConfig.from_flower(dict(run_config, **{"share-conditions": True}))
+    monkeypatch.delenv("COLLAFUSE_SHARE_CONDITIONS")
+    client_run = dict(run_config, **{"server-condition": "client-id"})  # no condition leaves: nothing to allow
+    reply = client_app.train(send_train(_strategy(client_run, tmp_path / "b"), [10])[10],
+                             client_context(client_run, tmp_path / "client-b"))
+    assert wire.CONDITIONS not in reply.content
 
 
 def test_under_full_a_client_that_sent_no_requests_is_not_sampled_for(tiny_run_config, tmp_path, task_identity):

@@ -29,7 +29,8 @@ from collafuse_flwr.data.table import DatasetError
         ({"tzeta": 200}, r"unknown run-config key\(s\) \['tzeta'\]"),
         ({"condition": "class", "dataset": "celeba"}, r"condition='class': dataset='celeba' has no class labels"),
         ({"condition": "attributes"}, r"condition='attributes': dataset='digits' has no attributes"),
-        ({"server-condition": "full"}, r"server-condition='full' sends each upload's condition, but condition='none'"),
+        ({"condition": "none", "server-condition": "full"},
+         r"server-condition='full' sends each upload's condition, but condition='none'"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, message):
@@ -96,14 +97,26 @@ def test_too_few_clients_for_the_partition():
         client_data(config, 0)
 
 
-@pytest.mark.parametrize("dataset,size,partition", [
-    ("digits", 16, "label-groups"), ("cifar10", 32, "label-groups"),
-    ("celeba", 64, "attribute-groups"), ("awa2", 64, "attribute-groups"),
+@pytest.mark.parametrize("dataset,size,partition,condition,attributes", [
+    ("digits", 16, "label-groups", "class", "all"), ("cifar10", 32, "label-groups", "class", "all"),
+    ("celeba", 64, "attribute-groups", "attributes", "group"), ("awa2", 64, "attribute-groups", "class", "all"),
 ])
-def test_defaults_follow_the_dataset(dataset, size, partition):
+def test_defaults_follow_the_dataset(dataset, size, partition, condition, attributes):
+    """Conditional as in the paper, the server on the sender (no label leaves a client)."""
     config = RunConfig.from_flower({"dataset": dataset})
     assert (config.image_size, config.partition) == (size, partition)
+    assert (config.condition, config.server_condition, config.condition_attributes) == (
+        condition, "client-id", attributes)
     assert RunConfig.from_flower({"dataset": dataset, "image-size": 8}).image_size == 8
+    unconditional = RunConfig.from_flower({"dataset": dataset, "condition": "none"})
+    assert (unconditional.server_condition, unconditional.condition_attributes) == ("none", "all")
+    explicit = RunConfig.from_flower({"dataset": dataset, "condition": condition, "server-condition": "none"})
+    assert explicit.server_condition == "none"
+
+
+def test_celeba_attributes_of_a_partition_without_groups_are_all_of_them():
+    config = RunConfig.from_flower({"dataset": "celeba", "partition": "iid"})
+    assert (config.condition, config.condition_attributes) == ("attributes", "all")
 
 
 @pytest.mark.parametrize(

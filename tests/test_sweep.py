@@ -330,3 +330,27 @@ def test_tables_only_writes_the_tables_of_the_completed_runs_and_runs_nothing(tm
     assert f"{r.name},digits,plain,collafuse,{r.t_zeta},{r.seed},5,stale: another run config" in table
     seeds = [line.split(" | ")[4] for line in (out / "results.md").read_text().splitlines()[2:]]
     assert seeds == ["2", "1"]  # plain collafuse at 20 (seeds 0 and 1), then at 100 (seed 0)
+
+
+def test_a_sweep_asking_for_conditions_needs_the_simulated_clients_consent(tmp_path, monkeypatch):
+    """Runs under server-condition 'full' make the clients send their labels, which they do only
+    when allowed ($COLLAFUSE_SHARE_CONDITIONS): without it the sweep stops before any run."""
+    import collafuse_flwr.tools.sweep as sweep
+
+    path, out = _write(tmp_path, VARIANTS), tmp_path / "out"
+    started = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda runs, *a, **k: started.append(runs) or [])
+    monkeypatch.setattr(sweep, "write_tables", lambda *a: None)
+    monkeypatch.delenv("COLLAFUSE_SHARE_CONDITIONS", raising=False)
+    with pytest.raises(SystemExit):
+        sweep.main([str(path), "--out", str(out)])
+    monkeypatch.setenv("COLLAFUSE_SHARE_CONDITIONS", "perhaps")
+    with pytest.raises(SystemExit):
+        sweep.main([str(path), "--out", str(out)])
+    assert not started
+    monkeypatch.setenv("COLLAFUSE_SHARE_CONDITIONS", "1")
+    assert sweep.main([str(path), "--out", str(out)]) == 0 and len(started) == 1
+    runs, _ = load_sweep(path, out)
+    _complete([r for r in runs if r.run_config.get("server-condition") == "full"])
+    monkeypatch.delenv("COLLAFUSE_SHARE_CONDITIONS")
+    assert sweep.main([str(path), "--out", str(out)]) == 0 and len(started) == 2  # nothing left asks

@@ -15,11 +15,13 @@ from collafuse_flwr.diffusion.schedule import CutSchedule
 RUN_KEY = "5eed" * 8
 
 
-def client_context(run_config: dict, state_root) -> Context:
-    """A simulated SuperNode's context whose private state lives below `state_root`."""
+def client_context(run_config: dict, state_root, **node_config) -> Context:
+    """A simulated SuperNode's context whose private state lives below `state_root`, with
+    `node_config` entries (kebab-case keys as keywords: share_conditions=True)."""
+    extra = {key.replace("_", "-"): value for key, value in node_config.items()}
     return Context(
         run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
-        node_config={"num-partitions": run_config["num-clients"], "state-dir": str(state_root)},
+        node_config={"num-partitions": run_config["num-clients"], "state-dir": str(state_root), **extra},
     )
 
 

@@ -24,6 +24,7 @@ from collafuse_flwr.data.facts import (
     ATTRIBUTE_DATASETS,
     DATASET_SPLITS,
     DATASETS,
+    DEFAULT_CONDITION,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_PARTITION,
     LABELLED_DATASETS,
@@ -175,9 +176,9 @@ class RunConfig:
     unet_block_channels: str = "16,32,64"
     unet_layers_per_block: int = 1
     unet_attention: bool = False
-    condition: str = "none"
-    server_condition: str = "none"
-    condition_attributes: str = "all"
+    condition: str = ""
+    server_condition: str = ""
+    condition_attributes: str = ""
     condition_dropout: float = 0.1
     guidance_scale: float = 1.0
     batch_size: int = 64
@@ -212,11 +213,28 @@ class RunConfig:
     fault_injection: str = ""
 
     def __post_init__(self) -> None:
-        """Resolve image-size = 0 and partition = "" to the dataset's defaults."""
+        """Resolve image-size = 0, partition = "" and condition = "" to the dataset's defaults;
+        server-condition = "" to client-id for conditional clients (the server learns no
+        label), else none; condition-attributes = "" to the client's group under attribute
+        conditions of an attribute-groups partition (the authors' prompts), else all."""
         if self.image_size == 0 and self.dataset in DEFAULT_IMAGE_SIZE:
             object.__setattr__(self, "image_size", DEFAULT_IMAGE_SIZE[self.dataset])
         if not self.partition and self.dataset in DEFAULT_PARTITION:
             object.__setattr__(self, "partition", DEFAULT_PARTITION[self.dataset])
+        if not self.condition and self.dataset in DEFAULT_CONDITION:
+            object.__setattr__(self, "condition", DEFAULT_CONDITION[self.dataset])
+        if not self.server_condition:
+            object.__setattr__(self, "server_condition", "none" if self.condition == "none" else "client-id")
+        if not self.condition_attributes:
+            group = self.condition in ("attributes", "text") and self.partition == "attribute-groups"
+            object.__setattr__(self, "condition_attributes", "group" if group else "all")
+
+    @property
+    def sends_conditions(self) -> bool:
+        """Whether the run asks every client for its uploads' conditions (server-condition
+        "full" of a CollaFuse strategy; FedAvg sends weights only), which only clients that
+        allow it send (clients/state.py, `shares_conditions`)."""
+        return self.server_condition == "full" and self.strategy != "fedavg"
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

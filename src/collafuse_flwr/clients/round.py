@@ -12,7 +12,7 @@ from diffusers import UNet2DModel
 from flwr.app import ConfigRecord, Context, Message
 
 from collafuse_flwr import wire
-from collafuse_flwr.clients.state import ClientState, state_root
+from collafuse_flwr.clients.state import ClientState, ClientStateError, shares_conditions, state_root
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import ClientData, client_data
 from collafuse_flwr.diffusion.conditions import Conditioning, run_conditioning
@@ -97,6 +97,13 @@ class ClientRound:
         run_key = message_config.get("run-key")
         state = ClientState(state_root(context.node_config) / f"partition-{partition_id}")
         state.run_dir(run_key)  # checks the key's form
+        conditioning = run_conditioning(config)
+        if config.sends_conditions and not shares_conditions(context.node_config):
+            raise ClientStateError(
+                "server-condition='full' asks for this client's conditions (the label or attributes of every "
+                "upload), which it does not share: set node config share-conditions=true (simulation: "
+                "COLLAFUSE_SHARE_CONDITIONS=1) to allow it, or run with server-condition='client-id'"
+            )
         return cls(
             config,
             partition_id,
@@ -106,7 +113,7 @@ class ClientRound:
             run_key,
             Protocol.of(config),
             client_data(config, partition_id),
-            run_conditioning(config),
+            conditioning,
         )
 
     @property

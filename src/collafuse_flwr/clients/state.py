@@ -12,6 +12,11 @@ denoiser between rounds. The client decides where; no message names a path.
                                       previous round's are kept)
             runs/<run-key>/samples/   the client's generated images
 
+Whether the client sends its images' conditions (labels, attributes) to a server that asks for
+them (server-condition = "full") is the client's decision too: node config "share-conditions"
+(true / false), else $COLLAFUSE_SHARE_CONDITIONS (1 / 0, for simulated clients), else no. The run
+config, which the server sets, cannot grant it.
+
 The server's messages carry a run key (32 hex digits, made by the ServerApp when it creates a
 run): the client checks its form and uses it only as a directory name below its own root, so a
 resumed run finds its denoisers and a new run starts fresh ones. The secret does not depend on
@@ -29,6 +34,9 @@ from collafuse_flwr.wire import RUN_KEY
 
 STATE_DIR_KEY = "state-dir"  # node config key
 STATE_DIR_VARIABLE = "COLLAFUSE_CLIENT_STATE"
+SHARE_CONDITIONS_KEY = "share-conditions"  # node config key
+SHARE_CONDITIONS_VARIABLE = "COLLAFUSE_SHARE_CONDITIONS"
+YES, NO = ("true", "1", "yes"), ("false", "0", "no", "")
 SECRET_BYTES = 32
 
 
@@ -43,6 +51,19 @@ def state_root(node_config) -> Path:
         return Path(str(configured)).expanduser().resolve()
     data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(data_home).expanduser().resolve() / "collafuse-flwr" / "clients"
+
+
+def shares_conditions(node_config) -> bool:
+    """Whether this client allows its images' conditions to leave it (see the module
+    docstring); a value that is neither yes nor no is a `ClientStateError`."""
+    if SHARE_CONDITIONS_KEY in node_config:
+        name, value = f"node config {SHARE_CONDITIONS_KEY}", node_config[SHARE_CONDITIONS_KEY]
+    else:
+        name, value = f"${SHARE_CONDITIONS_VARIABLE}", os.environ.get(SHARE_CONDITIONS_VARIABLE, "")
+    answer = str(value).strip().lower()
+    if answer not in YES + NO:
+        raise ClientStateError(f"{name}={value!r}: use true or false (1 or 0)")
+    return answer in YES
 
 
 class ClientState:

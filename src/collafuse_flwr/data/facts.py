@@ -16,3 +16,6 @@ PARTITIONS = ("label-groups", "dirichlet", "iid", "attribute-groups")
 # Partition used when partition = "": classes where the dataset has them, else attributes.
 DEFAULT_PARTITION = {"digits": "label-groups", "cifar10": "label-groups", "celeba": "attribute-groups",
                      "awa2": "attribute-groups"}
+# Condition used when condition = "": as in the paper, every denoiser is conditional; on the
+# class where the dataset has classes, else on the attributes (CelebA).
+DEFAULT_CONDITION = {"digits": "class", "cifar10": "class", "celeba": "attributes", "awa2": "class"}

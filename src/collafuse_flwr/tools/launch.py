@@ -128,7 +128,9 @@ def isolated_env(home: Path) -> dict[str, str]:
     (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, FLWR_LOCAL_CONTROL_API_PORT), no runtime dependency
     installation, the Hugging Face hub offline, the clients' private state under
     `home`/client-state, and empty torch / Hugging Face caches under `home` with no weights
-    variables (FID, KID and FCD are skipped unless a run names weights)."""
+    variables (FID, KID and FCD are skipped unless a run names weights) and no consent of the
+    simulated clients to send their conditions (COLLAFUSE_SHARE_CONDITIONS). The local
+    SuperLink the first `flwr run` starts keeps this environment for every simulation it runs."""
     env = dict(
         os.environ,
         FLWR_HOME=str(home),
@@ -141,7 +143,7 @@ def isolated_env(home: Path) -> dict[str, str]:
         HF_HOME=str(Path(home) / "hf"),
         COLLAFUSE_CLIENT_STATE=str(Path(home) / "client-state"),
     )
-    for var in ("COLLAFUSE_FID_WEIGHTS", "COLLAFUSE_FCD_WEIGHTS", "HF_HUB_CACHE"):
+    for var in ("COLLAFUSE_FID_WEIGHTS", "COLLAFUSE_FCD_WEIGHTS", "HF_HUB_CACHE", "COLLAFUSE_SHARE_CONDITIONS"):
         env.pop(var, None)
     return env
 

@@ -46,7 +46,9 @@ validated before the first run starts. Run `<name>` writes into `<out>/runs/<nam
 it ends, `status.json` there with the final status `flwr ls` reports (`flwr run` exits 0 even
 when the run failed) and its run directory. The sweep's runs share one local SuperLink, stopped
 when the sweep ends (`stopping_local_superlink`). A relaunch skips runs whose status is
-`finished:completed` for the same run config and retries the others. Afterwards
+`finished:completed` for the same run config and retries the others. Runs under
+server-condition "full" need the simulated clients' consent to send their conditions
+(COLLAFUSE_SHARE_CONDITIONS=1, clients/state.py): without it the sweep stops before any run. Afterwards
 `<out>/summary.csv` holds one row per run and metric (quality pooled and averaged over clients,
 disclosure averaged over clients, cost per party; with the run's variant, "" without variants,
 and number of clients), `<out>/results.md` the table of mean ± standard deviation over seeds per
@@ -72,6 +74,7 @@ from typing import Any
 
 import pandas as pd
 
+from collafuse_flwr.clients.state import SHARE_CONDITIONS_VARIABLE, ClientStateError, shares_conditions
 from collafuse_flwr.config import PATH_KEYS, ConfigError, RunConfig
 from collafuse_flwr.outputs import write_atomically
 from collafuse_flwr.run_dir import RunDirectory
@@ -374,6 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         write_tables(runs, out)
         print(f"{completed}/{len(runs)} runs completed so far; nothing run; summary: {out / 'summary.csv'}")
         return 0
+    asking = [run.name for run in runs
+              if not run.completed() and RunConfig.from_flower(run.run_config).sends_conditions]
+    try:
+        allowed = shares_conditions({})
+    except ClientStateError as err:
+        parser.error(str(err))
+    if asking and not allowed:
+        parser.error(f"{len(asking)} run(s) ask the simulated clients for their conditions (server-condition='full'; "
+                     f"{asking[0]}, ...), which they send only if allowed: set {SHARE_CONDITIONS_VARIABLE}=1")
     statuses = run_sweep(runs, args.project, supernodes)
     write_tables(runs, out)
     failed = [s["name"] for s in statuses if s["status"] != "finished:completed"]
