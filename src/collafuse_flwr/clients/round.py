@@ -97,7 +97,6 @@ class ClientRound:
         run_key = message_config.get("run-key")
         state = ClientState(state_root(context.node_config) / f"partition-{partition_id}")
         state.run_dir(run_key)  # checks the key's form
-        conditioning = run_conditioning(config)
         if config.sends_conditions and not shares_conditions(context.node_config):
             raise ClientStateError(
                 "server-condition='full' asks for this client's conditions (the label or attributes of every "
@@ -113,7 +112,7 @@ class ClientRound:
             run_key,
             Protocol.of(config),
             client_data(config, partition_id),
-            conditioning,
+            run_conditioning(config),
         )
 
     @property
