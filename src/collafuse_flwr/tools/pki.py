@@ -50,7 +50,7 @@ def write_server_credentials(directory: Path, hosts: list[str]) -> ServerCredent
     """A new CA (ca.crt; its key is not kept: nothing else is ever signed) and a server
     certificate (server.crt, server.key) for `hosts` (IP addresses or DNS names), in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(CURVE())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collafuse-flwr deployment CA")])
     ca = (
