@@ -187,8 +187,7 @@ def _strategy(run_config: dict, tmp_path) -> CollaFuseStrategy:
     config = RunConfig.from_flower(run_config)
     space = Conditioning.of(config, 10, 0).server
     net = build_denoiser(config.image_size, 1, config.block_channels, condition_dim=space.size if space else 0)
-    return CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8),
-                             tmp_path / "f", [], {})
+    return CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), [], {})
 
 
 def _upload(pid: int, labels: list[int] | None, requested: int = 8) -> RecordDict:

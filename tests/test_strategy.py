@@ -24,7 +24,7 @@ def _strategy(run_config, tmp_path, networks=()) -> CollaFuseStrategy:
     config = RunConfig.from_flower(run_config)
     net = build_denoiser(config.image_size, 1, config.block_channels)
     return CollaFuseStrategy(
-        config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), tmp_path / "f", list(networks), {}
+        config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), list(networks), {}
     )
 
 

@@ -85,7 +85,9 @@ class Parties:
     def address(self, server_round: int, messages: Iterable[Message], metric: str) -> list[Message]:
         """The messages (one per node) to nodes with a partition id, each with its own config
         record stamped with server-round, partition-id and run-key; remembered as this phase's
-        (replies must answer them) with their sizes as (round, node id, `metric`, bytes)."""
+        (replies must answer them) with their sizes as (round, node id, `metric`, bytes), the
+        evaluation's feature network (`wire.FEATURE_NETWORK`, measurement only) apart as
+        (round, node id, "bytes-down-evaluation", bytes)."""
         messages = list(messages)
         nodes = set(self.assign(m.metadata.dst_node_id for m in messages))
         stamped = []
@@ -99,8 +101,14 @@ class Parties:
                                               "partition-id": self.partition_of[node], "run-key": self.run_key})
             msg.content = content
             stamped.append(msg)
-        self.sent = [(server_round, m.metadata.dst_node_id, metric, float(wire.content_bytes(m.content)))
-                     for m in stamped]
+        self.sent = []
+        for m in stamped:
+            total, node = wire.content_bytes(m.content), m.metadata.dst_node_id
+            measured = (wire.content_bytes(RecordDict({wire.FEATURE_NETWORK: m.content[wire.FEATURE_NETWORK]}))
+                        if wire.FEATURE_NETWORK in m.content else 0)
+            self.sent.append((server_round, node, metric, float(total - measured)))
+            if measured:
+                self.sent.append((server_round, node, "bytes-down-evaluation", float(measured)))
         self.awaiting = {m.metadata.dst_node_id: m for m in stamped}
         return stamped
 

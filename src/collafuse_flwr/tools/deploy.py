@@ -23,10 +23,23 @@ first signal; nothing else on the machine is touched.
 The CLI (`flwr run`, `flwr ls`, `flwr supernode ...`) finds the SuperLink through the
 connection `deployment` in `work_dir/cli/config.toml` (address and CA certificate). Each process
 logs to `work_dir/logs/`.
+
+`collafuse-deploy` runs a configuration this way, each client with its own data:
+
+    collafuse-deploy [PROJECT] --work-dir DIR [--run-config ...]...
+        [--client-dir D0 --client-dir D1 ... --reference-dir R]
+
+With no `--client-dir`, it first cuts the configured dataset's simulation partitions into
+`DIR/data/client-<k>/` and `DIR/data/reference/` (`data.export`). SuperNode k gets node config
+`data-dir=<its folder>` and `state-dir=DIR/nodes/<k>/state`; the run gets `client-data='own'`,
+`data-dir=<the reference folder>` (images no client holds, for the evaluation feature network)
+and `output-dir=DIR/runs` unless given. It prints the final status, the run directory and the
+wall time, and exits non-zero unless the run completed.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -37,6 +50,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flwr.common.config import get_project_config, parse_config_args
+
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.data.export import export_partitions
 from collafuse_flwr.tools.launch import (
     RunOutcome,
     alive,
@@ -258,3 +275,35 @@ class Deployment:
         return flwr_run(project_dir, run_config, env=self.cli_env(), cwd=self.work_dir, echo=echo,
                         superlink=CONNECTION)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="collafuse-deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("project_dir", nargs="?", default=".", type=Path)
+    parser.add_argument("--work-dir", type=Path, required=True, help="keys, state, logs, data and runs go here")
+    parser.add_argument("--run-config", action="append", default=[], help="TOML files and key=value strings")
+    parser.add_argument("--client-dir", action="append", type=Path, default=[], help="one per SuperNode")
+    parser.add_argument("--reference-dir", type=Path, help="the server's images (no client holds them)")
+    args = parser.parse_args(argv)
+    given: dict = {}
+    for item in args.run_config:
+        given.update(parse_config_args([item]))
+    work = args.work_dir.resolve()
+    values = {**get_project_config(args.project_dir)["tool"]["flwr"]["app"]["config"],
+              "output-dir": str(work / "runs"), **given}
+    if args.client_dir:
+        if args.reference_dir is None:
+            parser.error("--client-dir needs --reference-dir (the server's own images)")
+        clients, reference = [d.resolve() for d in args.client_dir], args.reference_dir.resolve()
+    else:  # the simulation's partitions, one folder per client
+        simulated = RunConfig.from_flower(dict(values, **{"client-data": "partition"}))
+        clients, reference = export_partitions(simulated, work / "data")
+    values.update({"client-data": "own", "data-dir": str(reference), "num-clients": len(clients)})
+    RunConfig.from_flower(values)  # a bad key stops here, before any process starts
+    nodes = [{"data-dir": str(d), "state-dir": str(work / "nodes" / str(k) / "state")} for k, d in enumerate(clients)]
+    start = time.perf_counter()
+    with Deployment(work, nodes) as deployment:
+        outcome = deployment.run(args.project_dir, format_run_config(values), echo=True)
+    print(f"\nrun {outcome.run_id}: {outcome.status} ({time.perf_counter() - start:.0f} s with start and stop)")
+    if outcome.run_dir:
+        print(f"results: {outcome.run_dir}")
+    return 0 if outcome.ok else 1
