@@ -5,6 +5,7 @@ client image, and every process stopped by PID afterwards."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 import subprocess
 import time
@@ -15,7 +16,16 @@ import pytest
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data.export import export_partitions
 from collafuse_flwr.tools.deploy import CONNECTION, Deployment
-from collafuse_flwr.tools.launch import alive, format_run_config, isolated_env, venv_command
+from collafuse_flwr.tools.launch import (
+    alive,
+    descendants,
+    end_processes,
+    format_run_config,
+    free_port,
+    isolated_env,
+    process_table,
+    venv_command,
+)
 from conftest import TINY
 from test_flwr_run import PROJECT
 
@@ -70,9 +80,19 @@ def test_a_supernode_with_an_unregistered_key_cannot_join(deployment):
     key = write_node_key(root / "stranger")
     command = [venv_command("flower-supernode"), "--superlink", running.address,
                "--root-certificates", str(running.credentials.ca_certificate),
-               "--auth-supernode-private-key", str(key.private_key), "--max-retries", "0"]
-    done = subprocess.run(command, env=running.cli_env(), cwd=root, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
+               "--auth-supernode-private-key", str(key.private_key), "--max-retries", "0",
+               "--port", str(free_port())]
+    with open(root / "stranger.log", "wb") as log:
+        stranger = subprocess.Popen(command, env=running.cli_env(), cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    started = set()  # everything it starts, seen while it runs: stopped by PID afterwards
+    deadline = time.monotonic() + 120
+    while stranger.poll() is None and time.monotonic() < deadline:
+        table = process_table()
+        started |= {table[pid].identity for pid in descendants(table, [stranger.pid])}
+        time.sleep(0.2)
+    end_processes(started)
+    assert stranger.wait(timeout=30) != 0
+    assert "305" in (root / "stranger.log").read_text()  # Flower's exit code: the SuperLink refused the node
     listed = json.loads(running.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)["nodes"]
     assert len(listed) == NUM_CLIENTS and all(n["status"] == "online" for n in listed)
 
@@ -105,10 +125,11 @@ def test_a_killed_supernode_is_missing_and_rejoins_with_its_state(tmp_path):
         result = outcome["result"]
     assert result.ok, result.log[-3000:]
     metrics = pd.read_csv(result.run_dir / "metrics.csv", dtype={"client": str})
-    faults = metrics[metrics["metric"].str.contains("fault")]
-    assert faults[["round", "client", "metric"]].values.tolist() == [[2, "2", "train-fault-missing"]]
     log = (result.run_dir / "log.txt").read_text()
-    assert "SuperLink answered for it" in log and "node-1" not in log
+    victim = re.search(rf"client (\d+) \(node {running.nodes[2].node_id}\) missing: the SuperLink answered", log)
+    assert victim and "node-1" not in log, log
+    faults = metrics[metrics["metric"].str.contains("fault")]
+    assert faults[["round", "client", "metric"]].values.tolist() == [[2, victim[1], "train-fault-missing"]]
     assert "round 2/4 | 2/3 clients accepted" in log
     accepted = metrics[(metrics["metric"] == "num-examples") & (metrics["round"] == 4)]
     assert sorted(accepted["client"]) == ["0", "1", "2"]  # back in the last round
