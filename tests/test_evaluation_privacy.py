@@ -275,11 +275,12 @@ def test_hostile_evaluation_replies_are_rejected_and_change_nothing_else(case, e
     assert faults[["client", "metric"]].values.tolist() == [["2", "evaluate-fault-rejected"]]
     rejection = next(line for line in log.splitlines() if "(node 12) rejected" in line)
     assert reason in rejection
-    assert set(metrics[metrics["client"] == "2"]["metric"]) == {"bytes-down-sample", "evaluate-fault-rejected"}
+    assert set(metrics[metrics["client"] == "2"]["metric"]) == {"bytes-down-sample", "bytes-down-evaluation",
+                                                                "evaluate-fault-rejected"}  # what it was sent
     pooled = metrics[metrics["client"] == "pooled"].set_index("metric")["value"]
     assert pooled["fd_pixels"] == pytest.approx(_pooled_fd([0, 1]), rel=1e-5) and pooled["num-real"] == 13
     assert set(summary["quality"]["clients"]) == {"0", "1"} and summary["disclosure"] == {}
-    assert set(summary["cost"]["clients"]["2"]) == {"bytes-down"}
+    assert set(summary["cost"]["clients"]["2"]) == {"bytes-down", "bytes-down-evaluation"}
 
 
 # ----------------------------------------------------------------- what the server can learn
