@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collafuse_flwr.tools.launch import alive, descendants, end_processes, free_port, process_table, venv_command
+from collafuse_flwr.tools.launch import ProcessGroup, alive, free_port, venv_command
 
 HOST = "127.0.0.1"
 # every port a Ray node opens, beside its worker port range, each chosen free per node
@@ -50,7 +50,7 @@ class ClusterError(RuntimeError):
 
 
 @dataclass
-class RayCluster:
+class RayCluster(ProcessGroup):
     """Ray nodes on this machine (see the module).
 
     Args:
@@ -84,23 +84,15 @@ class RayCluster:
         """`base` with RAY_ADDRESS set to this cluster (explicitly: never "auto")."""
         return dict(base, RAY_ADDRESS=self.address)
 
-    def __enter__(self) -> RayCluster:
-        try:
-            (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
-            for index in range(self.nodes):
-                self._start(index)
-                if index == 0:
-                    self._wait(1)
-            self._wait(self.nodes)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def start(self) -> None:
+        (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for index in range(self.nodes):
+            self._start_node(index)
+            if index == 0:
+                self._wait(1)
+        self._wait(self.nodes)
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _start(self, index: int) -> None:
+    def _start_node(self, index: int) -> None:
         head = index == 0
         command = [venv_command("ray"), "start", "--block", "--node-ip-address", node_ip(index),
                    "--num-cpus", str(self.cpus_per_node), "--num-gpus", "0",
@@ -116,10 +108,7 @@ class RayCluster:
         env = dict(os.environ if self.env is None else self.env)
         env.pop("RAY_ADDRESS", None)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        with open(self.work_dir / "logs" / f"ray-node-{index}.log", "ab") as log:
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=self.work_dir)
-        self._roots.append(process_table()[process.pid].identity)
+        self.spawn(command, env, self.work_dir, self.work_dir / "logs" / f"ray-node-{index}.log")
 
     def node_records(self) -> list[dict]:
         """Ray's records of the cluster's alive nodes: NodeID, NodeManagerAddress, Resources."""
@@ -156,12 +145,15 @@ class RayCluster:
                 raise ClusterError(f"the Ray cluster did not reach {count} nodes; see {self.work_dir / 'logs'}")
             time.sleep(2.0)
 
-    def stop(self) -> None:
-        """End every process of the cluster by PID (also those reparented away from a node's
-        `ray start`, found by the cluster's private temporary directory in their command line)."""
-        table = process_table()
-        mine = descendants(table, list(alive(self._roots)))
+    def strays(self, table) -> set[tuple[int, int]]:
+        """Ray processes reparented away from a node's `ray start`, found by the cluster's
+        private temporary directory in their command line."""
         marker = str(self.temp_root).encode()
-        mine |= {pid for pid, p in table.items() if any(marker in a for a in p.args)}
-        end_processes([table[pid].identity for pid in mine if pid in table])
-        shutil.rmtree(self.temp_root, ignore_errors=True)
+        return {p.identity for p in table.values() if any(marker in a for a in p.args)}
+
+    def stop(self) -> None:
+        """End every process of the cluster by PID; remove its temporary directory."""
+        try:
+            super().stop()
+        finally:
+            shutil.rmtree(self.temp_root, ignore_errors=True)

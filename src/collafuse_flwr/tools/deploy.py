@@ -55,10 +55,10 @@ from flwr.common.config import get_project_config, parse_config_args
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data.export import export_partitions
 from collafuse_flwr.tools.launch import (
+    ProcessGroup,
     RunOutcome,
     alive,
     descendants,
-    end_processes,
     flwr_run,
     format_run_config,
     free_port,
@@ -89,7 +89,7 @@ class Node:
 
 
 @dataclass
-class Deployment:
+class Deployment(ProcessGroup):
     """A SuperLink and SuperNodes with TLS and SuperNode authentication (see the module).
 
     Args:
@@ -159,17 +159,6 @@ class Deployment:
             time.sleep(1.0)
 
     # --- processes ---------------------------------------------------------------------
-    def __enter__(self) -> Deployment:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     def start(self) -> None:
         for sub in ("logs", "cli", "superlink"):
             (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -197,7 +186,7 @@ class Deployment:
             "--disable-runtime-dependency-installation",
         ]
         env = dict(self._base_env(), FLWR_HOME=str(self.work_dir / "superlink" / "home"), **self.server_env)
-        self.superlink = self._spawn(command, env, self.work_dir / "superlink", "superlink")
+        self.superlink = self.spawn(command, env, self.work_dir / "superlink", self.work_dir / "logs" / "superlink.log")
         deadline = time.monotonic() + self.timeout
         while True:  # answers once the CLI can list its (no) nodes over TLS
             out = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
@@ -231,7 +220,7 @@ class Deployment:
         threads = self.threads_per_node or max(1, (os.cpu_count() or 1) // max(1, len(self.node_configs)))
         env = dict(self._base_env(), FLWR_HOME=str(node.directory / "home"),
                    OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        node.process = self._spawn(command, env, node.directory, f"supernode-{index}")
+        node.process = self.spawn(command, env, node.directory, self.work_dir / "logs" / f"supernode-{index}.log")
         node.identity = self._roots[-1]
 
     def kill_node(self, index: int) -> None:
@@ -243,13 +232,6 @@ class Deployment:
                 os.kill(pid, signal.SIGKILL)
         node.process.wait()
 
-    def _spawn(self, command: list[str], env: dict, cwd: Path, name: str) -> subprocess.Popen:
-        cwd.mkdir(parents=True, exist_ok=True)
-        with open(self.work_dir / "logs" / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        self._roots.append(process_table()[process.pid].identity)
-        return process
-
     def _base_env(self) -> dict:
         env = dict(os.environ if self.env is None else self.env)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -258,16 +240,10 @@ class Deployment:
 
     def stop(self) -> None:
         """End every process this deployment started and all below them, by PID."""
-        table = process_table()
-        living = alive(self._roots)
-        tree = [table[pid].identity for pid in descendants(table, list(living))]
-        end_processes(tree)
+        super().stop()
         for process in [self.superlink, *(n.process for n in self.nodes)]:
-            if process is not None and process.poll() is None:
+            if process is not None:
                 process.wait()
-        left = alive(tree)
-        if left:
-            raise DeploymentError(f"processes of the deployment still alive: {sorted(left)}")
 
     # --- runs --------------------------------------------------------------------------
     def run(self, project_dir: Path, run_config: str = "", echo: bool = False) -> RunOutcome:

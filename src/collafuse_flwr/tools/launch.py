@@ -285,6 +285,51 @@ def end_processes(processes: Iterable[tuple[int, int]], grace: float = 20.0) -> 
             time.sleep(0.2)
 
 
+class ProcessGroup:
+    """Processes started here (a deployment's SuperLink and SuperNodes, a Ray cluster's nodes)
+    and everything they start, stopped together by PID. Entering runs `start` (each kind of
+    group defines it); leaving, also on an error or Ctrl-C, runs `stop`."""
+
+    _roots: list[tuple[int, int]]  # (pid, start ticks) of every process `spawn` started
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def spawn(self, command: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+        """Start `command` in `cwd` (created) with its output appended to `log`; remembered."""
+        cwd.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        self._roots.append(process_table()[process.pid].identity)
+        return process
+
+    def strays(self, table: dict[int, Process]) -> set[tuple[int, int]]:
+        """Processes of the group no longer below one it started (none unless a group knows them)."""
+        return set()
+
+    def stop(self) -> None:
+        """End every process started and all below them, found in one snapshot of the process
+        table before the first signal (a child outlives its parent: it is found first), and the
+        `strays`; raise if any survives."""
+        table = process_table()
+        group = {table[pid].identity for pid in descendants(table, list(alive(self._roots)))} | self.strays(table)
+        end_processes(group)
+        left = alive(group)
+        if left:
+            raise RuntimeError(f"processes still alive after stopping them: {sorted(left)}")
+
+
 @contextlib.contextmanager
 def stopping_local_superlink(env: Mapping[str, str] | None = None) -> Iterator[None]:
     """On leaving the block, however it is left (an error, Ctrl-C), stop the local SuperLink
