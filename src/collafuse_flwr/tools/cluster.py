@@ -19,6 +19,7 @@ every node.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -31,7 +32,6 @@ from pathlib import Path
 
 from collafuse_flwr.tools.launch import ProcessGroup, alive, free_port, venv_command
 
-HOST = "127.0.0.1"
 # every port a Ray node opens, beside its worker port range, each chosen free per node
 NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--ray-client-server-port",
               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
@@ -40,13 +40,45 @@ WORKER_PORTS = 40  # per node
 
 
 def node_ip(index: int) -> str:
-    """Node `index`'s own loopback address (127.0.0.1 for the head, 127.0.0.2, ...), so that
-    Ray's records tell the nodes apart by address as on separate machines."""
-    return f"127.0.0.{index + 1}"
+    """Node `index`'s own loopback address (127.0.0.2 for the head, 127.0.0.3, ...), so that
+    Ray's records tell the nodes apart by address as on separate machines (Ray replaces
+    127.0.0.1 by the machine's network address)."""
+    return f"127.0.0.{index + 2}"
+
+
+def client_app_nodes(timeline: list[dict]) -> dict[str, int]:
+    """How many ClientApp executions ran on each node, from Ray's task records
+    (`ray.timeline()`: one event per executed task, `cat` "task::ClientAppActor.run" for a
+    Flower ClientApp, `pid` the address of the node that ran it)."""
+    counts: dict[str, int] = {}
+    for event in timeline:
+        if event.get("cat") == "task::ClientAppActor.run":
+            counts[event["pid"]] = counts.get(event["pid"], 0) + 1
+    return counts
 
 
 class ClusterError(RuntimeError):
     """A node of the cluster did not start, or the cluster did not reach the expected nodes."""
+
+
+def ray_records(address: str, what: str, env: dict | None = None) -> list[dict]:
+    """A record list of the state of the Ray cluster at `address`, from a short-lived driver
+    attached to it: "nodes" (`ray.nodes()`) or "timeline" (`ray.timeline()`: the executed
+    tasks, each with the address of its node)."""
+    script = (
+        "import json, ray\n"
+        f"ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False)\n"
+        f"records = ray.nodes() if {what!r} == 'nodes' else ray.timeline()\n"
+        "print('RECORDS' + json.dumps(records, default=str))\n"
+    )
+    env = dict(os.environ if env is None else env)
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("RECORDS"):
+            return json.loads(line[len("RECORDS"):])
+    raise ClusterError(f"asking Ray at {address} for {what} failed: {done.stderr.strip()[-2000:]}")
 
 
 @dataclass
@@ -78,7 +110,7 @@ class RayCluster(ProcessGroup):
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{node_ip(0)}:{self.port}"
 
     def env_for_flwr(self, base: dict) -> dict:
         """`base` with RAY_ADDRESS set to this cluster (explicitly: never "auto")."""
@@ -115,23 +147,8 @@ class RayCluster(ProcessGroup):
         return [n for n in self.query("nodes") if n.get("Alive")]
 
     def query(self, what: str) -> list[dict]:
-        """A record list of Ray's state from a short-lived driver attached to this cluster:
-        "nodes" (`ray.nodes()`) or "timeline" (`ray.timeline()`: the executed tasks, each with
-        its node's address)."""
-        script = (
-            "import json, ray\n"
-            f"ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False)\n"
-            f"records = ray.nodes() if {what!r} == 'nodes' else ray.timeline()\n"
-            "print('RECORDS' + json.dumps(records, default=str))\n"
-        )
-        env = dict(os.environ if self.env is None else self.env)
-        env.pop("RAY_ADDRESS", None)
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                              timeout=120, check=False)
-        for line in done.stdout.splitlines():
-            if line.startswith("RECORDS"):
-                return json.loads(line[len("RECORDS"):])
-        raise ClusterError(f"asking Ray for {what} failed: {done.stderr.strip()[-2000:]}")
+        """`ray_records` of this cluster."""
+        return ray_records(self.address, what, self.env)
 
     def _wait(self, count: int) -> None:
         deadline = time.monotonic() + self.timeout
@@ -157,3 +174,23 @@ class RayCluster(ProcessGroup):
             super().stop()
         finally:
             shutil.rmtree(self.temp_root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m collafuse_flwr.tools.cluster HEAD:PORT`: the cluster's alive nodes and how many
+    ClientApp executions each ran, from Ray's own records."""
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[1].strip())
+    parser.add_argument("address", help="the head node's HOST:PORT (never 'auto')")
+    args = parser.parse_args(argv)
+    ran = client_app_nodes(ray_records(args.address, "timeline"))
+    for node in ray_records(args.address, "nodes"):
+        if node.get("Alive"):
+            address = node["NodeManagerAddress"]
+            print(f"{address}\tnode {node['NodeID'][:8]}\t{ran.pop(address, 0)} ClientApp runs")
+    for address, count in ran.items():
+        print(f"{address}\t(no longer alive)\t{count} ClientApp runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
