@@ -66,9 +66,11 @@ def _client_dir(flwr_env, run_dir: Path, pid: int) -> Path:
 
 
 def _run(flwr_env, tmp_path, **overrides):
+    """A run of `_values`, with one SuperNode per client."""
     env, cwd = flwr_env
     run_config = " ".join(f"{k}={v}" for k, v in _values(tmp_path, **overrides).items())
-    outcome = flwr_run(PROJECT, run_config, FEDERATION, env=env, cwd=cwd)
+    federation = FEDERATION.replace("num-supernodes=5", f"num-supernodes={overrides.get('num-clients', 5)}")
+    outcome = flwr_run(PROJECT, run_config, federation, env=env, cwd=cwd)
     assert outcome.ok, outcome.log[-4000:]
     return outcome
 
@@ -227,17 +229,18 @@ def test_a_text_conditional_flwr_run_on_the_celeba_fixture(flwr_env, tmp_path, s
 
 
 def test_flwr_run_with_weights_files_reports_fid_kid_and_fcd(flwr_env, tmp_path, standin_weights):
-    """Weights files of the right formats (random values) switch the FID/KID/FCD columns on."""
+    """Weights files of the right formats (random values) switch the FID/KID/FCD columns on
+    (two clients, few images: InceptionV3 at 299x299 on a CPU core takes about 0.3 s per image)."""
     inception, clip = standin_weights
     outcome = _run(flwr_env, tmp_path, **{
         "num-server-rounds": 1, "fid-weights": str(inception), "fcd-weights": str(clip),
-        "held-out-fraction": 0.05, "disclosure-num-images": 8,
+        "num-clients": 2, "classes-per-client": 5, "held-out-fraction": 0.02, "disclosure-num-images": 4,
     })
     metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
     for name in ("fid", "kid", "fcd", "kid_clip", "server-only-fid", "upload-fcd"):
         rows = metrics[metrics["metric"] == name]
         pooled = name in ("fid", "fcd", "server-only-fid")  # KID needs per-image features: no pooled row
-        expected = {"0", "1", "2", "3", "4"} | ({"pooled"} if pooled else set())
+        expected = {"0", "1"} | ({"pooled"} if pooled else set())
         assert set(rows["client"]) == expected, name
         assert rows["value"].notna().all(), name
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
