@@ -21,7 +21,7 @@ from collafuse_flwr.clients.state import (
     shares_conditions,
 )
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.data import ClientData, client_data, own_client_data
+from collafuse_flwr.data import ClientData, client_data, own_client_data, simulated_group
 from collafuse_flwr.diffusion.conditions import Conditioning, run_conditioning
 from collafuse_flwr.diffusion.losses import client_loss
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device, resolve_device
@@ -119,7 +119,7 @@ class ClientRound:
             group = own_attribute_group(config, context.node_config)
             data = own_client_data(config, group)
         else:
-            group = partition_id if config.condition_attributes == "group" else None
+            group = simulated_group(config, partition_id)
             data = client_data(config, partition_id)
         return cls(config, partition_id, server_round, message_config, state, run_key, Protocol.of(config), data,
                    run_conditioning(config), group)

@@ -14,7 +14,7 @@ from typing import Any
 _EXPORTS = {
     "ClientData": "clients", "client_data": "clients", "client_indices": "clients", "condition_sizes": "clients",
     "group_columns": "clients", "image_shape": "clients", "own_client_data": "clients",
-    "partition_key": "clients", "training_images": "clients",
+    "partition_key": "clients", "simulated_group": "clients", "training_images": "clients",
     "data_root": "loaders", "load_table": "loaders",
     "DatasetError": "table", "ImageTable": "table",
 }

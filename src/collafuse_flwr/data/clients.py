@@ -138,8 +138,14 @@ def client_data(config: RunConfig, partition_id: int) -> ClientData:
             f"partition id {partition_id} is outside [0, num-clients={config.num_clients})"
         )
     train, held = client_indices(config)[partition_id]
-    group = partition_id if config.condition_attributes == "group" else None
-    return _share(config, load_table(config), train, held, group)
+    return _share(config, load_table(config), train, held, simulated_group(config, partition_id))
+
+
+def simulated_group(config: RunConfig, partition_id: int) -> int | None:
+    """A simulated client's attribute group under condition-attributes "group": its partition
+    id (client k holds group k of `attribute-groups`); None otherwise. A deployed client names
+    its group in its node config (`clients.state.own_attribute_group`)."""
+    return partition_id if config.condition_attributes == "group" else None
 
 
 def own_client_data(config: RunConfig, group: int | None = None) -> ClientData:

@@ -6,7 +6,9 @@ separate processes, with TLS and SuperNode authentication, and `flwr run` agains
 1. writes a local CA, the SuperLink's certificate for 127.0.0.1 and one OpenSSH EC key pair per
    SuperNode (`pki`; under `work_dir/pki` and `work_dir/nodes/<k>/`);
 2. starts `flower-superlink` with `--ssl-*` and `--enable-supernode-auth` on a free port, its
-   state in `work_dir/superlink/state.db`, waits until it answers, and registers every
+   state in memory (with a `--database` file, writes wait at most 5 s for SQLite's lock, and
+   two SuperNodes pushing 200 MB FedAvg replies on a busy machine fail with "database is
+   locked"), waits until it answers, and registers every
    SuperNode's public key (`flwr supernode register`: the node ids are fixed there and survive
    a node's restart);
 3. starts one `flower-supernode` per entry of `node_configs` (its node config, e.g. its
@@ -100,6 +102,8 @@ class Deployment(ProcessGroup):
         threads_per_node: torch threads of each SuperNode's ClientApp processes (default:
             this machine's cores shared out, at least 1).
         timeout: seconds to wait for the SuperLink to answer and the nodes to come online.
+        node_superlink: the address the SuperNodes dial (default: the SuperLink's own; e.g. a
+            relay in front of it that counts the bytes on the wire).
     """
 
     work_dir: Path
@@ -108,6 +112,7 @@ class Deployment(ProcessGroup):
     server_env: dict = field(default_factory=dict)
     threads_per_node: int | None = None
     timeout: float = 120.0
+    node_superlink: str | None = None
 
     def __post_init__(self):
         self.work_dir = Path(self.work_dir).resolve()
@@ -182,7 +187,6 @@ class Deployment(ProcessGroup):
             venv_command("flower-superlink"), "--host", HOST, "--port", str(self.port),
             "--ssl-ca-certfile", str(creds.ca_certificate), "--ssl-certfile", str(creds.certificate),
             "--ssl-keyfile", str(creds.private_key), "--enable-supernode-auth",
-            "--database", str(self.work_dir / "superlink" / "state.db"),
             "--disable-runtime-dependency-installation",
         ]
         env = dict(self._base_env(), FLWR_HOME=str(self.work_dir / "superlink" / "home"), **self.server_env)
@@ -210,7 +214,7 @@ class Deployment(ProcessGroup):
         node = self.nodes[index]
         config = format_run_config(node.node_config)
         command = [
-            venv_command("flower-supernode"), "--superlink", self.address,
+            venv_command("flower-supernode"), "--superlink", self.node_superlink or self.address,
             "--root-certificates", str(self.credentials.ca_certificate),
             "--auth-supernode-private-key", str(node.key.private_key),
             "--port", str(free_port()), "--max-retries", "0",
