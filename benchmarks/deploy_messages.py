@@ -32,7 +32,12 @@ late by up to about a second: a few polls may fall into the neighbouring phase).
 compared with metrics.csv: bytes-down-train, bytes-up-train, bytes-down-sample,
 bytes-down-evaluation and bytes-up-evaluation, Flower's own serialized size of each message
 content (`wire.content_bytes`), summed over the clients. "wire / counted" above 1 is the cost
-of HTTP, protobuf framing, TLS, polling and heartbeats.
+of HTTP, protobuf framing, TLS, polling and heartbeats. Two things make it differ more: round
+1's downstream carries the app bundle (FAB) that each SuperNode fetches once, which no counter
+sees; and Flower stores a message's arrays as content-addressed objects, so an array equal to
+another of the same message crosses once (FedAvg's net and its EMA are equal at the start, and
+diffusers' EMA copies the net at its first step, so round 1's replies and round 2's average
+show about 0.5; from then on they differ).
 
 Time per round: from `[ROUND k/N]` to `round k/N |` (`many_clients.phases`), rounds 2.. are warm
 (round 1 of FedAvg also sends the initial model); `--direct` repeats without the relay so

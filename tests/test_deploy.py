@@ -9,6 +9,7 @@ import re
 import stat
 import subprocess
 import time
+import zipfile
 
 import pandas as pd
 import pytest
@@ -135,3 +136,16 @@ def test_a_killed_supernode_is_missing_and_rejoins_with_its_state(tmp_path):
     assert sorted(accepted["client"]) == ["0", "1", "2"]  # back in the last round
     views = metrics[(metrics["metric"] == "views-per-image") & (metrics["round"] == 4)].set_index("client")["value"]
     assert views.to_dict() == {"0": 1.0, "1": 1.0, "2": 1.0}
+
+
+def test_the_app_bundle_every_supernode_fetches_holds_the_code_only(tmp_path):
+    """`flwr build` (what `flwr run` sends to a deployment): the package's modules, the README
+    and the generated pyproject.toml, none of the committed results, tests or benchmarks."""
+    subprocess.run([venv_command("flwr"), "build", "--app", str(PROJECT)], cwd=tmp_path, check=True,
+                   capture_output=True, env=isolated_env(tmp_path / "home"))
+    (fab,) = tmp_path.glob("*.fab")
+    with zipfile.ZipFile(fab) as bundle:
+        names = bundle.namelist()
+    assert {name.split("/")[0] for name in names} == {".info", "README.md", "pyproject.toml", "src"}
+    assert {"src/collafuse_flwr/server_app.py", "src/collafuse_flwr/client_app.py"} <= set(names)
+    assert all(name.endswith(".py") for name in names if name.startswith("src/"))
