@@ -71,6 +71,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from collafuse_flwr.run_dir import RunDirectory
@@ -116,15 +117,17 @@ def pss_kb(pid: int) -> int:
 
 
 class TreeMemory(threading.Thread):
-    """Samples the RSS of the run's processes every `interval` seconds, and their PSS every
-    `pss_every`-th sample, until `stop()`."""
+    """Samples the RSS of the run's processes (this process's descendants and those of
+    `roots(process_table)`) every `interval` seconds, and their PSS every `pss_every`-th
+    sample, until `stop()`; `peak_by_name` keeps each process name's peak RSS (kB)."""
 
-    def __init__(self, env: dict[str, str], interval: float = 0.2, pss_every: int = 10):
+    def __init__(self, roots: Callable[[dict], Iterable[int]], interval: float = 0.2, pss_every: int = 10):
         super().__init__(daemon=True)
-        self.env, self.interval, self.pss_every, self.halt = env, interval, pss_every, threading.Event()
+        self.roots, self.interval, self.pss_every, self.halt = roots, interval, pss_every, threading.Event()
         self.samples = 0
         self.rss_sum = self.pss_sum = self.max_rss = self.processes = 0  # peaks, kB and count
         self.largest = ""
+        self.peak_by_name: dict[str, int] = {}
         self.seen: set[tuple[int, int]] = set()  # (pid, start) of every process of the run
 
     def run(self) -> None:
@@ -139,10 +142,11 @@ class TreeMemory(threading.Thread):
     def sample(self) -> None:
         table = process_table()
         me = os.getpid()
-        members = descendants(table, {me, *local_superlinks(table, self.env)}) - {me}
+        members = descendants(table, {me, *self.roots(table)}) - {me}
         rss = {pid: kb for pid in members if (kb := rss_kb(pid)) is not None}
         self.seen.update(table[pid].identity for pid in rss)
         for pid, kb in rss.items():
+            self.peak_by_name[table[pid].name] = max(kb, self.peak_by_name.get(table[pid].name, 0))
             if kb > self.max_rss:
                 self.max_rss, self.largest = kb, table[pid].name
         self.rss_sum, self.processes = max(self.rss_sum, sum(rss.values())), max(self.processes, len(rss))
@@ -217,7 +221,7 @@ def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool) ->
     (work / "cwd").mkdir()
     env = run_env(work / "flwr-home", project)
     federation = f"num-supernodes={clients} client-resources-num-cpus=1 client-resources-num-gpus=0"
-    memory, clock = TreeMemory(env), LineClock(echo)
+    memory, clock = TreeMemory(lambda table: local_superlinks(table, env)), LineClock(echo)
     memory.start()
     launched = time.monotonic()
     try:

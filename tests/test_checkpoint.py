@@ -76,7 +76,7 @@ def test_a_resumed_strategy_sees_the_runs_own_round_numbers(tiny_run_config, tmp
     from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
 
     config = RunConfig.from_flower(dict(tiny_run_config, strategy="fedavg", **{"num-server-rounds": 4}))
-    strategy = FedAvgDiffusion(config, RunDirectory(tmp_path), "0" * 32, _model(), tmp_path / "f", [], {})
+    strategy = FedAvgDiffusion(config, RunDirectory(tmp_path), "0" * 32, _model(), [], {})
     strategy.restore(Checkpoint(2, _model(), {}))
     # Flower's round 1 is the run's 3 of 4: not an evaluation round (only the last one is)
     assert strategy.configure_evaluate(1, strategy.initial_arrays(), ConfigRecord(), NoNodes()) == []

@@ -184,11 +184,16 @@ def test_attributes_must_be_binary():
 
 # ------------------------------------------------------------------ the server's side
 def _strategy(run_config: dict, tmp_path) -> CollaFuseStrategy:
+    """A CollaFuse server of `run_config` (digits 8x8) with an untrained fd_classifier network."""
+    from collafuse_flwr.metrics.classifier import FeatureClassifier
+    from collafuse_flwr.metrics.features import FeatureNetwork
+
     config = RunConfig.from_flower(run_config)
     space = Conditioning.of(config, 10, 0).server
     net = build_denoiser(config.image_size, 1, config.block_channels, condition_dim=space.size if space else 0)
+    classifier = FeatureNetwork("classifier", FeatureClassifier(1, 10), "fd_classifier", "kid_classifier", "untrained")
     return CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8),
-                             tmp_path / "f", [], {})
+                             [classifier], {})
 
 
 def _upload(pid: int, labels: list[int] | None, requested: int = 8) -> RecordDict:

@@ -42,6 +42,7 @@ def test_bad_values_name_key_value_and_allowed(override, message):
 # names what is allowed. The free-text keys are checked against the files at server start.
 OUT_OF_RANGE = {
     "num-server-rounds": (0, ">= 1"), "num-clients": (0, ">= 1"), "strategy": ("fedprox", "allowed: collafuse"),
+    "client-data": ("mine", "allowed: partition, own"),
     "dataset": ("mnist", "allowed: digits"), "dataset-split": ("val", "allowed: , train"),
     "image-size": (10, "divisible by"), "partition": ("shards", "allowed: label-groups"),
     "classes-per-client": (0, ">= 1"), "dirichlet-alpha": (0.0, "> 0"), "held-out-fraction": (1.0, r"\(0, 1\)"),

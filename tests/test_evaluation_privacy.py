@@ -22,7 +22,7 @@ from collafuse_flwr.data.report import partition_frame
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.metrics.classifier import load_classifier
 from collafuse_flwr.metrics.distances import feature_moments, frechet_distance, named_distances
-from collafuse_flwr.metrics.features import FeatureNetwork, load_feature_networks, pretrained_weights
+from collafuse_flwr.metrics.features import FeatureNetwork, load_feature_networks, pretrained_weights, weights_digest
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies import setup
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
@@ -125,7 +125,7 @@ def _evaluate(run_config: dict, tmp_path, contents: dict[int, RecordDict], netwo
     config = RunConfig.from_flower(run_config)
     net = build_denoiser(config.image_size, 1, config.block_channels)
     strategy = CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8),
-                                 tmp_path / "classifier.safetensors", list(networks), {})
+                                 list(networks), {})
     sent = send(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid(contents)))
     strategy.aggregate_evaluate(1, [answer(sent[node], content) for node, content in contents.items()])
     metrics = pd.read_csv(tmp_path / "metrics.csv", dtype={"client": str})
@@ -275,11 +275,12 @@ def test_hostile_evaluation_replies_are_rejected_and_change_nothing_else(case, e
     assert faults[["client", "metric"]].values.tolist() == [["2", "evaluate-fault-rejected"]]
     rejection = next(line for line in log.splitlines() if "(node 12) rejected" in line)
     assert reason in rejection
-    assert set(metrics[metrics["client"] == "2"]["metric"]) == {"bytes-down-sample", "evaluate-fault-rejected"}
+    assert set(metrics[metrics["client"] == "2"]["metric"]) == {"bytes-down-sample", "bytes-down-evaluation",
+                                                                "evaluate-fault-rejected"}  # what it was sent
     pooled = metrics[metrics["client"] == "pooled"].set_index("metric")["value"]
     assert pooled["fd_pixels"] == pytest.approx(_pooled_fd([0, 1]), rel=1e-5) and pooled["num-real"] == 13
     assert set(summary["quality"]["clients"]) == {"0", "1"} and summary["disclosure"] == {}
-    assert set(summary["cost"]["clients"]["2"]) == {"bytes-down"}
+    assert set(summary["cost"]["clients"]["2"]) == {"bytes-down", "bytes-down-evaluation"}
 
 
 # ----------------------------------------------------------------- what the server can learn
@@ -295,7 +296,7 @@ def digits_feature_network(tmp_path_factory):
     run_config = dict(TINY, **{"t-zeta": 0, "metric-classifier-epochs": 15, "disclosure-num-images": 0,
                                "output-dir": str(output)})
     config = RunConfig.from_flower(run_config)
-    path, _ = setup.feature_network(config, RunDirectory.create(config))
+    path, _, _ = setup.feature_network(config, RunDirectory.create(config))
     return run_config, path
 
 
@@ -305,9 +306,10 @@ def honest_round(digits_feature_network, tmp_path, task_identity):
     server writes from them."""
     run_config, path = digits_feature_network
     config = RunConfig.from_flower(run_config)
-    networks = load_feature_networks(path, pretrained_weights("", ""))
+    classifier = load_classifier(path)
+    networks = load_feature_networks(classifier, weights_digest(classifier.state_dict()), pretrained_weights("", ""))
     net = build_denoiser(config.image_size, 1, config.block_channels)
-    strategy = CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), path,
+    strategy = CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8),
                                  networks, {})
     sent = send(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid([10, 11])))
     context = client_context(run_config, tmp_path / "clients")

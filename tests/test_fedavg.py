@@ -19,7 +19,7 @@ from test_wire import RUN_KEY, train_metrics
 def _strategy(run_config, tmp_path) -> FedAvgDiffusion:
     config = RunConfig.from_flower(dict(run_config, strategy="fedavg"))
     model = Denoiser(build_denoiser(config.image_size, 1, config.block_channels), 1e-3, 0.995)
-    return FedAvgDiffusion(config, RunDirectory(tmp_path), RUN_KEY, model, tmp_path / "f", [], {})
+    return FedAvgDiffusion(config, RunDirectory(tmp_path), RUN_KEY, model, [], {})
 
 
 def _client_weights(reference: ArrayRecord, shift: float) -> dict[str, np.ndarray]:

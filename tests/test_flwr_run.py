@@ -66,9 +66,11 @@ def _client_dir(flwr_env, run_dir: Path, pid: int) -> Path:
 
 
 def _run(flwr_env, tmp_path, **overrides):
+    """A run of `_values`, with one SuperNode per client."""
     env, cwd = flwr_env
     run_config = " ".join(f"{k}={v}" for k, v in _values(tmp_path, **overrides).items())
-    outcome = flwr_run(PROJECT, run_config, FEDERATION, env=env, cwd=cwd)
+    federation = FEDERATION.replace("num-supernodes=5", f"num-supernodes={overrides.get('num-clients', 5)}")
+    outcome = flwr_run(PROJECT, run_config, federation, env=env, cwd=cwd)
     assert outcome.ok, outcome.log[-4000:]
     return outcome
 
@@ -169,12 +171,6 @@ def test_failed_run_is_reported_as_failed(flwr_env, tmp_path):
     assert "t-zeta=5000" in outcome.log
 
 
-def test_same_config_gives_the_same_results(flwr_env, tmp_path):
-    """Seeds fix everything: partition, noise, training streams and samples."""
-    runs = [_run(flwr_env, tmp_path / str(i), **{"num-server-rounds": 1}) for i in range(2)]
-    pd.testing.assert_frame_equal(*(_metrics_without_timings(outcome.run_dir) for outcome in runs))
-
-
 @pytest.mark.parametrize("dataset,folder", [("cifar10", "cifar10-mini"), ("celeba", "celeba-mini")])
 def test_flwr_run_on_a_dataset_fixture(flwr_env, tmp_path, shared_data, dataset, folder):
     """RGB datasets from the image-folder layout run end to end and leave a partition report."""
@@ -227,17 +223,18 @@ def test_a_text_conditional_flwr_run_on_the_celeba_fixture(flwr_env, tmp_path, s
 
 
 def test_flwr_run_with_weights_files_reports_fid_kid_and_fcd(flwr_env, tmp_path, standin_weights):
-    """Weights files of the right formats (random values) switch the FID/KID/FCD columns on."""
+    """Weights files of the right formats (random values) switch the FID/KID/FCD columns on
+    (two clients, few images: InceptionV3 at 299x299 on a CPU core takes about 0.3 s per image)."""
     inception, clip = standin_weights
     outcome = _run(flwr_env, tmp_path, **{
         "num-server-rounds": 1, "fid-weights": str(inception), "fcd-weights": str(clip),
-        "held-out-fraction": 0.05, "disclosure-num-images": 8,
+        "num-clients": 2, "classes-per-client": 5, "held-out-fraction": 0.02, "disclosure-num-images": 4,
     })
     metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
     for name in ("fid", "kid", "fcd", "kid_clip", "server-only-fid", "upload-fcd"):
         rows = metrics[metrics["metric"] == name]
         pooled = name in ("fid", "fcd", "server-only-fid")  # KID needs per-image features: no pooled row
-        expected = {"0", "1", "2", "3", "4"} | ({"pooled"} if pooled else set())
+        expected = {"0", "1"} | ({"pooled"} if pooled else set())
         assert set(rows["client"]) == expected, name
         assert rows["value"].notna().all(), name
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
@@ -367,7 +364,8 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_en
     """Killed (SIGKILL, every process) while round 2 of 3 is under way, the same config
     started again continues in the same run directory from round 1's checkpoint (the clients
     from their round-1 state, not the half-finished round 2), ends after round 3 and gives
-    exactly the metrics of an uninterrupted run; another config never reuses the checkpoint."""
+    exactly the metrics of an uninterrupted run (seeds fix everything: partition, noise,
+    training streams and samples); another config never reuses the checkpoint."""
     env, _ = flwr_env
     rounds = {"num-server-rounds": 3, "server-images-per-round": 256}
     reference = _run(flwr_env, tmp_path / "a", **rounds)  # same path lengths: same message sizes
@@ -391,7 +389,7 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_en
     (run_dir,) = (killed_dir / "runs").glob("0*-digits-*")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001"]  # killed mid-round 2
 
-    other = _run(flwr_env, killed_dir, **rounds, seed=1)  # same name, another config: a new run
+    other = _run(flwr_env, killed_dir, **{**rounds, "num-server-rounds": 1}, seed=1)  # same name, another config
     assert other.run_dir != run_dir and "resumed" not in (other.run_dir / "log.txt").read_text()
 
     resumed = _run(flwr_env, killed_dir, **rounds)

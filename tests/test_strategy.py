@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
@@ -23,7 +24,7 @@ def _strategy(run_config, tmp_path, networks=()) -> CollaFuseStrategy:
     config = RunConfig.from_flower(run_config)
     net = build_denoiser(config.image_size, 1, config.block_channels)
     return CollaFuseStrategy(
-        config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), tmp_path / "f", list(networks), {}
+        config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8), list(networks), {}
     )
 
 
@@ -141,6 +142,22 @@ def test_client_faults_do_not_stop_a_round(tiny_run_config, tmp_path, task_ident
         ["2", "train-fault-raised"], ["3", "train-fault-missing"]]
     log = (tmp_path / "log.txt").read_text()
     assert "CUDA out of memory" in log and "no reply within round-timeout-seconds" in log
+
+
+def test_a_reply_the_superlink_makes_for_an_offline_node_counts_that_node_missing(
+        tiny_run_config, tmp_path, task_identity):
+    """In a deployment the SuperLink answers the message of a node it considers offline with an
+    error reply from its own node id (1) that names the message: the node it speaks for is
+    missing (with the SuperLink's reason), not "node-1" rejected, and the others count."""
+    strategy = _strategy(dict(tiny_run_config, **{"min-replies": 1}), tmp_path)
+    sent = send_train(strategy, [10, 11])
+    offline = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node is not available."), reply_to=sent[11])
+    offline.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    _, summary = strategy.aggregate_train(1, [answer(sent[10], _upload(0)), offline])
+    assert summary["clients-accepted"] == 1 and sorted(strategy.uploads) == [0]
+    assert _faults(tmp_path) == [["1", "train-fault-missing"]]
+    assert "client 1 (node 11) missing: the SuperLink answered for it: Node is not available." in (
+        tmp_path / "log.txt").read_text()
 
 
 def test_too_few_replies_stop_the_run(tiny_run_config, tmp_path, task_identity):

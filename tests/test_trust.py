@@ -24,7 +24,7 @@ def _play(run_config: dict, tmp_path: Path) -> tuple[CollaFuseStrategy, list[byt
     config = RunConfig.from_flower(run_config)
     net = build_denoiser(config.image_size, 1, config.block_channels)
     strategy = CollaFuseStrategy(config, RunDirectory(tmp_path / "server"), RUN_KEY, Denoiser(net, 1e-3, 0.0),
-                                 (1, 8, 8), tmp_path / "f", [], {})
+                                 (1, 8, 8), [], {})
     (tmp_path / "server").mkdir()
     wire_bytes = []
     for server_round in (1, 2):

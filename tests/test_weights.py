@@ -70,13 +70,11 @@ def test_standin_files_load_as_the_real_networks(standin_weights, tmp_path):
 
 
 def test_feature_networks_are_the_classifier_plus_what_has_weights(empty_caches, standin_weights, tmp_path):
-    from safetensors.torch import save_file
 
     from collafuse_flwr.metrics.classifier import FeatureClassifier
 
-    classifier = tmp_path / "classifier.safetensors"
-    save_file(FeatureClassifier(1, 10).state_dict(), str(classifier))
-    names = lambda ws: [(n.name, n.fd_name, n.kid_name) for n in load_feature_networks(classifier, ws)]
+    classifier = FeatureClassifier(1, 10)
+    names = lambda ws: [(n.name, n.fd_name, n.kid_name) for n in load_feature_networks(classifier, "id", ws)]
     none = {"inception": resolve_weights("inception"), "clip": resolve_weights("clip")}
     assert names(none) == [("classifier", "fd_classifier", "kid_classifier")]
     both = {"inception": resolve_weights("inception", str(standin_weights[0])),

@@ -230,3 +230,33 @@ def test_fedavg_replies_are_checked_against_the_sent_weights(change):
         wire.unpack_weights(content, sent, cap=100, images_per_round=64)
     ok = RecordDict({wire.WEIGHTS: sent, wire.METRICS: MetricRecord(train_metrics(n=4))})
     wire.unpack_weights(ok, sent, cap=100, images_per_round=64)
+
+
+def _feature_network(**changes) -> ArrayRecord:
+    from collafuse_flwr.metrics.classifier import FeatureClassifier
+
+    state = {k: v.numpy() for k, v in FeatureClassifier(1, 10).state_dict().items()}
+    for key, value in changes.items():
+        if value is None:
+            del state[key.replace("__", ".")]
+        else:
+            state[key.replace("__", ".")] = value
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+@pytest.mark.parametrize("changes,reason", [
+    ({"head__weight": None}, "no head.weight"),
+    ({"head__weight": np.zeros((2000, 64), np.float32)}, "K <= 1000"),
+    ({"head__weight": np.zeros(640, np.float32)}, r"shape \(640,\)"),
+    ({"body__0__weight": np.zeros((32, 3, 3, 3), np.float32)}, "expected"),  # 3 channels for grey images
+    ({"body__0__bias": np.full(32, np.nan, np.float32)}, "non-finite"),
+    ({"body__0__bias": np.zeros(32, np.float64)}, "dtype float64"),
+    ({"head__bias": np.zeros(10, np.float32), "extra": np.zeros(1, np.float32)}, "unexpected"),
+])
+def test_the_client_checks_the_feature_network_it_is_sent(changes, reason):
+    """Evaluate messages carry the fd_classifier network itself (no path to open): the client
+    accepts exactly a FeatureClassifier's weights for its images, by their decoded values."""
+    with pytest.raises(wire.UploadRejected, match=reason):
+        wire.unpack_feature_network(_feature_network(**changes), channels=1)
+    state = wire.unpack_feature_network(_feature_network(), channels=1)
+    assert state["head.weight"].shape == (10, 64)

@@ -42,6 +42,10 @@ UPLOAD_DTYPES = ("float16", "float32")
 # what the clients' denoisers condition on, and the server's (diffusion/conditions.py)
 CONDITIONS = ("none", "class", "attributes", "text")
 SERVER_CONDITIONS = ("none", "client-id", "full")
+# Where a client's images come from: the partition the server assigns (simulation), or its
+# own folder, named by its node config (a deployment; the server's data-dir then holds only
+# images no client holds, for the evaluation feature network).
+CLIENT_DATA = ("partition", "own")
 # which attributes an attribute or text condition holds: all of the image's, or its client's group's
 CONDITION_ATTRIBUTES = ("all", "group")
 # torch keeps a device index in 8 bits: "cuda:128" would silently become "cuda:-128"
@@ -112,6 +116,7 @@ KEYS = {
     "num-clients": Rule(1, 1_000),
     "strategy": Rule(choices=STRATEGIES),
     "dataset": Rule(choices=DATASETS),
+    "client-data": Rule(choices=CLIENT_DATA),
     "dataset-split": Rule(choices=DATASET_SPLITS),
     "image-size": Rule(1, 1_024),
     "partition": Rule(choices=PARTITIONS),
@@ -160,6 +165,7 @@ class RunConfig:
     num_clients: int = 5
     strategy: str = "collafuse"
     dataset: str = "digits"
+    client_data: str = "partition"
     data_dir: str = ""
     download: bool = True
     dataset_split: str = ""

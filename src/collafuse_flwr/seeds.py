@@ -31,6 +31,7 @@ STREAMS = frozenset({
     "server-only",   # server, public: the audit's server-only samples
     "reference",     # public: the images kept aside from all clients, the feature network's check split
     "requested",     # client, public: which held-out images' conditions a client asks for when sampling
+    "held-out",      # client, public: a client's held-out split of its own folder (client-data = own)
 })
 
 

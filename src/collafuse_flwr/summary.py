@@ -10,7 +10,8 @@ Built from metrics.csv (long format: round, client, metric, value) after every r
 
 Cost entries are sums over all rounds: nfe-/flops-train, nfe-/flops-sample, seconds per phase,
 and bytes: "bytes-up" (client -> server protocol messages), "bytes-down" (server -> client),
-"bytes-up-evaluation" (the evaluation replies, measurement only). Non-finite values are null.
+"bytes-up-evaluation" and "bytes-down-evaluation" (the evaluation replies and the feature
+network sent for it: measurement only). Non-finite values are null.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ COST_SUMS = {
     "bytes-up": ("bytes-up-train",),
     "bytes-down": ("bytes-down-train", "bytes-down-sample"),
     "bytes-up-evaluation": ("bytes-up-evaluation",),
+    "bytes-down-evaluation": ("bytes-down-evaluation",),
 }
 
 

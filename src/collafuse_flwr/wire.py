@@ -56,6 +56,8 @@ MOMENT_KINDS = ("real", "generated")
 # this much of its largest diagonal entry.
 COVARIANCE_TOLERANCE = 1e-3
 WEIGHTS = "arrays"  # Flower's FedAvg default `arrayrecord_key`
+FEATURE_NETWORK = "feature-network"  # evaluate messages: the fd_classifier network's weights
+MAX_FEATURE_TARGETS, MAX_FEATURES = 1_000, 4_096  # bounds of a FeatureClassifier a client builds
 # |weight| beyond this is no trained U-Net's: a diverged or hostile update
 MAX_ABS_WEIGHT = 1e4
 # A training reply's metrics, every key required: (kind, low, high); high None = no bound.
@@ -398,6 +400,24 @@ def unpack_weights(
     if not 1 <= metrics["num-examples"] <= cap:
         raise UploadRejected(f"num-examples={metrics['num-examples']} is not a count in [1, {cap}]")
     return check_weights(content.array_records[WEIGHTS], reference), metrics
+
+
+def unpack_feature_network(arrays: ArrayRecord, channels: int) -> dict[str, torch.Tensor]:
+    """The evaluation feature network an evaluate message carries, as a state dict, if it is
+    exactly the weights of a `FeatureClassifier` on `channels`-channel images with K <=
+    MAX_FEATURE_TARGETS outputs and F <= MAX_FEATURES features (read from head.weight (K, F)):
+    every key, decoded float32 of its shape, finite, |w| <= MAX_ABS_WEIGHT (`check_weights`);
+    raises `UploadRejected` otherwise. No path is read: the client never opens a file the server names."""
+    from collafuse_flwr.metrics.classifier import FeatureClassifier
+
+    if "head.weight" not in arrays:
+        raise UploadRejected(f"{FEATURE_NETWORK}: no head.weight; keys {sorted(arrays.keys())[:5]}")
+    head = decode(arrays["head.weight"], "float32", MAX_FEATURE_TARGETS * MAX_FEATURES, "head.weight")
+    if head.ndim != 2 or not (1 <= head.shape[0] <= MAX_FEATURE_TARGETS and 1 <= head.shape[1] <= MAX_FEATURES):
+        raise UploadRejected(f"{FEATURE_NETWORK}: head.weight of shape {head.shape}, expected (K, F) with "
+                             f"K <= {MAX_FEATURE_TARGETS}, F <= {MAX_FEATURES}")
+    reference = FeatureClassifier(channels, head.shape[0], head.shape[1])
+    return weights_state(check_weights(arrays, pack_weights(reference.state_dict())))
 
 
 def content_bytes(content: RecordDict) -> int:

@@ -72,4 +72,5 @@ def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
         seed = wire.config_int(client.message_config, "sample-seed", 0, 2**63 - 1)
         x = sampler.run(net, x, sampler.client_steps, seed, client.conditions(requested))
     images = x.clamp(-1, 1)
-    return evaluation_reply(client, images, requested, net, len(sampler.client_steps), time.perf_counter() - start)
+    return evaluation_reply(client, content, images, requested, net, len(sampler.client_steps),
+                            time.perf_counter() - start)

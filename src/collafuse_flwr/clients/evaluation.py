@@ -17,21 +17,24 @@ from flwr.app import MetricRecord, RecordDict
 from collafuse_flwr import wire
 from collafuse_flwr.clients.round import ClientRound
 from collafuse_flwr.data import condition_sizes, group_columns, load_table, partition_key
+from collafuse_flwr.metrics.classifier import FeatureClassifier, classifier_from_state
 from collafuse_flwr.metrics.conditioning import conditioning_metric_names, conditioning_scores
 from collafuse_flwr.metrics.cost import sampling_cost
 from collafuse_flwr.metrics.distances import feature_moments, named_distances
-from collafuse_flwr.metrics.features import cached_features, load_feature_networks, resolved_weights
+from collafuse_flwr.metrics.features import cached_features, load_feature_networks, resolved_weights, weights_digest
 from collafuse_flwr.outputs import save_grid, save_labelled_grid
 
 
 def evaluation_reply(
-    client: ClientRound, images: torch.Tensor, requested: torch.Tensor | None, net: UNet2DModel | None, steps: int,
-    sample_seconds: float,
+    client: ClientRound, content: RecordDict, images: torch.Tensor, requested: torch.Tensor | None,
+    net: UNet2DModel | None, steps: int, sample_seconds: float,
 ) -> RecordDict:
     """Save the client's generated `images` (n, C, H, W) in [-1, 1] as a grid and report their
-    quality against the client's held-out images, how well they show the `requested` raw
-    conditions they were generated for (None: unconditional), and the cost of the `steps`
-    sampling steps the client ran with `net` (none when `net` is None). With pooled-metrics the reply adds,
+    quality against the client's held-out images (on the fd_classifier network the evaluate
+    message `content` carries, `wire.unpack_feature_network`, and the pretrained ones), how
+    well they show the `requested` raw conditions they were generated for (None:
+    unconditional), and the cost of the `steps` sampling steps the client ran with `net`
+    (none when `net` is None). With pooled-metrics the reply adds,
     per feature network, the mean and covariance of the held-out and of the generated images'
     features (`wire.pack_moments`): statistics of each set, never a per-image feature."""
     config, partition_id = client.config, client.partition_id
@@ -40,7 +43,7 @@ def evaluation_reply(
     if requested is not None:
         _save_labelled(client, images, requested, client.samples_dir / f"{name}-labelled.png")
     start = time.perf_counter()
-    quality, moments = _quality(client, images, requested)
+    quality, moments = _quality(client, _feature_network(client, content), images, requested)
     metrics = {
         "partition-id": partition_id,
         "num-generated": int(images.shape[0]),
@@ -76,8 +79,17 @@ def _save_labelled(client: ClientRound, images: torch.Tensor, requested: torch.T
     save_labelled_grid(images[order], [labels[i] for i in order], path)
 
 
+def _feature_network(client: ClientRound, content: RecordDict) -> tuple[FeatureClassifier, str]:
+    """The fd_classifier network of an evaluate message, validated, and its identity."""
+    record = content.array_records.get(wire.FEATURE_NETWORK)
+    if record is None:
+        raise wire.UploadRejected(f"evaluate message without a {wire.FEATURE_NETWORK} record")
+    state = wire.unpack_feature_network(record, client.image_shape[0])
+    return classifier_from_state(state), weights_digest(state)
+
+
 def _quality(
-    client: ClientRound, images: torch.Tensor, requested: torch.Tensor | None
+    client: ClientRound, classifier: tuple[FeatureClassifier, str], images: torch.Tensor, requested: torch.Tensor | None
 ) -> tuple[dict[str, float], dict[str, tuple]]:
     """Distances between the generated images and the held-out images on every available
     feature network (the held-out features are cached), the conditioning metrics on the
@@ -85,7 +97,7 @@ def _quality(
     (mean (d,), covariance (d, d))} of both sets' features."""
     config = client.config
     weights = resolved_weights(config.fid_weights, config.fcd_weights)
-    networks = load_feature_networks(Path(str(client.message_config["classifier-path"])), weights)
+    networks = load_feature_networks(*classifier, weights)
     cache_dir = client.state.directory / ".cache" / "features"
     key = f"{partition_key(config)}:client-{client.partition_id}:held-out"
     quality, moments = {}, {}
@@ -97,6 +109,6 @@ def _quality(
             m = feature_moments(features)
             moments[f"{network.name}-{kind}"] = (m.mean, m.covariance)
     names = conditioning_metric_names(config, condition_sizes(config)[0])
-    columns = group_columns(config, client.partition_id) if config.condition_attributes == "group" else None
+    columns = group_columns(config, client.group) if client.group is not None else None
     quality.update(conditioning_scores(networks[0].module, images, requested, client.data, names, columns))
     return quality, moments

@@ -53,4 +53,5 @@ def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
     start = time.perf_counter()
     x = initial_noise(config.eval_num_samples, client.image_shape, seed)
     images = sampler.run(net.eval(), x, sampler.client_steps, seed, client.conditions(requested)).clamp(-1, 1)
-    return evaluation_reply(client, images, requested, net, len(sampler.client_steps), time.perf_counter() - start)
+    return evaluation_reply(client, content, images, requested, net, len(sampler.client_steps),
+                            time.perf_counter() - start)

@@ -12,9 +12,16 @@ from diffusers import UNet2DModel
 from flwr.app import ConfigRecord, Context, Message
 
 from collafuse_flwr import wire
-from collafuse_flwr.clients.state import ClientState, ClientStateError, shares_conditions, state_root
+from collafuse_flwr.clients.state import (
+    ClientState,
+    ClientStateError,
+    holder_directory,
+    own_attribute_group,
+    own_data_config,
+    shares_conditions,
+)
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.data import ClientData, client_data
+from collafuse_flwr.data import ClientData, client_data, own_client_data, simulated_group
 from collafuse_flwr.diffusion.conditions import Conditioning, run_conditioning
 from collafuse_flwr.diffusion.losses import client_loss
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, on_device, resolve_device
@@ -41,6 +48,7 @@ class ClientRound:
     protocol: Protocol
     data: ClientData
     conditioning: Conditioning
+    group: int | None  # the client's attribute group under condition-attributes "group"
 
     @property
     def schedule(self) -> CutSchedule:
@@ -80,9 +88,13 @@ class ClientRound:
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientRound:
         """Check the server's message (round, assigned partition, run key) and set up the round.
-        In simulation the partition the server assigns is the data this client plays; its
-        private state is below the state root the client chooses (`state.state_root`)."""
+        In simulation the partition the server assigns is the data this client plays; with
+        client-data "own" the client's data is the folder its node config names, and `config`
+        says so (`state.own_data_config`). Its private state is below the state root the
+        client chooses (`state.holder_directory`)."""
         config = RunConfig.from_flower(context.run_config)
+        if config.client_data == "own":
+            config = own_data_config(config, context.node_config)
         num_partitions = int(context.node_config.get("num-partitions", config.num_clients))
         if num_partitions != config.num_clients:
             raise ConfigError(
@@ -95,7 +107,7 @@ class ClientRound:
         server_round = wire.config_int(message_config, "server-round", 1, config.num_server_rounds)
         partition_id = wire.config_int(message_config, "partition-id", 0, num_partitions - 1)
         run_key = message_config.get("run-key")
-        state = ClientState(state_root(context.node_config) / f"partition-{partition_id}")
+        state = ClientState(holder_directory(config, context.node_config, partition_id))
         state.run_dir(run_key)  # checks the key's form
         if config.sends_conditions and not shares_conditions(context.node_config):
             raise ClientStateError(
@@ -103,17 +115,14 @@ class ClientRound:
                 "upload), which it does not share: set node config share-conditions=true (simulation: "
                 "COLLAFUSE_SHARE_CONDITIONS=1) to allow it, or run with server-condition='client-id'"
             )
-        return cls(
-            config,
-            partition_id,
-            server_round,
-            message_config,
-            state,
-            run_key,
-            Protocol.of(config),
-            client_data(config, partition_id),
-            run_conditioning(config),
-        )
+        if config.client_data == "own":
+            group = own_attribute_group(config, context.node_config)
+            data = own_client_data(config, group)
+        else:
+            group = simulated_group(config, partition_id)
+            data = client_data(config, partition_id)
+        return cls(config, partition_id, server_round, message_config, state, run_key, Protocol.of(config), data,
+                   run_conditioning(config), group)
 
     @property
     def device(self) -> torch.device:

@@ -6,11 +6,18 @@ denoiser between rounds. The client decides where; no message names a path.
                                       $COLLAFUSE_CLIENT_STATE, else
                                       $XDG_DATA_HOME/collafuse-flwr/clients (~/.local/share/...)
         partition-3/                  one data holder (in simulation, one per partition)
+        own/                          the data holder of a deployed SuperNode (client-data =
+                                      own), whatever partition id the server assigns it
             secret                    32 random bytes from os.urandom, created on first use
                                       (mode 0600), never sent
             runs/<run-key>/round-004/ the private denoiser after round 4 (this round's and the
                                       previous round's are kept)
             runs/<run-key>/samples/   the client's generated images
+
+A deployed client (client-data = own) also names its images in its node config: "data-dir"
+(every image there is the client's, in the dataset's folder layout) and, when it conditions on
+its attribute group, "attribute-group" (its index in attribute-groups). The server's data-dir
+is never a client's.
 
 Whether the client sends its images' conditions (labels, attributes) to a server that asks for
 them (server-condition = "full") is the client's decision too: node config "share-conditions"
@@ -26,15 +33,20 @@ a new key; what it would take is another configuration, which `upload_seed` keys
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
+from collafuse_flwr.config import RunConfig
 from collafuse_flwr.seeds import stream_seed
 from collafuse_flwr.wire import RUN_KEY
 
 STATE_DIR_KEY = "state-dir"  # node config key
 STATE_DIR_VARIABLE = "COLLAFUSE_CLIENT_STATE"
 SHARE_CONDITIONS_KEY = "share-conditions"  # node config key
+DATA_DIR_KEY = "data-dir"  # node config key (client-data = own)
+ATTRIBUTE_GROUP_KEY = "attribute-group"  # node config key (client-data = own, condition-attributes = group)
+OWN_DATA_HOLDER = "own"  # the state directory of a deployed client, below its root
 SHARE_CONDITIONS_VARIABLE = "COLLAFUSE_SHARE_CONDITIONS"
 YES, NO = ("true", "1", "yes"), ("false", "0", "no", "")
 SECRET_BYTES = 32
@@ -51,6 +63,42 @@ def state_root(node_config) -> Path:
         return Path(str(configured)).expanduser().resolve()
     data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(data_home).expanduser().resolve() / "collafuse-flwr" / "clients"
+
+
+def holder_directory(config: RunConfig, node_config, partition_id: int) -> Path:
+    """This data holder's state directory: `<root>/partition-<k>` for the partition the server
+    assigned (simulation), `<root>/own` for a client with its own data."""
+    name = OWN_DATA_HOLDER if config.client_data == "own" else f"partition-{partition_id}"
+    return state_root(node_config) / name
+
+
+def own_data_config(config: RunConfig, node_config) -> RunConfig:
+    """The run config as a client with its own data (client-data = own) reads it: data-dir from
+    its node config (every image of the folder, never downloaded), the rest as the server sent
+    it; a `ClientStateError` when the node config names no data-dir."""
+    data_dir = str(node_config.get(DATA_DIR_KEY, "")).strip()
+    if not data_dir:
+        raise ClientStateError(
+            "client-data='own': this client's node config names no data-dir; start its SuperNode with "
+            "--node-config \"data-dir='/path/to/its/images'\""
+        )
+    own = dataclasses.replace(config, data_dir=data_dir, dataset_split="all", download=False)
+    own.validate()
+    return own
+
+
+def own_attribute_group(config: RunConfig, node_config) -> int | None:
+    """The index of a client's attribute group under condition-attributes "group" (node config
+    attribute-group, in [0, num-clients)); None otherwise."""
+    if config.condition_attributes != "group":
+        return None
+    value = str(node_config.get(ATTRIBUTE_GROUP_KEY, "")).strip()
+    if not value.isdigit() or not int(value) < config.num_clients:
+        raise ClientStateError(
+            f"condition-attributes='group': node config {ATTRIBUTE_GROUP_KEY}={value!r} must name this client's "
+            f"group of attribute-groups by its index in [0, {config.num_clients})"
+        )
+    return int(value)
 
 
 def shares_conditions(node_config) -> bool:

@@ -13,8 +13,8 @@ from typing import Any
 # Public name -> the submodule that defines it
 _EXPORTS = {
     "ClientData": "clients", "client_data": "clients", "client_indices": "clients", "condition_sizes": "clients",
-    "group_columns": "clients", "image_shape": "clients",
-    "partition_key": "clients", "training_images": "clients",
+    "group_columns": "clients", "image_shape": "clients", "own_client_data": "clients",
+    "partition_key": "clients", "simulated_group": "clients", "training_images": "clients",
     "data_root": "loaders", "load_table": "loaders",
     "DatasetError": "table", "ImageTable": "table",
 }

@@ -73,8 +73,14 @@ def reference_images(config: RunConfig) -> ReferenceImages:
     KEPT_ASIDE_FRACTION of the clients' split, drawn with the run seed before partitioning,
     that no client gets (`client_indices`). Either way held-out-fraction of the reference
     images (at least 1) check the network's accuracy and the rest (at least 1) train it.
+    With client-data "own" (a deployment: the clients hold their images, the server none of
+    them), every image of the server's data-dir and split.
     """
     table = load_table(config)
+    if config.client_data == "own":
+        description = (f"the server's own {len(table)} images at data-dir={config.data_dir!r} "
+                       f"(dataset-split={config.dataset_split!r}), which no client holds")
+        return _reference(table, np.arange(len(table)), False, description, config)
     reason = f"dataset-split={config.dataset_split!r} is not the training split"
     if config.dataset_split in ("", "train"):
         try:
@@ -131,12 +137,38 @@ def client_data(config: RunConfig, partition_id: int) -> ClientData:
         raise ConfigError(
             f"partition id {partition_id} is outside [0, num-clients={config.num_clients})"
         )
-    table = load_table(config)
     train, held = client_indices(config)[partition_id]
+    return _share(config, load_table(config), train, held, simulated_group(config, partition_id))
+
+
+def simulated_group(config: RunConfig, partition_id: int) -> int | None:
+    """A simulated client's attribute group under condition-attributes "group": its partition
+    id (client k holds group k of `attribute-groups`); None otherwise. A deployed client names
+    its group in its node config (`clients.state.own_attribute_group`)."""
+    return partition_id if config.condition_attributes == "group" else None
+
+
+def own_client_data(config: RunConfig, group: int | None = None) -> ClientData:
+    """A deployed client's images: every image of `config`'s data-dir (the client's own
+    folder, see `clients.state.own_data_config`), shuffled with the run seed, with
+    round(held-out-fraction * n) (at least MIN_HELD_OUT) held out. Under condition-attributes
+    "group", `group` is the index of the client's attribute group in `attribute-groups`."""
+    table = load_table(config)
+    order = np.random.default_rng(public_seed(config.seed, "held-out")).permutation(len(table))
+    n_held = max(MIN_HELD_OUT, int(round(len(order) * config.held_out_fraction)))
+    if len(order) - n_held < 1:
+        raise DatasetError(f"{table.source}: {len(order)} images are too few to hold {MIN_HELD_OUT} out "
+                           "and train on the rest")
+    return _share(config, table, np.sort(order[n_held:]), np.sort(order[:n_held]), group)
+
+
+def _share(config: RunConfig, table: ImageTable, train: np.ndarray, held: np.ndarray, group: int | None) -> ClientData:
+    """The images `train` and `held` (row indices) of `table` with their targets and raw
+    conditions; with `group`, only the attributes of that attribute group (0 elsewhere)."""
     targets, conditions = table.targets(), table.conditions(config.condition)
     own = (None,) * 2
     if conditions is not None:
-        mask = group_columns(config, partition_id) if config.condition_attributes == "group" else 1
+        mask = group_columns(config, group) if group is not None else 1
         own = conditions[train] * mask, conditions[held] * mask
     return ClientData(
         as_model_input(table.images[train]), targets[train],
@@ -144,11 +176,11 @@ def client_data(config: RunConfig, partition_id: int) -> ClientData:
     )
 
 
-def group_columns(config: RunConfig, partition_id: int) -> torch.Tensor:
-    """(A,) float32: 1 at the attributes of client `partition_id`'s group (`attribute-groups`), 0 elsewhere."""
-    names = load_table(config).attribute_names
-    group = set(attribute_group_names(config)[partition_id])
-    return torch.tensor([float(name in group) for name in names])
+def group_columns(config: RunConfig, group: int) -> torch.Tensor:
+    """(A,) float32: 1 at the attributes of group `group` of `attribute-groups` (in simulation,
+    client `group`'s), 0 elsewhere."""
+    names, kept = load_table(config).attribute_names, set(attribute_group_names(config)[group])
+    return torch.tensor([float(name in kept) for name in names])
 
 
 def condition_sizes(config: RunConfig) -> tuple[int, int]:

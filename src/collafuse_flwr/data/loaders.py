@@ -23,11 +23,11 @@ from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data.awa2 import load_awa2
 from collafuse_flwr.data.celeba import load_celeba
 from collafuse_flwr.data.cifar10 import load_cifar10
-from collafuse_flwr.data.digits import load_digits
+from collafuse_flwr.data.digits import load_digits, load_digits_folder
 from collafuse_flwr.data.table import DatasetError, ImageTable
 from collafuse_flwr.outputs import write_directory_atomically
 
-LOADERS = {"cifar10": load_cifar10, "celeba": load_celeba, "awa2": load_awa2}
+LOADERS = {"digits": load_digits_folder, "cifar10": load_cifar10, "celeba": load_celeba, "awa2": load_awa2}
 CACHE_FORMAT = 2  # raised whenever decoding changes what a cached table holds
 
 
@@ -48,8 +48,9 @@ def decoded_cache() -> Path:
 
 
 def load_table(config: RunConfig) -> ImageTable:
-    """The configured dataset split at `image-size` (cached on disk and per process)."""
-    if config.dataset == "digits":
+    """The configured dataset split at `image-size` (cached on disk and per process); the
+    embedded digits unless a data-dir names a folder of digits."""
+    if config.dataset == "digits" and not config.data_dir:
         return _digits(config.dataset_split, config.image_size)
     return _decoded(config.dataset, data_root(config), config.dataset_split, config.image_size,
                     config.download, decoded_cache())

@@ -2,8 +2,9 @@
 client's training images (PROTOCOL.md, "Information disclosure, measured").
 
 The attacks use only what the server holds: every view it received and its denoiser. Scoring
-them needs the truth, the clients' training images, which the audit reads from the dataset
-(simulation only; in a deployment set disclosure-num-images = 0). Per client, on its first
+them needs the truth, the clients' training images, which the audit reads from the dataset:
+simulation only (client-data "partition"); with client-data "own" the server holds no client
+image and the attacks do not run. Per client, on its first
 `disclosure-num-images` training images, every evaluation round:
 - upload-<fd>, upload-<kid>: distance between the uploads (viewed as images, clipped to
   [-1, 1]) and the training images, on every available feature network;
@@ -77,7 +78,7 @@ class DisclosureAudit:
 
     @property
     def enabled(self) -> bool:
-        return self.config.disclosure_num_images > 0
+        return self.config.disclosure_num_images > 0 and self.config.client_data == "partition"
 
     def record(self, partition_id: int, x_cut: torch.Tensor, server_round: int) -> None:
         """Count a client's accepted upload (n, C, H, W) as a new view of each of its images

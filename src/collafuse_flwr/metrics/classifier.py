@@ -82,7 +82,11 @@ def load_classifier(path: Path) -> FeatureClassifier:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no fd_classifier feature network at {path}")
-    state = load_file(str(path))
+    return classifier_from_state(load_file(str(path)))
+
+
+def classifier_from_state(state: dict[str, torch.Tensor]) -> FeatureClassifier:
+    """A feature network from its weights; its sizes are read from their shapes."""
     num_classes, num_features = state["head.weight"].shape
     net = FeatureClassifier(state["body.0.weight"].shape[1], num_classes, num_features)
     net.load_state_dict(state)

@@ -24,7 +24,6 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from collafuse_flwr.config import ConfigError
-from collafuse_flwr.metrics.classifier import load_classifier
 from collafuse_flwr.outputs import write_atomically
 from collafuse_flwr.weights import Weights, read_weights, resolve_weights
 
@@ -139,6 +138,17 @@ def _rgb(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short digest of a network's weights (names, shapes and values): its identity for
+    caches, the same on the server and on a client that received them."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        values = state[name].detach().float().contiguous().cpu().numpy()
+        digest.update(f"{name}:{values.shape}".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()[:12]
+
+
 def file_identity(path: Path) -> str:
     """A short digest of a weights file's path, size and modification time."""
     stat = Path(path).stat()
@@ -170,10 +180,11 @@ def pretrained_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]
     return weights
 
 
-def load_feature_networks(classifier_path: Path, weights: dict[str, Weights]) -> list[FeatureNetwork]:
-    """The classifier network and every pretrained network whose weights are available."""
-    networks = [FeatureNetwork("classifier", load_classifier(classifier_path), "fd_classifier",
-                               "kid_classifier", file_identity(classifier_path))]
+def load_feature_networks(classifier: nn.Module, classifier_identity: str,
+                          weights: dict[str, Weights]) -> list[FeatureNetwork]:
+    """The classifier network (its identity: a digest of its weights) and every pretrained
+    network whose weights are available."""
+    networks = [FeatureNetwork("classifier", classifier, "fd_classifier", "kid_classifier", classifier_identity)]
     builders = {"inception": (InceptionFeatures, "fid", "kid"), "clip": (ClipFeatures, "fcd", "kid_clip")}
     for name, (build, fd_name, kid_name) in builders.items():
         if weights[name].available:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -46,7 +45,7 @@ from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.outputs import save_grid
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
-from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
+from collafuse_flwr.strategies.evaluation import evaluation_rows, feature_network_record, write_evaluation
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.strategies.rounds import ResumableRounds
 
@@ -62,8 +61,8 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             state of the run under it, below a directory they choose.
         denoiser: the server denoiser (a diffusers UNet2DModel) with optimizer and EMA.
         image_shape: (C, H, W) of the dataset's images, for validating uploads.
-        classifier_path: the cached fd_classifier feature network the clients load.
-        networks: the feature networks available here (the pooled row and the audit).
+        networks: the feature networks available here (the pooled row and the audit); the
+            first, fd_classifier's, goes to the clients with every evaluate message.
         notes: what summary.json says beside the numbers (e.g. skipped metrics).
     """
 
@@ -74,7 +73,6 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         run_key: str,
         denoiser: Denoiser,
         image_shape: tuple[int, int, int],
-        classifier_path: Path,
         networks: list[FeatureNetwork],
         notes: dict[str, object],
     ):
@@ -82,7 +80,6 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.run_dir = run_dir
         self.denoiser = denoiser
         self.image_shape = image_shape
-        self.classifier_path = classifier_path
         self.networks = networks
         self.notes = notes
         self.protocol = Protocol.of(config)
@@ -241,7 +238,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             return []
         c = self.config
         sampler = self.protocol.sampler(c)
-        net = self.denoiser.for_sampling()
+        net, feature_network = self.denoiser.for_sampling(), feature_network_record(self.networks)
         messages, shown = [], []
         start = time.perf_counter()
         # seeds and grid rows follow the partition ids (node ids change from run to run)
@@ -258,8 +255,8 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             x = sampler.run(net, x, sampler.server_steps, seed, condition)
             if self.protocol.clamps_handover:
                 x = x.clamp(-1, 1)
-            config = ConfigRecord({"sample-seed": seed, "classifier-path": str(self.classifier_path)})
-            content = RecordDict({"config": config, wire.HANDOVER: wire.pack_handover(x)})
+            content = RecordDict({"config": ConfigRecord({"sample-seed": seed}), wire.HANDOVER: wire.pack_handover(x),
+                                  wire.FEATURE_NETWORK: feature_network})
             messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
             shown.append(x[:8])
         cost = sampling_cost(net, self.image_shape, c.eval_num_samples * len(messages), len(sampler.server_steps))

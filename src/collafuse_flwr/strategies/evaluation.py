@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import INFO
 
-from flwr.app import Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from collafuse_flwr import wire
@@ -64,6 +64,13 @@ def _evaluation_reply(
     counts = {"real": metrics["num-real"], "generated": metrics["num-generated"]}
     return pid, (metrics, {key: Moments(counts[key.rsplit("-", 1)[1]], mean, covariance)
                            for key, (mean, covariance) in moments.items()})
+
+
+def feature_network_record(networks: list[FeatureNetwork]) -> ArrayRecord:
+    """The fd_classifier network (the first of `networks`) as the ArrayRecord evaluate
+    messages carry (`wire.FEATURE_NETWORK`): clients evaluate on it, never on a file the server
+    names; counted as bytes-down-evaluation, not as protocol traffic (`Parties.address`)."""
+    return wire.pack_weights(networks[0].module.state_dict())
 
 
 def pooled_quality(networks: list[FeatureNetwork], moments: list[dict[str, Moments]]) -> dict[str, float]:

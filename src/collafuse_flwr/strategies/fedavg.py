@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from logging import INFO
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -33,7 +32,7 @@ from collafuse_flwr.diffusion.models import Denoiser
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
-from collafuse_flwr.strategies.evaluation import evaluation_rows, write_evaluation
+from collafuse_flwr.strategies.evaluation import evaluation_rows, feature_network_record, write_evaluation
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.strategies.rounds import ResumableRounds
 
@@ -47,8 +46,8 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
         run_key: the run's key (32 hex digits) sent with every message.
         model: the global denoiser (weights and EMA; its optimizer is unused): its state is the
             initial ArrayRecord and it holds the latest average.
-        classifier_path: the cached fd_classifier feature network the clients load.
-        networks: the feature networks available here (the pooled row).
+        networks: the feature networks available here (the pooled row); the first,
+            fd_classifier's, goes to the clients with every evaluate message.
         notes: what summary.json says beside the numbers.
     """
 
@@ -58,7 +57,6 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
         run_dir: RunDirectory,
         run_key: str,
         model: Denoiser,
-        classifier_path: Path,
         networks: list[FeatureNetwork],
         notes: dict[str, object],
     ):
@@ -67,7 +65,6 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
         self.config = config
         self.run_dir = run_dir
         self.model = model
-        self.classifier_path = classifier_path
         self.networks = networks
         self.notes = notes
         self.parties = Parties(n, run_dir, run_key, config.min_replies)
@@ -128,14 +125,15 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
         """On evaluation rounds, the averaged sampling weights (the EMA) to every client."""
         if not self.config.is_eval_round(server_round):
             return []
-        config["classifier-path"] = str(self.classifier_path)
         sampling = wire.pack_weights(self.model.sampling_state())
+        feature_network = feature_network_record(self.networks)
         messages = list(super().configure_evaluate(server_round, sampling, config, grid))
         self.parties.assign(m.metadata.dst_node_id for m in messages)
         for msg in messages:  # each its own config: the seed a CollaFuse client of this partition gets
             pid = self.parties.partition_of.get(msg.metadata.dst_node_id, -1)
             seed = public_seed(self.config.seed, "sample", server_round, pid)
-            msg.content = RecordDict({wire.WEIGHTS: sampling, "config": ConfigRecord({**config, "sample-seed": seed})})
+            msg.content = RecordDict({wire.WEIGHTS: sampling, "config": ConfigRecord({**config, "sample-seed": seed}),
+                                      wire.FEATURE_NETWORK: feature_network})
         return self.parties.address(server_round, messages, "bytes-down-sample")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

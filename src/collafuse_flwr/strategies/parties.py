@@ -12,7 +12,10 @@ and sorts the replies of a phase into accepted ones and faults:
               (or answers one twice), or its content fails validation (`wire.UploadRejected`:
               records, keys, types, decoded dtype, shape, count, values); any other error
               while reading a reply is a rejection too, so no reply can abort a round;
-    missing   no reply within `round-timeout-seconds` (timed out, crashed or vanished).
+    missing   no reply within `round-timeout-seconds` (timed out, crashed or vanished), or the
+              SuperLink answered in the node's place (an error reply from the SuperLink's own
+              node id to the message sent to the node: the node went offline or the message
+              expired before it answered).
 
 Every fault is logged with its reason (Flower's log and log.txt) and becomes a metrics.csv row
 `<phase>-fault-<kind>` = 1 for the client. A phase with fewer than `min-replies` accepted replies
@@ -27,6 +30,7 @@ from logging import WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 
 from collafuse_flwr import wire
@@ -81,7 +85,9 @@ class Parties:
     def address(self, server_round: int, messages: Iterable[Message], metric: str) -> list[Message]:
         """The messages (one per node) to nodes with a partition id, each with its own config
         record stamped with server-round, partition-id and run-key; remembered as this phase's
-        (replies must answer them) with their sizes as (round, node id, `metric`, bytes)."""
+        (replies must answer them) with their sizes as (round, node id, `metric`, bytes), the
+        evaluation's feature network (`wire.FEATURE_NETWORK`, measurement only) apart as
+        (round, node id, "bytes-down-evaluation", bytes)."""
         messages = list(messages)
         nodes = set(self.assign(m.metadata.dst_node_id for m in messages))
         stamped = []
@@ -95,8 +101,14 @@ class Parties:
                                               "partition-id": self.partition_of[node], "run-key": self.run_key})
             msg.content = content
             stamped.append(msg)
-        self.sent = [(server_round, m.metadata.dst_node_id, metric, float(wire.content_bytes(m.content)))
-                     for m in stamped]
+        self.sent = []
+        for m in stamped:
+            total, node = wire.content_bytes(m.content), m.metadata.dst_node_id
+            measured = (wire.content_bytes(RecordDict({wire.FEATURE_NETWORK: m.content[wire.FEATURE_NETWORK]}))
+                        if wire.FEATURE_NETWORK in m.content else 0)
+            self.sent.append((server_round, node, metric, float(total - measured)))
+            if measured:
+                self.sent.append((server_round, node, "bytes-down-evaluation", float(measured)))
         self.awaiting = {m.metadata.dst_node_id: m for m in stamped}
         return stamped
 
@@ -130,9 +142,14 @@ class Parties:
         in partition-id order (arrival order must not change what the server computes) and the
         metrics.csv rows of the faults. Raises `RoundFailed` below `min_replies` accepted.
         """
-        received, rows, answered = [], [], set()
+        received, rows, answered, unavailable = [], [], set(), {}
+        awaited_by_message = {m.metadata.message_id: n for n, m in self.awaiting.items()}
         for reply in replies:
             node = reply.metadata.src_node_id
+            absent = awaited_by_message.get(reply.metadata.reply_to_message_id)
+            if node == SUPERLINK_NODE_ID and reply.has_error() and absent is not None and absent not in answered:
+                unavailable[absent] = f"the SuperLink answered for it: {reply.error.reason}"
+                continue
             sent = self.awaiting.get(node)
             if sent is None or node in answered or reply.metadata.reply_to_message_id != sent.metadata.message_id:
                 reason = "a second reply" if node in answered else "answers no message sent to this node in this phase"
@@ -151,7 +168,8 @@ class Parties:
             received.append(Received(pid, payload, wire.content_bytes(reply.content)))
         expected, self.awaiting = set(self.awaiting), {}
         for node in sorted(expected - answered):
-            rows.append(self._fault(server_round, phase, node, "missing", "no reply within round-timeout-seconds"))
+            reason = unavailable.get(node, "no reply within round-timeout-seconds")
+            rows.append(self._fault(server_round, phase, node, "missing", reason))
         if expected and len(received) < self.min_replies:
             raise RoundFailed(
                 f"round {server_round} {phase}: {len(received)} accepted replies, min-replies="

@@ -22,20 +22,21 @@ from collafuse_flwr.data.clients import reference_images
 from collafuse_flwr.data.report import write_partition_report
 from collafuse_flwr.diffusion.conditions import run_conditioning
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser, resolve_device
-from collafuse_flwr.metrics.classifier import cache_classifier, classifier_accuracy
+from collafuse_flwr.metrics.classifier import FeatureClassifier, cache_classifier, classifier_accuracy
 from collafuse_flwr.metrics.conditioning import conditioning_note
-from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights
+from collafuse_flwr.metrics.features import load_feature_networks, pretrained_weights, weights_digest
 from collafuse_flwr.run_dir import RunDirectory, check_output_dir
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.strategies.fedavg import FedAvgDiffusion
 
 
-def feature_network(config: RunConfig, run_dir: RunDirectory) -> tuple[Path, float]:
+def feature_network(config: RunConfig, run_dir: RunDirectory) -> tuple[Path, FeatureClassifier, float]:
     """Train (once, cached beside `run_dir` in the output directory) the fd_classifier feature
     network on reference images that no client holds (`reference_images`: the dataset's
     official test split, else a share of the dataset kept aside from all clients before
-    partitioning); return its path and its accuracy on the reference images held back from
-    its training. No client's image or label is read."""
+    partitioning; in a deployment the server's own images); return its path, the network and
+    its accuracy on the reference images held back from its training. No client's image or
+    label is read."""
     reference = reference_images(config)
     key = json.dumps(["reference", partition_key(config), config.metric_classifier_epochs])
     path = run_dir.feature_network_file(hashlib.sha256(key.encode()).hexdigest()[:12])
@@ -44,7 +45,7 @@ def feature_network(config: RunConfig, run_dir: RunDirectory) -> tuple[Path, flo
         path, torch.from_numpy(images[reference.train]), targets[reference.train],
         config.metric_classifier_epochs, config.seed,
     )
-    return path, classifier_accuracy(net, torch.from_numpy(images[reference.check]), targets[reference.check])
+    return path, net, classifier_accuracy(net, torch.from_numpy(images[reference.check]), targets[reference.check])
 
 
 def condition_note(config: RunConfig) -> str:
@@ -97,6 +98,9 @@ def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
         notes["skipped"] = skipped
     if config.strategy == "fedavg":
         notes["disclosure"] = "fedavg: clients send weights, never images; the image attacks do not apply"
+    elif config.client_data == "own":
+        notes["disclosure"] = ("client-data = own: the attacks need the clients' true images, which this server "
+                               "does not hold (simulation only); views-per-image and effective-snr are reported")
     elif config.disclosure_num_images == 0:
         notes["disclosure"] = "disclosure-num-images = 0: no attacks were run"
     elif config.t_zeta == config.timesteps:
@@ -139,7 +143,8 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
     weights = pretrained_weights(config.fid_weights, config.fcd_weights)  # bad paths fail here
     log(INFO, "Dataset %s from %s", config.dataset, load_table(config).source)
     shape = image_shape(config)
-    client_indices(config)  # checks the partition before anything is written
+    if config.client_data == "partition":
+        client_indices(config)  # checks the partition before anything is written
     conditioning = run_conditioning(config)  # and the text encoder's weights
     check_output_dir(config.output_dir)
     device = resolve_device("server-device", config.server_device)
@@ -149,7 +154,8 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
     run_dir.record_flower_run(flower_run_id)
     if resumed is None:
         run_dir.write_config(config.to_flower())
-        write_partition_report(run_dir.partition_csv, run_dir.partition_png, config)
+        if config.client_data == "partition":  # the clients' own data is theirs: no report
+            write_partition_report(run_dir.partition_csv, run_dir.partition_png, config)
     else:
         rounds_done = checkpoint.server_round if checkpoint else 0
         run_dir.truncate_metrics(rounds_done)
@@ -158,7 +164,7 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
         run_dir.append_log(line)
     key = run_dir.run_key()
     log(INFO, "CollaFuse run directory: %s (server denoiser on %s)", run_dir, device)
-    classifier_path, accuracy = feature_network(config, run_dir)
+    classifier_path, classifier, accuracy = feature_network(config, run_dir)
     log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
     run_dir.append_metrics([(0, "server", "feature-network-accuracy", accuracy)])
     notes = evaluation_notes(config, weights)
@@ -177,11 +183,11 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
             config.unet_attention, seed=config.seed, condition_dim=space.size if space else 0,
         )
         model = Denoiser(net, config.server_lr, config.ema_decay, device)
-    networks = load_feature_networks(classifier_path, weights)
+    networks = load_feature_networks(classifier, weights_digest(classifier.state_dict()), weights)
     if config.strategy == "fedavg":
-        strategy = FedAvgDiffusion(config, run_dir, key, model, classifier_path, networks, notes)
+        strategy = FedAvgDiffusion(config, run_dir, key, model, networks, notes)
     else:
-        strategy = CollaFuseStrategy(config, run_dir, key, model, shape, classifier_path, networks, notes)
+        strategy = CollaFuseStrategy(config, run_dir, key, model, shape, networks, notes)
     if checkpoint:
         strategy.restore(checkpoint)
     return Run(config, run_dir, checkpoint, strategy)

@@ -71,17 +71,19 @@ def flwr_run(
     env: dict | None = None,
     cwd: Path | None = None,
     echo: bool = False,
+    superlink: str = "",
 ) -> RunOutcome:
-    """Run `flwr run PROJECT --stream` with the given configs ("key=value ..." strings) and
-    output-dir made absolute (`absolute_output_dir`); return its `RunOutcome`. A local
-    SuperLink that `flwr run` starts is left running (`stopping_local_superlink` stops it)."""
+    """Run `flwr run PROJECT [SUPERLINK] --stream` with the given configs ("key=value ..."
+    strings) and output-dir made absolute (`absolute_output_dir`); return its `RunOutcome`.
+    `superlink` names a connection of the CLI's config.toml ("": the local simulation one). A
+    local SuperLink that `flwr run` starts is left running (`stopping_local_superlink` stops it)."""
     project_dir = Path(project_dir).resolve()
     config = parse_config_args([run_config])
     output_dir = absolute_output_dir(config["output-dir"] if "output-dir" in config
                                      else _default_output_dir(project_dir))
     if output_dir:
         config["output-dir"] = str(output_dir)
-    command = [_flwr(), "run", str(project_dir), "--stream"]
+    command = [venv_command(), "run", str(project_dir), *([superlink] if superlink else []), "--stream"]
     if config:
         command += ["--run-config", format_run_config(config)]
     if federation_config:
@@ -100,7 +102,7 @@ def flwr_run(
                 print(line, end="", flush=True)
     log = "".join(lines)
     run_id = m.group(1) if (m := RUN_ID.search(log)) else None
-    status = run_status(run_id, env, cwd) if run_id else f"not started (flwr exited {process.returncode})"
+    status = run_status(run_id, env, cwd, superlink) if run_id else f"not started (flwr exited {process.returncode})"
     run_dir = RunDirectory.of_flower_run(output_dir, run_id) if run_id and output_dir else None
     return RunOutcome(run_id, status, run_dir.path if run_dir else None, log)
 
@@ -134,8 +136,8 @@ def isolated_env(home: Path) -> dict[str, str]:
     env = dict(
         os.environ,
         FLWR_HOME=str(home),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         HF_HUB_OFFLINE="1",
         RAY_DEDUP_LOGS="0",
@@ -148,7 +150,7 @@ def isolated_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -180,15 +182,15 @@ def _toml_value(key: str, value) -> str:
     raise ValueError(f"{key}={value!r}: a run-config string cannot hold both kinds of quotes")
 
 
-def _flwr() -> str:
-    """The `flwr` command of this Python environment."""
-    return str(Path(sys.executable).with_name("flwr"))
+def venv_command(name: str = "flwr") -> str:
+    """The command `name` (flwr, flower-superlink, ...) of this Python environment."""
+    return str(Path(sys.executable).with_name(name))
 
 
-def run_status(run_id: str, env: dict, cwd: Path | None = None) -> str:
-    """The final status of run `run_id` as `flwr ls` reports it, e.g. "finished:completed"."""
+def run_status(run_id: str, env: dict, cwd: Path | None = None, superlink: str = "") -> str:
+    """The final status of run `run_id` as `flwr ls [SUPERLINK]` reports it, e.g. "finished:completed"."""
     out = subprocess.run(
-        [_flwr(), "ls", "--run-id", run_id, "--format", "json"],
+        [venv_command(), "ls", *([superlink] if superlink else []), "--run-id", run_id, "--format", "json"],
         env=env, cwd=cwd, capture_output=True, text=True, check=False,
     )
     try:
@@ -281,6 +283,51 @@ def end_processes(processes: Iterable[tuple[int, int]], grace: float = 20.0) -> 
         deadline = time.monotonic() + grace
         while alive(processes) and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+class ProcessGroup:
+    """Processes started here (a deployment's SuperLink and SuperNodes, a Ray cluster's nodes)
+    and everything they start, stopped together by PID. Entering runs `start` (each kind of
+    group defines it); leaving, also on an error or Ctrl-C, runs `stop`."""
+
+    _roots: list[tuple[int, int]]  # (pid, start ticks) of every process `spawn` started
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def spawn(self, command: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+        """Start `command` in `cwd` (created) with its output appended to `log`; remembered."""
+        cwd.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        self._roots.append(process_table()[process.pid].identity)
+        return process
+
+    def strays(self, table: dict[int, Process]) -> set[tuple[int, int]]:
+        """Processes of the group no longer below one it started (none unless a group knows them)."""
+        return set()
+
+    def stop(self) -> None:
+        """End every process started and all below them, found in one snapshot of the process
+        table before the first signal (a child outlives its parent: it is found first), and the
+        `strays`; raise if any survives."""
+        table = process_table()
+        group = {table[pid].identity for pid in descendants(table, list(alive(self._roots)))} | self.strays(table)
+        end_processes(group)
+        left = alive(group)
+        if left:
+            raise RuntimeError(f"processes still alive after stopping them: {sorted(left)}")
 
 
 @contextlib.contextmanager
