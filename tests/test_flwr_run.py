@@ -171,24 +171,28 @@ def test_failed_run_is_reported_as_failed(flwr_env, tmp_path):
     assert "t-zeta=5000" in outcome.log
 
 
-@pytest.mark.parametrize("dataset,folder", [("cifar10", "cifar10-mini"), ("celeba", "celeba-mini")])
-def test_flwr_run_on_a_dataset_fixture(flwr_env, tmp_path, shared_data, dataset, folder):
-    """RGB datasets from the image-folder layout run end to end and leave a partition report."""
-    outcome = _run(flwr_env, tmp_path, **{
-        "dataset": dataset, "data-dir": str(shared_data / folder), "num-server-rounds": 1,
-    })
-    run_dir = outcome.run_dir
-    partition = pd.read_csv(run_dir / "partition.csv")
-    assert partition[partition["kind"] == "images"]["count"].sum() == (2000 if dataset == "cifar10" else 1000)
+def _check_rgb_fixture_run(flwr_env, run_dir: Path, images: int, partition: str) -> None:
+    """A run on an RGB dataset fixture from the image-folder layout: its partition report
+    covers the fixture's training images, and every client drew colour samples."""
+    report = pd.read_csv(run_dir / "partition.csv")
+    assert report[report["kind"] == "images"]["count"].sum() == images
     assert (run_dir / "partition.png").stat().st_size > 0
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["partition"] == ("label-groups" if dataset == "cifar10" else "attribute-groups")
+    assert json.loads((run_dir / "config.json").read_text())["partition"] == partition
     for pid in range(5):
         grid = np.asarray(Image.open(_client_dir(flwr_env, run_dir, pid) / "samples" / f"round-001-client-{pid}.png")
                           .convert("RGB"))
         assert (grid[..., 0] != grid[..., 2]).any()  # colour samples, not grey
     metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"client": str})
     assert len(metrics[(metrics["metric"] == "fd_classifier") & (metrics["client"] != "pooled")]) == 5
+
+
+def test_flwr_run_on_the_cifar10_fixture(flwr_env, tmp_path, shared_data):
+    """CIFAR-10 from the image-folder layout runs end to end and leaves a partition report
+    (the CelebA fixture: the text-conditional run below)."""
+    outcome = _run(flwr_env, tmp_path, **{
+        "dataset": "cifar10", "data-dir": str(shared_data / "cifar10-mini"), "num-server-rounds": 1,
+    })
+    _check_rgb_fixture_run(flwr_env, outcome.run_dir, 2000, "label-groups")
 
 
 def test_a_conditional_flwr_run_under_full(flwr_env, tmp_path):
@@ -211,7 +215,8 @@ def test_a_conditional_flwr_run_under_full(flwr_env, tmp_path):
 
 def test_a_text_conditional_flwr_run_on_the_celeba_fixture(flwr_env, tmp_path, shared_data, standin_text_weights):
     """Pipeline check of text conditions (random stand-in CLIP weights: the numbers mean nothing)
-    on the authors' five CelebA attribute groups, the server receiving the attributes."""
+    on the authors' five CelebA attribute groups, the server receiving the attributes; CelebA
+    from the image-folder layout runs end to end and leaves a partition report."""
     outcome = _run(flwr_env, tmp_path, **{
         "dataset": "celeba", "data-dir": str(shared_data / "celeba-mini"), "num-server-rounds": 1,
         "condition": "text", "server-condition": "full", "text-weights": str(standin_text_weights),
@@ -220,6 +225,7 @@ def test_a_text_conditional_flwr_run_on_the_celeba_fixture(flwr_env, tmp_path, s
     accuracy = metrics[metrics["metric"] == "condition-accuracy"]
     assert len(accuracy) == 6 and accuracy["value"].between(0, 1).all()
     assert (metrics[metrics["metric"] == "conditions-received"]["value"] > 8).all()
+    _check_rgb_fixture_run(flwr_env, outcome.run_dir, 1000, "attribute-groups")
 
 
 def test_flwr_run_with_weights_files_reports_fid_kid_and_fcd(flwr_env, tmp_path, standin_weights):
