@@ -68,8 +68,8 @@ from collafuse_flwr.data.cifar10 import CLASSES as CIFAR10_CLASSES
 from collafuse_flwr.data.export import write_folder
 from collafuse_flwr.data.table import ImageTable
 from collafuse_flwr.tools.deploy import Deployment
-from collafuse_flwr.tools.launch import alive, format_run_config, free_port, isolated_env
-from many_clients import FINISHED, ROUND_START, ROUND_TRAINED, LineClock, TreeMemory, phases
+from collafuse_flwr.tools.launch import alive, format_run_config, free_port
+from many_clients import LineClock, TreeMemory, phase_marks, phases, run_env
 
 PROJECT = Path(__file__).resolve().parents[1]
 CLIENTS = 2
@@ -170,15 +170,9 @@ def write_data(root: Path, images: int, seed: int = 0) -> tuple[list[Path], Path
 
 def wire_bytes(clock: CountingClock, rounds: int) -> dict[str, tuple[int, int]]:
     """(up, down) bytes through the relay in each training round and in the evaluation."""
-    marks: dict[str, int] = {}
-    for index, (_, line) in enumerate(clock.lines):
-        for pattern, kind in ((ROUND_START, "start"), (ROUND_TRAINED, "trained")):
-            if m := pattern.search(line):
-                marks.setdefault(f"{kind}-{m.group(1)}", index)
-        if FINISHED.search(line):
-            marks.setdefault("finished", index)
-    spans = {f"round {k}": (marks.get(f"start-{k}"), marks.get(f"trained-{k}")) for k in range(1, rounds + 1)}
-    spans["evaluation"] = (marks.get(f"trained-{rounds}"), marks.get("finished"))
+    starts, trained, finished = phase_marks(clock.lines)
+    spans = {f"round {k}": (starts.get(k), trained.get(k)) for k in range(1, rounds + 1)}
+    spans["evaluation"] = (trained.get(rounds), finished)
     out = {}
     for name, (a, b) in spans.items():
         if a is not None and b is not None:
@@ -188,8 +182,7 @@ def wire_bytes(clock: CountingClock, rounds: int) -> dict[str, tuple[int, int]]:
 
 def measure(name: str, rounds: int, clients: list[Path], reference: Path, work: Path, relay_on: bool,
             echo: bool) -> dict:
-    env = isolated_env(work / "home")
-    env["PYTHONUNBUFFERED"] = "1"
+    env = run_env(work / "home", PROJECT)
     nodes = [{"data-dir": str(d), "state-dir": str(work / "nodes" / str(k) / "state")} for k, d in enumerate(clients)]
     deployment = Deployment(work / "deploy", nodes, env=env)
     relay = Relay(("127.0.0.1", deployment.port)) if relay_on else None

@@ -189,24 +189,33 @@ def run_config(clients: int, rounds: int, output_dir: Path) -> str:
     })
 
 
+def phase_marks(lines: list[tuple[float, str]]) -> tuple[dict[int, int], dict[int, int], int | None]:
+    """Indices into `lines` of the first `[ROUND k/N]` line of each round k, of the first
+    `round k/N |` line (the round trained), and of `Strategy execution finished` (None if absent)."""
+    starts, trained, finished = {}, {}, None
+    for index, (_, line) in enumerate(lines):
+        if m := ROUND_START.search(line):
+            starts.setdefault(int(m.group(1)), index)
+        elif m := ROUND_TRAINED.search(line):
+            trained.setdefault(int(m.group(1)), index)
+        elif finished is None and FINISHED.search(line):
+            finished = index
+    return starts, trained, finished
+
+
 def phases(lines: list[tuple[float, str]], launched: float, rounds: int) -> dict[str, object]:
     """Startup, training seconds of each round and their median, evaluation and the strategy's
     own total, from the stamped lines; NaN where a marker is missing (a failed run)."""
-    starts, trained, finished, strategy = {}, {}, math.nan, math.nan
-    for stamp, line in lines:
-        if m := ROUND_START.search(line):
-            starts.setdefault(int(m.group(1)), stamp)
-        elif m := ROUND_TRAINED.search(line):
-            trained.setdefault(int(m.group(1)), stamp)
-        elif (m := FINISHED.search(line)) and math.isnan(finished):
-            finished, strategy = stamp, float(m.group(1))
     nan = math.nan
-    per_round = [trained.get(k, nan) - starts.get(k, nan) for k in range(1, rounds + 1)]
+    starts, trained, finished = phase_marks(lines)
+    stamp = lambda index: nan if index is None else lines[index][0]  # noqa: E731
+    strategy = nan if finished is None else float(FINISHED.search(lines[finished][1]).group(1))
+    per_round = [stamp(trained.get(k)) - stamp(starts.get(k)) for k in range(1, rounds + 1)]
     return {
-        "startup s": round(starts.get(1, nan) - launched, 1),
+        "startup s": round(stamp(starts.get(1)) - launched, 1),
         "s/round": round(statistics.median(per_round), 1),
         "rounds s": ";".join(f"{s:.1f}" for s in per_round),
-        "eval s": round(finished - trained.get(rounds, nan), 1),
+        "eval s": round(stamp(finished) - stamp(trained.get(rounds)), 1),
         "strategy s": round(strategy, 1),
     }
 
