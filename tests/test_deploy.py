@@ -30,52 +30,94 @@ from collafuse_flwr.tools.launch import (
 from conftest import TINY
 from test_flwr_run import PROJECT
 
-NUM_CLIENTS = 2
+pytestmark = pytest.mark.xdist_group("deployment")  # one worker runs the module: one deployment
+
+NUM_CLIENTS = 3
+VICTIM = 2  # the SuperNode killed in round 2 and started again
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """Two SuperNodes holding one exported digits partition each; the server's data-dir is the
-    reference folder and its process has a HOME and data cache of its own, empty."""
+    """Three SuperNodes holding one exported digits partition each; the server's data-dir is
+    the reference folder and its process has a HOME and data cache of its own, empty. One run
+    of 4 rounds (min-replies 2), during which SuperNode `VICTIM` is killed in round 2, waited
+    for until the SuperLink declares it offline, and started again with the same key, data and
+    state directory. The tests below read that run; the deployment is up while they do."""
+    import threading
+
     root = tmp_path_factory.mktemp("deploy")
-    config = dict(TINY, **{"num-clients": NUM_CLIENTS, "classes-per-client": 5})
+    config = dict(TINY, **{"num-clients": NUM_CLIENTS, "classes-per-client": 4})
     clients, reference = export_partitions(RunConfig.from_flower(config), root / "data")
     env = isolated_env(root / "home")
     server_env = {"HOME": str(root / "server-home"), "COLLAFUSE_DATA_CACHE": str(root / "server-cache"),
                   "COLLAFUSE_CLIENT_STATE": str(root / "nowhere")}
     nodes = [{"data-dir": str(d), "state-dir": str(root / "nodes" / str(k) / "state")} for k, d in enumerate(clients)]
+    run_config = dict(config, **{"client-data": "own", "data-dir": str(reference), "num-server-rounds": 4,
+                                 "min-replies": 2, "output-dir": str(root / "runs"), "disclosure-num-images": 0})
     with Deployment(root / "work", nodes, env=env, server_env=server_env) as running:
-        yield running, config, reference, root
+        outcome = {}
+        submit = lambda: outcome.update(result=running.run(PROJECT, format_run_config(run_config)))  # noqa: E731
+        runner = threading.Thread(target=submit)
+        runner.start()
+        victim_log = running.work_dir / "logs" / f"supernode-{VICTIM}.log"
+        while runner.is_alive() and victim_log.read_text().count("Receiving: train message") < 2:
+            time.sleep(0.5)
+        running.kill_node(VICTIM)
+        running.wait_status([VICTIM], "offline", timeout=180)
+        running.start_node(VICTIM)
+        runner.join(timeout=900)
+        result = outcome["result"]
+        assert result.ok, result.log[-3000:]
+        yield running, result, root
     assert not alive(running._roots), "a process of the deployment outlived it"
 
 
+def _metrics(result) -> pd.DataFrame:
+    return pd.read_csv(result.run_dir / "metrics.csv", dtype={"client": str})
+
+
 def test_a_deployment_with_tls_and_authentication_runs_on_the_clients_own_data(deployment):
-    running, config, reference, root = deployment
-    run_config = dict(config, **{"client-data": "own", "data-dir": str(reference), "num-server-rounds": 2,
-                                 "output-dir": str(root / "runs")})
-    outcome = running.run(PROJECT, format_run_config(run_config))
-    assert outcome.ok, outcome.log[-3000:]
-    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
-    quality = metrics[(metrics["metric"] == "fd_classifier") & (metrics["round"] == 2)]
-    assert sorted(quality["client"]) == ["0", "1", "pooled"]
-    assert set(metrics[metrics["metric"] == "views-per-image"]["client"]) == {"0", "1"}
+    running, result, root = deployment
+    metrics = _metrics(result)
+    quality = metrics[(metrics["metric"] == "fd_classifier") & (metrics["round"] == 4)]
+    assert sorted(quality["client"]) == ["0", "1", "2", "pooled"]
+    assert set(metrics[metrics["metric"] == "views-per-image"]["client"]) == {"0", "1", "2"}
     assert not metrics["metric"].str.startswith(("linkage-", "reconstruction-")).any()
-    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    summary = json.loads((result.run_dir / "summary.json").read_text())
     assert "simulation only" in summary["notes"]["disclosure"]
-    assert not (outcome.run_dir / "partition.csv").exists()
+    assert not (result.run_dir / "partition.csv").exists()
     # the feature network arrived with the messages: counted apart from the protocol's bytes
     assert (metrics["metric"] == "bytes-down-evaluation").sum() == NUM_CLIENTS
     for k in range(NUM_CLIENTS):  # each client's secret and denoisers below its own state root
         secret = root / "nodes" / str(k) / "state" / "own" / "secret"
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    assert not (root / "nowhere").exists() and not list(outcome.run_dir.rglob("secret"))
+    assert not (root / "nowhere").exists() and not list(result.run_dir.rglob("secret"))
     superlink_log = (running.work_dir / "logs" / "superlink.log").read_text()
     assert "running on https://" in superlink_log  # TLS on the one port of the Fleet and Control APIs
     assert superlink_log.count("[Fleet.ActivateNode] Activated node_id=") >= NUM_CLIENTS  # by registered keys
 
 
+def test_a_killed_supernode_is_missing_and_rejoins_with_its_state(deployment):
+    """The SuperNode killed in round 2 is recorded as missing once the SuperLink declares it
+    offline (its pending message is answered for it) and the round goes on above min-replies;
+    restarted with the same key, data and state directory, it takes part again, and its uploads
+    (noise policy once) are byte-identical to those before: still one view per image."""
+    running, result, _ = deployment
+    metrics = _metrics(result)
+    log = (result.run_dir / "log.txt").read_text()
+    victim = re.search(rf"client (\d+) \(node {running.nodes[VICTIM].node_id}\) missing: the SuperLink answered", log)
+    assert victim and "node-1" not in log, log
+    faults = metrics[metrics["metric"].str.contains("fault")]
+    assert faults[["round", "client", "metric"]].values.tolist() == [[2, victim[1], "train-fault-missing"]]
+    assert "round 2/4 | 2/3 clients accepted" in log
+    accepted = metrics[(metrics["metric"] == "num-examples") & (metrics["round"] == 4)]
+    assert sorted(accepted["client"]) == ["0", "1", "2"]  # back in the last round
+    views = metrics[(metrics["metric"] == "views-per-image") & (metrics["round"] == 4)].set_index("client")["value"]
+    assert views.to_dict() == {"0": 1.0, "1": 1.0, "2": 1.0}
+
+
 def test_a_supernode_with_an_unregistered_key_cannot_join(deployment):
-    running, _, _, root = deployment
+    running, _, root = deployment
     from collafuse_flwr.tools.pki import write_node_key
 
     key = write_node_key(root / "stranger")
@@ -96,46 +138,6 @@ def test_a_supernode_with_an_unregistered_key_cannot_join(deployment):
     assert "305" in (root / "stranger.log").read_text()  # Flower's exit code: the SuperLink refused the node
     listed = json.loads(running.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)["nodes"]
     assert len(listed) == NUM_CLIENTS and all(n["status"] == "online" for n in listed)
-
-
-def test_a_killed_supernode_is_missing_and_rejoins_with_its_state(tmp_path):
-    """A SuperNode killed in round 2 is recorded as missing once the SuperLink declares it
-    offline (its pending message is answered for it) and the round goes on above min-replies;
-    restarted with the same key, data and state directory, it takes part again, and its uploads
-    (noise policy once) are byte-identical to those before: still one view per image."""
-    import threading
-
-    config = dict(TINY, **{"num-clients": 3, "classes-per-client": 4})
-    clients, reference = export_partitions(RunConfig.from_flower(config), tmp_path / "data")
-    nodes = [{"data-dir": str(d), "state-dir": str(tmp_path / "nodes" / str(k) / "state")}
-             for k, d in enumerate(clients)]
-    run_config = dict(config, **{"client-data": "own", "data-dir": str(reference), "num-server-rounds": 4,
-                                 "min-replies": 2, "output-dir": str(tmp_path / "runs"), "disclosure-num-images": 0})
-    with Deployment(tmp_path / "work", nodes, env=isolated_env(tmp_path / "home")) as running:
-        outcome = {}
-        submit = lambda: outcome.update(result=running.run(PROJECT, format_run_config(run_config)))  # noqa: E731
-        runner = threading.Thread(target=submit)
-        runner.start()
-        victim_log = running.work_dir / "logs" / "supernode-2.log"
-        while runner.is_alive() and victim_log.read_text().count("Receiving: train message") < 2:
-            time.sleep(0.5)
-        running.kill_node(2)
-        running.wait_status([2], "offline", timeout=180)
-        running.start_node(2)
-        runner.join(timeout=900)
-        result = outcome["result"]
-    assert result.ok, result.log[-3000:]
-    metrics = pd.read_csv(result.run_dir / "metrics.csv", dtype={"client": str})
-    log = (result.run_dir / "log.txt").read_text()
-    victim = re.search(rf"client (\d+) \(node {running.nodes[2].node_id}\) missing: the SuperLink answered", log)
-    assert victim and "node-1" not in log, log
-    faults = metrics[metrics["metric"].str.contains("fault")]
-    assert faults[["round", "client", "metric"]].values.tolist() == [[2, victim[1], "train-fault-missing"]]
-    assert "round 2/4 | 2/3 clients accepted" in log
-    accepted = metrics[(metrics["metric"] == "num-examples") & (metrics["round"] == 4)]
-    assert sorted(accepted["client"]) == ["0", "1", "2"]  # back in the last round
-    views = metrics[(metrics["metric"] == "views-per-image") & (metrics["round"] == 4)].set_index("client")["value"]
-    assert views.to_dict() == {"0": 1.0, "1": 1.0, "2": 1.0}
 
 
 def test_the_app_bundle_every_supernode_fetches_holds_the_code_only(tmp_path):

@@ -75,10 +75,23 @@ def _run(flwr_env, tmp_path, **overrides):
     return outcome
 
 
-def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
-    outcome = _run(flwr_env, tmp_path)
+DIGITS = {"server-images-per-round": 256}  # the server's round outlasts the clients': time to kill it
+
+
+@pytest.fixture(scope="module")
+def digits_run(flwr_env, tmp_path_factory):
+    """One run of `_values` with `DIGITS` (2 rounds, 5 clients) below `<base>/a`, read by the
+    tests of the run directory and of a killed and resumed run (which writes below `<base>/b`:
+    the same path lengths give the same message sizes)."""
+    base = tmp_path_factory.mktemp("digits")
+    return _run(flwr_env, base / "a", **DIGITS), base
+
+
+@pytest.mark.xdist_group("digits-run")
+def test_flwr_run_writes_the_run_directory(flwr_env, digits_run):
+    outcome, base = digits_run
     run_dir = outcome.run_dir
-    assert run_dir.is_absolute() and run_dir.parent == tmp_path / "runs"
+    assert run_dir.is_absolute() and run_dir.parent == base / "a" / "runs"
     assert (run_dir / "config.json").exists()
     metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"client": str})
     assert list(metrics.columns) == ["round", "client", "metric", "value"]
@@ -92,7 +105,7 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
     upload_count = metrics[metrics["metric"] == "num-examples"]["value"].to_numpy()
     assert (uploaded["value"].to_numpy() > 2 * 64 * upload_count).all()  # float16 8x8 grey images
     server_seen = metrics[(metrics["client"] == "server") & (metrics["metric"] == "images-seen")]
-    assert (server_seen["value"] == 64).all()
+    assert (server_seen["value"] == 256).all()
     for pid in range(5):
         assert (_client_dir(flwr_env, run_dir, pid) / "samples" / f"round-002-client-{pid}.png").stat().st_size > 0
         assert (_client_dir(flwr_env, run_dir, pid) / "round-002" / "config.json").exists()
@@ -133,7 +146,7 @@ def test_flwr_run_writes_the_run_directory(flwr_env, tmp_path):
     assert cost["clients"]["0"]["bytes-up"] == steps("0", "bytes-up-train").sum()
     assert cost["clients"]["0"]["bytes-down"] == (
         steps("0", "bytes-down-train").sum() + steps("0", "bytes-down-sample").sum())
-    assert cost["server"]["nfe-train"] == 2 * 64
+    assert cost["server"]["nfe-train"] == 2 * 256
 
     from collafuse_flwr.tools.plots import plot_run
 
@@ -162,13 +175,6 @@ def test_flwr_run_at_the_ends_of_the_chain(flwr_env, tmp_path, t_zeta):
         assert (clients[clients["metric"] == "bytes-up-train"]["value"] < 1000).all()  # counts only
         assert not clients["metric"].str.startswith(("linkage", "reconstruction", "upload-")).any()
     assert len(clients[(clients["metric"] == "fd_classifier") & (clients["client"] != "pooled")]) == 5
-
-
-def test_failed_run_is_reported_as_failed(flwr_env, tmp_path):
-    env, cwd = flwr_env
-    outcome = flwr_run(PROJECT, "t-zeta=5000", FEDERATION, env=env, cwd=cwd)
-    assert not outcome.ok and outcome.status.startswith("finished:failed")
-    assert "t-zeta=5000" in outcome.log
 
 
 def _check_rgb_fixture_run(flwr_env, run_dir: Path, images: int, partition: str) -> None:
@@ -248,11 +254,14 @@ def test_flwr_run_with_weights_files_reports_fid_kid_and_fcd(flwr_env, tmp_path,
     assert {"fid", "fcd"} <= set(summary["quality"]["pooled"])
 
 
-def test_a_missing_weights_file_fails_before_any_work(flwr_env, tmp_path):
+def test_a_missing_weights_file_fails_the_run_before_any_work(flwr_env, tmp_path):
+    """The run is reported as failed (`flwr run` itself exits 0), the log names the file, and
+    no run directory was made."""
     env, cwd = flwr_env
     outcome = flwr_run(PROJECT, f"fid-weights='{tmp_path}/none.pth' output-dir='{tmp_path}/runs'",
                        FEDERATION, env=env, cwd=cwd)
-    assert not outcome.ok and "no such file" in outcome.log
+    assert not outcome.ok and outcome.status.startswith("finished:failed")
+    assert "no such file" in outcome.log and f"{tmp_path}/none.pth" in outcome.log
     assert not (tmp_path / "runs").exists()
 
 
@@ -306,17 +315,16 @@ download = false
     assert [f.name for f in figures] == ["quality.png", "disclosure.png", "cost.png"]
 
 
-def test_flwr_run_of_the_published_variant(flwr_env, tmp_path):
+def _check_published_run(run_dir: Path) -> None:
     """strategy="published" (T = 100, t_zeta = 20): the client starts at T rho (2 - rho) = 36,
     i.e. runs the grid steps 30, 20, 10 of 100, 90, ..., 10; the handed-over states are clamped."""
-    outcome = _run(flwr_env, tmp_path, **{"strategy": "published", "num-server-rounds": 1})
-    assert outcome.run_dir.name.endswith("digits-published-tz20")
-    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
+    assert run_dir.name.endswith("digits-published-tz20")
+    metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"client": str})
     steps = metrics[metrics["metric"] == "client-sampling-steps"]["value"]
     assert len(steps) == 5 and (steps == 3).all()
     server = metrics[(metrics["client"] == "server") & (metrics["metric"] == "nfe-sample")]["value"]
     assert server.item() == 5 * 8 * 7
-    assert json.loads((outcome.run_dir / "config.json").read_text())["strategy"] == "published"
+    assert json.loads((run_dir / "config.json").read_text())["strategy"] == "published"
 
 
 def test_flwr_run_of_fedavg(flwr_env, tmp_path):
@@ -366,18 +374,19 @@ def _kill_the_run(env: dict) -> int:
     return len(victims)
 
 
-def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_env, tmp_path):
-    """Killed (SIGKILL, every process) while round 2 of 3 is under way, the same config
+@pytest.mark.xdist_group("digits-run")
+def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_env, digits_run):
+    """Killed (SIGKILL, every process) while round 2 of 2 is under way, the same config
     started again continues in the same run directory from round 1's checkpoint (the clients
-    from their round-1 state, not the half-finished round 2), ends after round 3 and gives
-    exactly the metrics of an uninterrupted run (seeds fix everything: partition, noise,
-    training streams and samples); another config never reuses the checkpoint."""
+    from their round-1 state, not the half-finished round 2), ends after round 2 and gives
+    exactly the metrics of the uninterrupted `digits_run` (seeds fix everything: partition,
+    noise, training streams and samples). That another config never reuses the checkpoint is
+    test_checkpoint's."""
     env, _ = flwr_env
-    rounds = {"num-server-rounds": 3, "server-images-per-round": 256}
-    reference = _run(flwr_env, tmp_path / "a", **rounds)  # same path lengths: same message sizes
-    killed_dir = tmp_path / "b"
+    reference, base = digits_run
+    killed_dir = base / "b"
     launch = threading.Thread(target=lambda: flwr_run(
-        PROJECT, " ".join(f"{k}={v}" for k, v in _values(killed_dir, **rounds).items()), FEDERATION,
+        PROJECT, " ".join(f"{k}={v}" for k, v in _values(killed_dir, **DIGITS).items()), FEDERATION,
         env=env, cwd=flwr_env[1]))
     launch.start()
     deadline = time.monotonic() + 600
@@ -395,13 +404,10 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_en
     (run_dir,) = (killed_dir / "runs").glob("0*-digits-*")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-001"]  # killed mid-round 2
 
-    other = _run(flwr_env, killed_dir, **{**rounds, "num-server-rounds": 1}, seed=1)  # same name, another config
-    assert other.run_dir != run_dir and "resumed" not in (other.run_dir / "log.txt").read_text()
-
-    resumed = _run(flwr_env, killed_dir, **rounds)
+    resumed = _run(flwr_env, killed_dir, **DIGITS)
     assert resumed.run_dir == run_dir
     log = (run_dir / "log.txt").read_text()
-    assert "resumed after round 1 of 3" in log and log.count("round 3/3") == 1 and log.count("round 2/3") == 1
+    assert "resumed after round 1 of 2" in log and log.count("round 2/2") == 1 and log.count("round 1/2") == 1
     pd.testing.assert_frame_equal(_metrics_without_timings(run_dir), _metrics_without_timings(reference.run_dir))
 
 
@@ -424,7 +430,8 @@ def test_the_launcher_stops_the_superlink_it_started_and_no_other(tmp_path, monk
     """collafuse-run with a SuperLink port and FLWR_HOME of its own, in a directory of its own:
     a relative output-dir lands below that directory and the run directory is reported; the
     local SuperLink its run started is stopped with everything below it; one that was running
-    before the launch is left running."""
+    before the launch is left running. Its run is the authors' published variant
+    (`_check_published_run`)."""
     env = dict(isolated_env(tmp_path / "flwr-home"),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     for key in set(os.environ) - set(env):
@@ -432,7 +439,8 @@ def test_the_launcher_stops_the_superlink_it_started_and_no_other(tmp_path, monk
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
-    values = _values(tmp_path, **{"num-server-rounds": 1, "output-dir": "runs"})  # relative to the launcher's cwd
+    values = _values(tmp_path, **{"num-server-rounds": 1, "output-dir": "runs",  # relative to the launcher's cwd
+                                  "strategy": "published"})
     run_config = " ".join(f"{k}={v}" for k, v in values.items())
     codes, seen, names = [], set(), set()  # the processes of the SuperLink's tree during the launch
     launcher = threading.Thread(target=lambda: codes.append(main([str(PROJECT), "--run-config", run_config])))
@@ -444,8 +452,9 @@ def test_the_launcher_stops_the_superlink_it_started_and_no_other(tmp_path, monk
         names.update(p.name for p in tree)
         time.sleep(0.2)
     assert codes == [0]
-    (run_dir,) = (tmp_path / "runs").glob("0*-digits-collafuse-tz20")
+    (run_dir,) = (tmp_path / "runs").glob("0*-digits-published-tz20")
     assert capsys.readouterr().out.endswith(f"results: {run_dir}\n")
+    _check_published_run(run_dir)
     assert {"flower-superlink", "flower-superexec", "flwr-simulation", "raylet"} <= names
     assert not local_superlinks(process_table(), env)
     deadline = time.monotonic() + 30  # what the SuperLink's stop did not reach (Ray) winds down
