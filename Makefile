@@ -34,8 +34,8 @@ run: install
 	$(VENV)/bin/collafuse-run . $(if $(OVERLAY),--run-config $(OVERLAY)) \
 	    --run-config "output-dir='$(OUTPUT_DIR)' $(RUN_CONFIG)"
 
-# Two pytest workers: most of a real run's time is process start-up and waiting, which the
-# other worker's run fills. Tests that read one run or one deployment share a worker
-# (xdist_group); run one file alone with `.venv/bin/python -m pytest tests/<file>`.
+# Two pytest workers, every torch process on one thread (tests/conftest.py): a real run's
+# start-up and waits leave a core to the other worker's run. Tests that read one run or one
+# deployment share a worker (xdist_group); one file alone: .venv/bin/python -m pytest tests/<file>
 test: install
 	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup tests
