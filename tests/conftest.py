@@ -9,9 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-# One thread per torch process: the tiny models gain nothing from more, and two pytest workers
-# each running a simulation (ServerApp and ClientApp processes) on 2 cores would otherwise spend
-# their time in OpenMP spin-waits. Inherited by every process a test starts.
+# One thread per torch process: the tiny models gain nothing from more, and with two pytest
+# workers each running a simulation on 2 cores, two tiny runs side by side took 83-86 s each
+# with torch's default threads (166-171 CPU-s per pair, most likely OpenMP threads waiting on
+# busy cores) and 54-63 s with one. Inherited by every process a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY = {

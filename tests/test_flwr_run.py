@@ -33,7 +33,7 @@ from collafuse_flwr.tools.launch import (
 
 PROJECT = Path(__file__).resolve().parents[1]
 # Ray with 1 CPU: one ClientApp actor runs the 5 SuperNodes' tiny tasks (one process importing
-# torch and diffusers instead of two); the launcher and Ray cluster tests run several actors.
+# torch and diffusers instead of two); the launcher, sweep and Ray cluster tests run several actors.
 FEDERATION = "num-supernodes=5 client-resources-num-cpus=1 client-resources-num-gpus=0 init-args-num-cpus=1"
 
 
