@@ -399,8 +399,11 @@ def test_the_audit_of_a_conditional_server_uses_what_it_knows(mode, tiny_run_con
         assert torch.equal(strategy._server_only_conditions(2, 1), torch.zeros(8, 10))
     else:
         assert torch.equal(conditions, torch.eye(5)[[0] * 8])
-    rows = strategy._audit(1)
+    rows = strategy._audit(1, list(range(5)))
     assert {c for _, c, m, _ in rows if m == "reconstruction-psnr-tweedie"} == {"0", "1"}
+    assert {c for _, c, m, _ in rows if m == "server-only-fd_classifier"} == {"0", "1", "2", "3", "4", "pooled"}
+    audited = {c for _, c, m, _ in strategy._audit(1, [1]) if m.startswith(("server-only", "reconstruction"))}
+    assert audited == {"1", "pooled"}  # the evaluated clients only
 
 
 def test_tweedie_uses_the_views_conditions():

@@ -42,6 +42,7 @@ def test_bad_values_name_key_value_and_allowed(override, message):
 # names what is allowed. The free-text keys are checked against the files at server start.
 OUT_OF_RANGE = {
     "num-server-rounds": (0, ">= 1"), "num-clients": (0, ">= 1"), "strategy": ("fedprox", "allowed: collafuse"),
+    "clients-per-round": (6, r"\[0, num-clients=5\]"), "eval-clients": (-1, ">= 0"),
     "client-data": ("mine", "allowed: partition, own"),
     "dataset": ("mnist", "allowed: digits"), "dataset-split": ("val", "allowed: , train"),
     "image-size": (10, "divisible by"), "partition": ("shards", "allowed: label-groups"),
@@ -56,7 +57,8 @@ OUT_OF_RANGE = {
     "sampling-steps": (30, "divide timesteps"), "ddim-eta": (2.0, r"\[0, 1\]"), "eval-every": (-1, ">= 0"),
     "eval-num-samples": (1, r"\[2, max-uploads-per-client"), "metric-classifier-epochs": (0, ">= 1"),
     "disclosure-num-images": (1, "0 .* or >= 2"), "wait-for-clients-seconds": (0.0, "> 0"),
-    "round-timeout-seconds": (-5.0, "> 0"), "min-replies": (6, r"\[1, num-clients=5\]"),
+    "round-timeout-seconds": (-5.0, "> 0"),
+    "min-replies": (6, r"\[1, 5\], the fewest clients a phase addresses \(num-clients=5"),
     "fault-injection": ("1:2:explode", "'<client>:<round>:<kind>'"),
     "server-device": ("gpu", "allowed: auto, cpu, cuda"), "client-device": ("cuda:x", "allowed: auto, cpu, cuda"),
     "condition": ("words", "allowed: none, class, attributes, text"),
@@ -90,6 +92,13 @@ def test_wrong_types_name_key_and_value(key):
 def test_non_finite_numbers_are_refused(value):
     with pytest.raises(ConfigError, match="client-lr=.*must be a finite number"):
         RunConfig.from_flower({"client-lr": value})
+
+
+def test_min_replies_cannot_exceed_the_clients_a_phase_addresses():
+    for sampled in ({"clients-per-round": 2}, {"eval-clients": 2}):
+        with pytest.raises(ConfigError, match=r"min-replies=3: must lie in \[1, 2\]"):
+            RunConfig.from_flower({"num-clients": 5, "min-replies": 3, **sampled})
+    assert RunConfig.from_flower({"num-clients": 5, "clients-per-round": 3, "min-replies": 3}).train_clients == 3
 
 
 def test_too_few_clients_for_the_partition():

@@ -114,6 +114,8 @@ class Rule:
 KEYS = {
     "num-server-rounds": Rule(1, 10_000),
     "num-clients": Rule(1, 1_000),
+    "clients-per-round": Rule(0, 1_000),  # and <= num-clients (see `validate`)
+    "eval-clients": Rule(0, 1_000),  # and <= num-clients
     "strategy": Rule(choices=STRATEGIES),
     "dataset": Rule(choices=DATASETS),
     "client-data": Rule(choices=CLIENT_DATA),
@@ -163,6 +165,8 @@ class RunConfig:
 
     num_server_rounds: int = 4
     num_clients: int = 5
+    clients_per_round: int = 0
+    eval_clients: int = 0
     strategy: str = "collafuse"
     dataset: str = "digits"
     client_data: str = "partition"
@@ -234,6 +238,16 @@ class RunConfig:
         if not self.condition_attributes:
             group = self.condition in ("attributes", "text") and self.partition == "attribute-groups"
             object.__setattr__(self, "condition_attributes", "group" if group else "all")
+
+    @property
+    def train_clients(self) -> int:
+        """Clients a training round addresses (`clients-per-round`, 0: all)."""
+        return self.clients_per_round or self.num_clients
+
+    @property
+    def evaluated_clients(self) -> int:
+        """Clients an evaluation round addresses (`eval-clients`, 0: all)."""
+        return self.eval_clients or self.num_clients
 
     @property
     def sends_conditions(self) -> bool:
@@ -381,9 +395,16 @@ class RunConfig:
                     f"{key}={self._value(key)!r}: allowed: auto, cpu, cuda, cuda:<index> "
                     f"(index in [0, {MAX_CUDA_INDEX}], ASCII digits, no leading zeros)"
                 )
-        if not 1 <= self.min_replies <= self.num_clients:
+        for key in ("clients-per-round", "eval-clients"):
+            if self._value(key) > self.num_clients:
+                raise ConfigError(f"{key}={self._value(key)}: must lie in [0, num-clients={self.num_clients}] "
+                                  "(0: every client)")
+        fewest = min(self.train_clients, self.evaluated_clients)
+        if not 1 <= self.min_replies <= fewest:
             raise ConfigError(
-                f"min-replies={self.min_replies}: must lie in [1, num-clients={self.num_clients}]"
+                f"min-replies={self.min_replies}: must lie in [1, {fewest}], the fewest clients a phase "
+                f"addresses (num-clients={self.num_clients}, clients-per-round={self.clients_per_round}, "
+                f"eval-clients={self.eval_clients})"
             )
         for (client, server_round), _ in self.injected_faults.items():
             if client >= self.num_clients or not 1 <= server_round <= self.num_server_rounds:

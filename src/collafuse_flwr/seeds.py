@@ -32,6 +32,8 @@ STREAMS = frozenset({
     "reference",     # public: the images kept aside from all clients, the feature network's check split
     "requested",     # client, public: which held-out images' conditions a client asks for when sampling
     "held-out",      # client, public: a client's held-out split of its own folder (client-data = own)
+    "clients",       # server, public: the clients of a training round (clients-per-round)
+    "eval-clients",  # server, public: the clients every evaluation addresses (eval-clients)
 })
 
 

@@ -69,11 +69,17 @@ class ClientRound:
         """The client's denoiser (weights, optimizer, EMA) as trained in `server_round`."""
         return round_dir(self.client_dir, server_round)
 
-    def latest_model_dir(self, before: int) -> Path | None:
-        """The newest saved denoiser of a round < `before`, or None. A round that was cut off
-        and is run again (resume) starts from the previous round's state, never its own."""
+    def latest_round(self, before: int) -> int | None:
+        """The newest round < `before` with a saved denoiser, or None. A round that was cut off
+        and is run again (resume) starts from the state of the client's previous round (the
+        round before, or an earlier one when the client was not drawn in between), never its own."""
         saved = [r for r in complete_rounds(self.client_dir, Denoiser.exists) if r < before]
-        return self.model_dir(max(saved)) if saved else None
+        return max(saved) if saved else None
+
+    def latest_model_dir(self, before: int) -> Path | None:
+        """The newest saved denoiser of a round < `before` (`latest_round`), or None."""
+        latest = self.latest_round(before)
+        return None if latest is None else self.model_dir(latest)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -197,7 +203,9 @@ class ClientRound:
         }
 
     def save(self, denoiser: Denoiser) -> None:
-        """Checkpoint the denoiser as this round's (atomically); keep this and the previous
-        round's (the server's last checkpoint may be the previous round's), drop older ones."""
+        """Checkpoint the denoiser as this round's (atomically); keep this and the client's
+        previous one (the server's last checkpoint may be older than this round: a resumed round
+        starts from that one), drop older ones."""
+        previous = self.latest_round(before=self.server_round)
         denoiser.save(self.model_dir(self.server_round))
-        drop_rounds_before(self.client_dir, self.server_round - 1)
+        drop_rounds_before(self.client_dir, self.server_round if previous is None else previous)

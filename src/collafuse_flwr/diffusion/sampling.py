@@ -11,6 +11,7 @@ step is clipped when `clip_denoised` is set, identically on both sides.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,16 +51,22 @@ def split_at_cut(sampler, t_zeta: int) -> tuple[torch.Tensor, torch.Tensor]:
     return server, timesteps[timesteps + 1 <= t_zeta]
 
 
+# Images per network call while sampling (before classifier-free guidance doubles them):
+# bounds the memory of a pass over many clients' states, or over a large eval-num-samples.
+MAX_SAMPLING_BATCH = 512
+
+
 @torch.no_grad()
 def denoise(
     net: nn.Module,
     sampler,
     x: torch.Tensor,
     timesteps: torch.Tensor,
-    seed: int,
+    seed: int | Sequence[int],
     eta: float = 0.0,
     c: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Run the sampler's steps `timesteps` on state x: (n, C, H, W); return the new state.
 
@@ -67,12 +74,27 @@ def denoise(
     of scale `guidance_scale` (`conditions.guided_eps`). Each step's ancestral noise comes
     from the stream (seed, "sampler-step", k), so splitting a loop into two calls changes
     nothing: split sampling equals the single loop exactly.
+
+    Several groups at once (e.g. the handovers of many clients): x stacks groups of `sizes`
+    (summing to n), each with its own `seed` (a sequence, one per group). The network sees
+    the whole stack in calls of at most `MAX_SAMPLING_BATCH` images; each group steps with its
+    own noise stream, so a group's result equals its own call up to the float rounding of a
+    differently batched network (about 1e-6 per call on CPU).
     """
+    seeds, sizes = ([seed], [x.shape[0]]) if sizes is None else (list(seed), list(sizes))
+    if len(seeds) != len(sizes) or sum(sizes) != x.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds and group sizes {sizes} for {x.shape[0]} states")
+    kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
     for k in timesteps:
-        eps = guided_eps(net, x, k.expand(x.shape[0]), c, guidance_scale)
-        generator = torch.Generator().manual_seed(sub_seed(seed, "sampler-step", int(k)))
-        kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
-        x = sampler.step(eps, k, x, generator=generator, **kwargs).prev_sample
+        t = k.expand(x.shape[0])
+        eps = torch.cat([guided_eps(net, x[i:i + MAX_SAMPLING_BATCH], t[i:i + MAX_SAMPLING_BATCH],
+                                    None if c is None else c[i:i + MAX_SAMPLING_BATCH], guidance_scale)
+                         for i in range(0, x.shape[0], MAX_SAMPLING_BATCH)])
+        steps = []
+        for group_seed, part_eps, part_x in zip(seeds, eps.split(sizes), x.split(sizes), strict=True):
+            generator = torch.Generator().manual_seed(sub_seed(group_seed, "sampler-step", int(k)))
+            steps.append(sampler.step(part_eps, k, part_x, generator=generator, **kwargs).prev_sample)
+        x = torch.cat(steps)
     return x
 
 
@@ -109,3 +131,15 @@ class SplitSampler:
         """`denoise` with this sampler: x (n, C, H, W) through `timesteps`, conditioned on
         c: (n, d) (None: unconditional)."""
         return denoise(net, self.scheduler, x, timesteps, seed, self.eta, c, self.guidance_scale)
+
+    def run_groups(self, net: nn.Module, xs: Sequence[torch.Tensor], timesteps: torch.Tensor,
+                   seeds: Sequence[int], cs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """`run` for several groups in one batched pass: states xs[i] (n_i, C, H, W) with seed
+        seeds[i] and conditions cs[i] (n_i, d) (cs None: unconditional); each result equals
+        `run` of its group alone up to float rounding (`denoise`)."""
+        if not xs:
+            return []
+        c = None if cs is None else torch.cat(list(cs))
+        x = denoise(net, self.scheduler, torch.cat(list(xs)), timesteps, seeds, self.eta, c, self.guidance_scale,
+                    [len(x) for x in xs])
+        return list(x.split([len(x) for x in xs]))

@@ -113,7 +113,7 @@ class DisclosureAudit:
     def measure(
         self, server_net, server_only: dict[int, torch.Tensor], conditions: dict[int, torch.Tensor] | None = None,
     ) -> list[tuple[str, str, float]]:
-        """(client, metric, value) rows for every client; `server_only` are the images
+        """(client, metric, value) rows for every client of `server_only`: the images
         (n, C, H, W) the server generated on its own for each client (the same tensor for every
         client when it is unconditional; the pooled row uses each distinct tensor once),
         `server_net` its eps-predictor for Tweedie, `conditions` its condition vectors (m, d)
@@ -122,7 +122,7 @@ class DisclosureAudit:
         features = {id(images): {n.name: n.features(images) for n in self.networks}  # each distinct tensor once
                     for images in server_only.values()}
         pooled_fake = {n.name: torch.cat([f[n.name] for f in features.values()]) for n in self.networks}
-        for pid in range(self.config.num_clients):
+        for pid in sorted(server_only):
             fake = features[id(server_only[pid])]
             count = min(self.config.disclosure_num_images, len(client_indices(self.config)[pid][0]))
             truth = training_images(self.config, pid, count)

@@ -1,15 +1,16 @@
 """CollaFuseStrategy: the server's side of the split chain, as a Flower Message-API strategy.
 
 Each round:
-  configure_train   -> a train message per client carrying only config (no weights);
+  configure_train   -> a train message per client of the round (all, or the round's draw of
+                       clients-per-round) carrying only config (no weights);
   aggregate_train   -> validate every client's cut-point uploads x_{t_zeta} (and, with
                        server-condition "full", their conditions), pool them and train the
                        server denoiser on t in (t_zeta, T] by the sub-chain loss, conditioned
                        on the server's condition of each upload (diffusion/conditions.py);
   configure_evaluate-> (on evaluation rounds) run the server's half of the sampler from T
-                       down to t_zeta, conditioned on the client ("client-id") or on the
-                       conditions it requested ("full"), and send each client its
-                       handed-over states;
+                       down to t_zeta for every evaluated client in one batched pass,
+                       conditioned on the client ("client-id") or on the conditions it
+                       requested ("full"), and send each client its handed-over states;
   aggregate_evaluate-> collect each client's quality and cost figures, compute the pooled
                        quality row from the clients' features, run the disclosure audit
                        (metrics/audit.py) and rewrite summary.json.
@@ -88,7 +89,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.conditioning = run_conditioning(config)
         self.conditions: dict[int, torch.Tensor] = {}  # partition id -> the server's condition of each upload
         self.requested: dict[int, torch.Tensor] = {}  # partition id -> raw conditions it asks for ("full")
-        self.parties = Parties(config.num_clients, run_dir, run_key, config.min_replies)
+        self.parties = Parties(config, run_dir, run_key)
         self.audit = DisclosureAudit(config, self.protocol.schedule, networks, run_dir.features_cache)
 
     def initial_arrays(self) -> ArrayRecord:
@@ -125,8 +126,10 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One train message per client; it carries config only, never weights."""
-        messages = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in grid.get_node_ids()]
+        """One train message per client of the round (`Parties.train_partitions`); it carries
+        config only, never weights."""
+        nodes = self.parties.nodes_of(grid.get_node_ids(), self.parties.train_partitions(server_round))
+        messages = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in nodes]
         return self.parties.address(server_round, messages, "bytes-down-train")
 
     def aggregate_train(
@@ -138,7 +141,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.run_dir.append_metrics(self.parties.sent_rows() + rows + server_rows)
         line = (
             f"round {server_round}/{self.config.num_server_rounds} "
-            f"| {clients['clients-accepted']}/{self.config.num_clients} clients accepted "
+            f"| {clients['clients-accepted']}/{self.config.train_clients} clients accepted "
             f"| client loss {clients['client-train-loss']:.4f} "
             f"| server loss {server['loss']:.4f} | images seen: clients "
             f"{clients['client-images-seen']}, server {server['images-seen']} "
@@ -230,59 +233,76 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Run the server's half of the sampler (T down to the handover time: t_zeta, or
-        T rho (2 - rho) for "published") for every client, conditioned on the server's
-        condition for it, and send each its handed-over states (float32; clamped to [-1, 1]
-        only for "published"). Under "full", a client that has never sent the conditions it
-        requests gets no message this round (logged)."""
+        T rho (2 - rho) for "published") for the evaluated clients (`Parties.eval_partitions`) in one
+        batched pass, each from its own x_T and seed and conditioned on the server's condition
+        for it, and send each its handed-over states (float32; clamped to [-1, 1] only for
+        "published"). A client that cannot finish samples yet gets no message this round
+        (logged): one never drawn for training while it owns steps below the cut (it has no
+        denoiser), or, under "full", one that has never sent the conditions it requests."""
         if not self.config.is_eval_round(server_round):
             return []
         c = self.config
         sampler = self.protocol.sampler(c)
         net, feature_network = self.denoiser.for_sampling(), feature_network_record(self.networks)
-        messages, shown = [], []
         start = time.perf_counter()
         # seeds and grid rows follow the partition ids (node ids change from run to run)
-        for node in self.parties.assign(grid.get_node_ids()):
-            pid = self.parties.partition_of[node]
-            if self.conditioning.server_receives_conditions and len(sampler.server_steps) and pid not in self.requested:
-                line = f"round {server_round} evaluate: client {pid} sent no requested conditions yet; not sampled"
-                log(WARNING, line)
-                self.run_dir.append_log(line)
-                continue
-            seed = public_seed(c.seed, "sample", server_round, pid)
-            x = initial_noise(c.eval_num_samples, self.image_shape, seed)
-            condition = self.conditioning.server_conditions(pid, self.requested.get(pid), c.eval_num_samples)
-            x = sampler.run(net, x, sampler.server_steps, seed, condition)
+        nodes = [node for node in self.parties.nodes_of(grid.get_node_ids(), self.parties.eval_partitions())
+                 if self._can_finish(server_round, self.parties.partition_of[node], sampler)]
+        pids = [self.parties.partition_of[node] for node in nodes]
+        seeds = [public_seed(c.seed, "sample", server_round, pid) for pid in pids]
+        conditions = [self.conditioning.server_conditions(pid, self.requested.get(pid), c.eval_num_samples)
+                      for pid in pids]
+        handovers = sampler.run_groups(
+            net, [initial_noise(c.eval_num_samples, self.image_shape, seed) for seed in seeds], sampler.server_steps,
+            seeds, None if self.conditioning.server is None else conditions,
+        )
+        messages = []
+        for node, seed, x in zip(nodes, seeds, handovers, strict=True):
             if self.protocol.clamps_handover:
                 x = x.clamp(-1, 1)
             content = RecordDict({"config": ConfigRecord({"sample-seed": seed}), wire.HANDOVER: wire.pack_handover(x),
                                   wire.FEATURE_NETWORK: feature_network})
             messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
-            shown.append(x[:8])
         cost = sampling_cost(net, self.image_shape, c.eval_num_samples * len(messages), len(sampler.server_steps))
         messages = self.parties.address(server_round, messages, "bytes-down-sample")
         self.parties.sent += [(server_round, "server", k, v) for k, v in cost.items()]
         self.parties.sent.append((server_round, "server", "sample-seconds", time.perf_counter() - start))
-        if shown:
-            save_grid(torch.cat(shown), self.run_dir.handover_grid(server_round), nrow=8)
+        if handovers:
+            save_grid(torch.cat([x[:8] for x in handovers]), self.run_dir.handover_grid(server_round), nrow=8)
         return messages
+
+    def _can_finish(self, server_round: int, pid: int, sampler) -> bool:
+        """Whether client `pid` can finish samples in `server_round` (see `configure_evaluate`);
+        logs why not."""
+        if len(sampler.client_steps) and pid not in self.parties.trained_by(server_round):
+            reason = "was never drawn for training and has no denoiser"
+        elif self.conditioning.server_receives_conditions and len(sampler.server_steps) and pid not in self.requested:
+            reason = "sent no requested conditions yet"
+        else:
+            return True
+        line = f"round {server_round} evaluate: client {pid} {reason}; not sampled"
+        log(WARNING, line)
+        self.run_dir.append_log(line)
+        return False
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Write every client's quality and cost figures, the pooled quality row and the
         disclosure audit to metrics.csv; rewrite summary.json; return the clients' means."""
         rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
         if per_metric:
-            rows += [(server_round, *row) for row in self.audit.view_rows()] + self._audit(server_round)
+            audited = self._audit(server_round, self.parties.eval_partitions())
+            rows += [(server_round, *row) for row in self.audit.view_rows()] + audited
         rows = self.parties.sent_rows() + rows
         means = write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
         self.checkpoint(server_round)
         return means
 
-    def _audit(self, server_round: int) -> list[tuple]:
-        """The disclosure audit's rows; the server's own samples for it run the whole chain:
-        one batch for all clients from an unconditional server, else one per client
-        conditioned on what the server knows of it (`_server_only_conditions`)."""
-        if not self.audit.enabled:
+    def _audit(self, server_round: int, pids: list[int]) -> list[tuple]:
+        """The disclosure audit's rows for the clients `pids` (those drawn for evaluation); the
+        server's own samples for it run the whole chain: one batch for all of them from an
+        unconditional server, else one batched pass of a group per client, conditioned on what
+        the server knows of it (`_server_only_conditions`)."""
+        if not self.audit.enabled or not pids:
             return []
         start = time.perf_counter()
         c = self.config
@@ -292,11 +312,11 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         x = initial_noise(c.eval_num_samples, self.image_shape, seed)
         if self.conditioning.server is None:
             images = sampler.run(net, x, sampler.all_steps, seed).clamp(-1, 1)
-            server_only = dict.fromkeys(range(c.num_clients), images)
+            server_only = dict.fromkeys(pids, images)
         else:
-            server_only = {pid: sampler.run(net, x, sampler.all_steps, seed,
-                                            self._server_only_conditions(pid, server_round)).clamp(-1, 1)
-                           for pid in range(c.num_clients)}
+            groups = sampler.run_groups(net, [x] * len(pids), sampler.all_steps, [seed] * len(pids),
+                                        [self._server_only_conditions(pid, server_round) for pid in pids])
+            server_only = {pid: images.clamp(-1, 1) for pid, images in zip(pids, groups, strict=True)}
         shown = list({id(images): images[:8] for images in server_only.values()}.values())
         save_grid(torch.cat(shown), self.run_dir.server_only_grid(server_round), nrow=8)
         rows = [(server_round, client, metric, value)

@@ -38,7 +38,10 @@ from collafuse_flwr.strategies.rounds import ResumableRounds
 
 
 class FedAvgDiffusion(ResumableRounds, FedAvg):
-    """FedAvg over every client each round (fractions 1, minimum = num-clients).
+    """FedAvg over the clients of each round: Flower's node sampling is asked for every node
+    (fractions 1, minimum = num-clients) and the round's own draw (`Parties.train_partitions`,
+    reproducible from the seed, unlike Flower's) keeps its clients; the average is over the
+    accepted replies of the round.
 
     Args:
         config: the validated run config.
@@ -67,7 +70,7 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
         self.model = model
         self.networks = networks
         self.notes = notes
-        self.parties = Parties(n, run_dir, run_key, config.min_replies)
+        self.parties = Parties(config, run_dir, run_key)
         self.sent_weights = wire.pack_weights(model.state())
 
     def initial_arrays(self) -> ArrayRecord:
@@ -77,9 +80,12 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's train messages (the global weights and EMA), stamped by `Parties.address`."""
+        """FedAvg's train messages (the global weights and EMA) to the clients of the round
+        (`Parties.train_partitions`), stamped by `Parties.address`."""
         self.sent_weights = arrays
-        messages = super().configure_train(server_round, arrays, config, grid)
+        nodes = set(self.parties.nodes_of(grid.get_node_ids(), self.parties.train_partitions(server_round)))
+        messages = [m for m in super().configure_train(server_round, arrays, config, grid)
+                    if m.metadata.dst_node_id in nodes]
         return self.parties.address(server_round, messages, "bytes-down-train")
 
     def aggregate_train(
@@ -122,13 +128,15 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """On evaluation rounds, the averaged sampling weights (the EMA) to every client."""
+        """On evaluation rounds, the averaged sampling weights (the EMA) to the evaluated
+        clients (`Parties.eval_partitions`)."""
         if not self.config.is_eval_round(server_round):
             return []
         sampling = wire.pack_weights(self.model.sampling_state())
         feature_network = feature_network_record(self.networks)
-        messages = list(super().configure_evaluate(server_round, sampling, config, grid))
-        self.parties.assign(m.metadata.dst_node_id for m in messages)
+        nodes = set(self.parties.nodes_of(grid.get_node_ids(), self.parties.eval_partitions()))
+        messages = [m for m in super().configure_evaluate(server_round, sampling, config, grid)
+                    if m.metadata.dst_node_id in nodes]
         for msg in messages:  # each its own config: the seed a CollaFuse client of this partition gets
             pid = self.parties.partition_of.get(msg.metadata.dst_node_id, -1)
             seed = public_seed(self.config.seed, "sample", server_round, pid)

@@ -2,7 +2,10 @@
 
 `Parties` assigns each Flower node a partition id with the first message it sends the node
 (nodes in node-id order take the lowest free ids; a node keeps its id for the whole run and no
-reply can change it), stamps every message with the round, the node's partition id and the
+reply can change it), picks the clients each phase addresses (with `clients-per-round`, a
+sample drawn afresh every training round; with `eval-clients`, one sample for every
+evaluation; both from public streams of the seed, so a resumed run draws the same), stamps
+every message with the round, the node's partition id and the
 run key (the name of the run that clients use for their own state), names nodes by partition
 in metrics.csv, remembers every outgoing message and its size until the replies are written,
 and sorts the replies of a phase into accepted ones and faults:
@@ -29,12 +32,15 @@ from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 
 from collafuse_flwr import wire
+from collafuse_flwr.config import RunConfig
 from collafuse_flwr.run_dir import RunDirectory
+from collafuse_flwr.seeds import public_seed
 
 FAULT_KINDS = ("raised", "rejected", "missing")
 
@@ -52,21 +58,34 @@ class Received:
     nbytes: int
 
 
+def drawn_partitions(num_clients: int, count: int, seed: int) -> list[int]:
+    """`count` of the partition ids 0 .. num_clients - 1 drawn without replacement, uniformly,
+    from the public stream `seed` (a torch permutation), in increasing order; all of them when
+    `count` is `num_clients`."""
+    if count == num_clients:
+        return list(range(num_clients))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())
+
+
 class Parties:
-    """The node <-> partition-id binding, the ledger of sent messages, the fault log.
+    """The node <-> partition-id binding, which clients each phase addresses, the ledger of
+    sent messages, the fault log.
 
     Args:
-        num_clients: the number of partitions (valid ids are 0 .. num_clients - 1).
+        config: the run config (num-clients: valid ids are 0 .. num_clients - 1;
+            clients-per-round, eval-clients and the seed: which of them a phase addresses;
+            min-replies: accepted replies a phase needs to proceed).
         run_dir: the run directory (faults are written to its log.txt with their reasons).
         run_key: the run's key (32 hex digits), sent with every message.
-        min_replies: accepted replies a phase needs to proceed.
     """
 
-    def __init__(self, num_clients: int, run_dir: RunDirectory, run_key: str, min_replies: int = 1):
-        self.num_clients = num_clients
+    def __init__(self, config: RunConfig, run_dir: RunDirectory, run_key: str):
+        self.config = config
+        self.num_clients = config.num_clients
         self.run_dir = run_dir
         self.run_key = run_key
-        self.min_replies = min_replies
+        self.min_replies = config.min_replies
         self.partition_of: dict[int, int] = {}  # node id -> partition id, assigned by the server
         self.sent: list[tuple] = []  # (round, node id or party, metric, value) of the current phase
         self.awaiting: dict[int, Message] = {}  # node id -> the message of the current phase sent to it
@@ -81,6 +100,32 @@ class Parties:
             if free:
                 self.partition_of[node] = free[0]
         return sorted((n for n in nodes if n in self.partition_of), key=self.partition_of.get)
+
+    def train_partitions(self, server_round: int) -> list[int]:
+        """The partitions a training round addresses: `clients-per-round` of them drawn afresh
+        every round from the public stream ("clients", round); all without it."""
+        c = self.config
+        return drawn_partitions(c.num_clients, c.train_clients, public_seed(c.seed, "clients", server_round))
+
+    def eval_partitions(self) -> list[int]:
+        """The partitions an evaluation addresses: `eval-clients` of them drawn once from the
+        public stream "eval-clients" (all without it), the same at every evaluation and in every
+        run of the seed, so evaluations compare the same clients across rounds and strategies."""
+        c = self.config
+        return drawn_partitions(c.num_clients, c.evaluated_clients, public_seed(c.seed, "eval-clients"))
+
+    def trained_by(self, server_round: int) -> set[int]:
+        """The partitions addressed by at least one training round up to `server_round`."""
+        if self.config.train_clients == self.num_clients:
+            return set(range(self.num_clients))
+        return {pid for r in range(1, server_round + 1) for pid in self.train_partitions(r)}
+
+    def nodes_of(self, nodes: Iterable[int], partitions: Iterable[int]) -> list[int]:
+        """The nodes of `nodes` (given partition ids by `assign`) that hold one of `partitions`,
+        in partition-id order. A drawn partition whose node is absent is simply not addressed:
+        what is drawn depends on the seed alone, never on node ids or on who is online."""
+        wanted = set(partitions)
+        return [node for node in self.assign(nodes) if self.partition_of[node] in wanted]
 
     def address(self, server_round: int, messages: Iterable[Message], metric: str) -> list[Message]:
         """The messages (one per node) to nodes with a partition id, each with its own config
