@@ -103,4 +103,16 @@ def test_a_run_cut_off_after_its_clients_trained_resumes_to_the_same_metrics(tin
 def test_run_directory_of_a_run_in_process_is_the_servers(tiny_run_config, tmp_path):
     run_dir = run_in_process(dict(tiny_run_config, **{"disclosure-num-images": 0}), tmp_path / "clients")
     assert isinstance(run_dir, RunDirectory) and run_dir.summary_json.exists()
-    assert not list((tmp_path / "runs").rglob("node-*"))  # the clients' state is below their own root
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == [f"partition-{k}" for k in range(5)]
+    assert not list((tmp_path / "runs").rglob("partition-*"))  # the clients' state is below their own root
+
+
+def test_torch_threads_of_the_clients_change_no_result(tiny_run_config, tmp_path):
+    """Clients on one or two torch threads (a simulation's actors get one per CPU) end with the
+    same metrics; a raising client is the fault Flower records."""
+    run_config = dict(tiny_run_config, **{"fault-injection": "1:1:raise", "disclosure-num-images": 0})
+    runs = [run_in_process(dict(run_config, **{"output-dir": str(tmp_path / f"runs-{threads}")}), tmp_path / "clients",
+                           client_threads=threads) for threads in (1, 2)]
+    pd.testing.assert_frame_equal(*(_metrics_without_timings(run.path) for run in runs))
+    assert _metrics(runs[1]).query("metric == 'train-fault-raised'")["client"].tolist() == ["1"]
+    assert "fault-injection: client 1 raises in round 1" in runs[1].log_txt.read_text()

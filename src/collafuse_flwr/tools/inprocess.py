@@ -3,13 +3,17 @@ handlers, with each message handed from one to the other inside this process.
 
 `run_in_process` does what the ServerApp does (`prepare_run`, then the strategy's `start`, the
 loop Flower runs) on an `InProcessGrid`, whose `send_and_receive` calls the ClientApp (with its
-mods, as a SuperNode would) on every message, one after another, and returns the replies. No
-SuperLink, SuperNode, Ray actor, serialisation or network takes part: the difference in wall
-time from a `flwr run` of the same config is what Flower's runtime costs
-(benchmarks/flower_overhead.py), and tests get whole runs in seconds. The clients are simulated
-ones (`client-data` "partition"), each with its own state below `state_root`, as SuperNodes of
-a simulation with `num-partitions` = `num-clients`. A ClientApp that raises gives the error reply
-Flower's simulation gives. Measurement and tests only: `flwr run` is how the project runs.
+mods, as a SuperNode would) on every message and returns the replies. No SuperLink, SuperNode,
+Ray actor, serialisation or network takes part: the difference in wall time from a `flwr run`
+of the same config is what Flower's runtime costs (benchmarks/flower_overhead.py), and tests
+get whole runs in seconds. One client computes at a time, with `client_threads` torch threads
+(None: the process's own, as the server's); a simulation runs cores / cpus-per-client Ray
+actors at once, each with as many threads as CPUs (Ray sets OMP_NUM_THREADS). Clients run
+one after another because they share the process's global torch RNG (the denoiser's
+initialisation, KID's subsets), which a Ray actor has to itself. The clients are simulated ones (`client-data`
+"partition") with their state below `state_root`, as SuperNodes of a simulation with
+`num-partitions` = `num-clients`. A ClientApp that raises gives the error reply Flower's
+simulation gives. Measurement and tests only: `flwr run` is how the project runs.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -40,24 +45,28 @@ class InProcessGrid(Grid):
 
     Args:
         run_config: the run config every node's context carries (Flower's kebab-case dict).
-        state_root: the clients' private state root; node k keeps its state below
-            `state_root`/node-k (node config `state-dir`).
+        state_root: the clients' private state root (node config `state-dir`), as in a
+            simulation: the client of partition k keeps its state below `state_root`/partition-k,
+            so a `flwr run` with COLLAFUSE_CLIENT_STATE = `state_root` meets the same clients
+            (their secrets) as a run in process.
         num_nodes: the SuperNodes (node ids `FIRST_NODE_ID` + k).
+        client_threads: torch's intra-op threads while clients compute (None: unchanged).
         run_id: the Flower run id of the contexts.
     """
 
-    def __init__(self, run_config: dict[str, Any], state_root: Path, num_nodes: int, run_id: int = 1):
-        self.run_id = run_id
+    def __init__(self, run_config: dict[str, Any], state_root: Path, num_nodes: int,
+                 client_threads: int | None = None, run_id: int = 1):
         self.contexts = {
             FIRST_NODE_ID + k: Context(
                 run_id=run_id, node_id=FIRST_NODE_ID + k, state=RecordDict(), run_config=dict(run_config),
-                node_config={"num-partitions": num_nodes, "state-dir": str(Path(state_root) / f"node-{k}")},
+                node_config={"num-partitions": num_nodes, "state-dir": str(state_root)},
             )
             for k in range(num_nodes)
         }
+        self.client_threads = client_threads
         self.replies: dict[str, Message] = {}
 
-    def set_run(self, run) -> None:  # the run is this process's
+    def set_run(self, run) -> None:
         raise NotImplementedError("an in-process grid belongs to one run")
 
     @property
@@ -72,12 +81,14 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Deliver each message to its node's ClientApp now; keep the reply for `pull_messages`."""
+        """Deliver the messages to their nodes' ClientApps now, one after another; keep the
+        replies for `pull_messages`."""
         ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid4().hex
-            ids.append(message.metadata.message_id)
-            self.replies[message.metadata.message_id] = self._deliver(message)
+        with _torch_threads(self.client_threads):
+            for message in messages:
+                message.metadata.__dict__["_message_id"] = uuid4().hex
+                ids.append(message.metadata.message_id)
+                self.replies[message.metadata.message_id] = self._deliver(message)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -89,36 +100,47 @@ class InProcessGrid(Grid):
     def _deliver(self, message: Message) -> Message:
         """The ClientApp's reply to `message`, or the error reply Flower's simulation makes
         when it raises (code CLIENT_APP_RAISED_EXCEPTION, the exception as the reason)."""
-        context = self.contexts[message.metadata.dst_node_id]
-        with _task(self.run_id, context.node_id):
-            try:
-                reply = client_app.app(message, context)
-            except Exception as err:  # noqa: BLE001 - a raising client is a fault the server records
-                reason = f"{type(err)}:<'{err}'>\n{traceback.format_exc(limit=3)}"
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        try:
+            reply = client_app.app(message, self.contexts[message.metadata.dst_node_id])
+        except Exception as err:  # noqa: BLE001 - a raising client is a fault the server records
+            reason = f"{type(err)}:<'{err}'>\n{traceback.format_exc(limit=3)}"
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
         reply.metadata.__dict__["_message_id"] = uuid4().hex
         return reply
 
 
 @contextlib.contextmanager
-def _task(run_id: int, node_id: int) -> Iterator[None]:
-    """Act as Flower's task of `node_id` in run `run_id` (messages can only be built inside a
-    task), restoring the previous identity afterwards."""
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` (None: unchanged) for the block."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _server_task(run_id: int) -> Iterator[None]:
+    """Act as the ServerApp's Flower task of run `run_id` (the messages it creates carry the
+    task's identity), restoring the previous identity afterwards."""
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = run_id, 1, node_id
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = run_id, 1, SUPERLINK_NODE_ID
     try:
         yield
     finally:
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
-def run_in_process(run_config: dict[str, Any], state_root: Path, run_id: int = 1) -> RunDirectory:
+def run_in_process(run_config: dict[str, Any], state_root: Path, client_threads: int | None = None,
+                   run_id: int = 1) -> RunDirectory:
     """Run (or resume) the run of `run_config` as the ServerApp would (`prepare_run`, then the
     strategy's `start`) on an `InProcessGrid` of `num-clients` nodes whose private state lives
-    below `state_root`; return its run directory."""
+    below `state_root` (clients on `client_threads` torch threads); return its run directory."""
     config = RunConfig.from_flower(run_config)
-    grid = InProcessGrid(run_config, state_root, config.num_clients, run_id)
-    with _task(run_id, 0):  # the ServerApp's messages, like its replies' counterparts, need a task
+    grid = InProcessGrid(run_config, state_root, config.num_clients, client_threads, run_id)
+    with _server_task(run_id):
         run = prepare_run(config, run_id)
         run.start(grid)
     return run.run_dir
