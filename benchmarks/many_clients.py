@@ -1,7 +1,8 @@
 """How one real `flwr run` of CollaFuse scales with the number of virtual clients.
 
     .venv/bin/python benchmarks/many_clients.py [--clients 5 20 100] [--rounds 3] [--csv PATH]
-                                                [--project DIR] [--work-dir DIR] [--echo]
+                                                [--clients-per-round K] [--eval-clients M]
+                                                [--copies C] [--project DIR] [--work-dir DIR] [--echo]
 
 For each client count N, one `flwr run` (through `collafuse_flwr.tools.launch.flwr_run`) of the
 project in `--project` (default: this repository; its `src/` is put first on PYTHONPATH, so a
@@ -9,9 +10,11 @@ snapshot such as `git archive HEAD` can be measured while the work tree is being
 its own local SuperLink (`collafuse_flwr.tools.launch.isolated_env`, as the tests use it: own
 FLWR_HOME and ports, no pretrained weights, so FID/KID/FCD are skipped),
 N SuperNodes of 1 CPU, the embedded digits at 8x8 (default partition label-groups, 2 classes
-per client: about 14 training and 4 held-out images per client at N = 100), a U-Net of
-widths 8,16, T = 100, t_zeta = 20, 64 client and 256 server images per round, DDIM-10,
-4 generated images per client and 8 disclosure images. The SuperLink is stopped by PID
+per client: about 14 training and 4 held-out images per client at N = 100; with `--copies C`
+an image folder of C shifted copies of every digit, `shifted_digits`, for up to a thousand
+clients), a U-Net of widths 8,16, T = 100, t_zeta = 20, 64 client and 256 server images per
+round, DDIM-10, 4 generated images per client and 8 disclosure images; `--clients-per-round`
+and `--eval-clients` draw a sample of the clients for each round and for the evaluation. The SuperLink is stopped by PID
 after the run with everything below it (`collafuse_flwr.tools.launch.stopping_local_superlink`),
 and any process of the run still alive 30 s later is ended and reported.
 
@@ -62,6 +65,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -74,6 +78,11 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
+
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.data import load_table
+from collafuse_flwr.data.export import write_folder
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.tools.launch import (
     alive,
@@ -93,8 +102,8 @@ ROUND_TRAINED = re.compile(r"\bround (\d+)/\d+ \|")
 FINISHED = re.compile(r"Strategy execution finished in ([\d.]+)s")
 MB = 1024 * 1024
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-COLUMNS = ("clients", "rounds", "status", "startup s", "s/round", "rounds s", "eval s", "strategy s",
-           "total s", "RSS sum MB", "PSS sum MB", "max RSS MB", "largest", "processes",
+COLUMNS = ("clients", "per round", "evaluated", "rounds", "status", "startup s", "s/round", "rounds s", "eval s",
+           "strategy s", "total s", "RSS sum MB", "PSS sum MB", "max RSS MB", "largest", "processes",
            "client models MB", "per client KB")
 
 
@@ -180,13 +189,37 @@ def run_env(home: Path, project: Path) -> dict[str, str]:
     return env
 
 
-def run_config(clients: int, rounds: int, output_dir: Path) -> str:
+def run_config(clients: int, rounds: int, output_dir: Path, per_round: int = 0, evaluated: int = 0,
+               data_dir: Path | None = None) -> str:
     return format_run_config({
         "num-server-rounds": rounds, "num-clients": clients, "image-size": 8, "timesteps": 100,
         "t-zeta": 20, "unet-block-channels": "8,16", "client-images-per-round": 64,
         "server-images-per-round": 256, "sampling-steps": 10, "eval-num-samples": 4,
         "metric-classifier-epochs": 1, "disclosure-num-images": 8, "output-dir": str(output_dir),
+        "clients-per-round": per_round, "eval-clients": evaluated, **({"data-dir": str(data_dir)} if data_dir else {}),
     })
+
+
+def shifted_digits(copies: int, directory: Path) -> Path:
+    """An image folder (labels.csv) of the embedded digits at 8x8, each digit `copies` times,
+    copy k shifted by (k // 3 - 1, k % 3 - 1) pixels (background shifted in; 1 to 9 copies):
+    enough images for a thousand clients of a cost measurement (not a dataset to judge quality
+    on)."""
+    if not 1 <= copies <= 9:
+        raise ValueError(f"--copies {copies}: 1 to 9 (the shifts by -1, 0, 1 pixel in each direction)")
+    table = load_table(RunConfig.from_flower({"image-size": 8}))
+    shifted = []
+    for k in range(copies):
+        dy, dx = k // 3 % 3 - 1, k % 3 - 1
+        images = np.roll(table.images, (dy, dx), axis=(2, 3)).copy()
+        if dy:
+            images[:, :, 0 if dy > 0 else -1, :] = -1.0
+        if dx:
+            images[:, :, :, 0 if dx > 0 else -1] = -1.0
+        shifted.append(images)
+    many = dataclasses.replace(table, images=np.concatenate(shifted), labels=np.tile(table.labels, copies),
+                               source=f"{copies} shifted copies of {table.source}")
+    return write_folder(many, np.arange(len(many.images)), directory)
 
 
 def phase_marks(lines: list[tuple[float, str]]) -> tuple[dict[int, int], dict[int, int], int | None]:
@@ -225,8 +258,10 @@ def disk_bytes(root: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
 
-def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool) -> dict[str, object]:
-    """One `flwr run` with `clients` SuperNodes on a SuperLink of its own; one table row."""
+def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool, per_round: int = 0,
+            evaluated: int = 0, data_dir: Path | None = None) -> dict[str, object]:
+    """One `flwr run` with `clients` SuperNodes on a SuperLink of its own (`per_round` of them
+    drawn per round, `evaluated` evaluated; 0: all); one table row."""
     (work / "cwd").mkdir()
     env = run_env(work / "flwr-home", project)
     federation = f"num-supernodes={clients} client-resources-num-cpus=1 client-resources-num-gpus=0"
@@ -236,7 +271,8 @@ def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool) ->
     try:
         with stopping_local_superlink(env):
             with contextlib.redirect_stdout(clock):
-                outcome = flwr_run(project, run_config(clients, rounds, work / "runs"), federation,
+                outcome = flwr_run(project, run_config(clients, rounds, work / "runs", per_round, evaluated, data_dir),
+                                   federation,
                                    env=env, cwd=work / "cwd", echo=True)
             total = time.monotonic() - launched
     finally:
@@ -257,7 +293,8 @@ def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool) ->
     state_root = Path(env["COLLAFUSE_CLIENT_STATE"])
     models = sum(disk_bytes(d) for d in state_root.glob(f"partition-*/runs/{key}")) if key else 0
     return {
-        "clients": clients, "rounds": rounds, "status": outcome.status,
+        "clients": clients, "per round": per_round or clients, "evaluated": evaluated or clients,
+        "rounds": rounds, "status": outcome.status,
         **phases(clock.lines, launched, rounds), "total s": round(total, 1),
         "RSS sum MB": round(memory.rss_sum / 1024), "PSS sum MB": round(memory.pss_sum / 1024),
         "max RSS MB": round(memory.max_rss / 1024), "largest": memory.largest,
@@ -275,6 +312,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[5, 20, 100])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients-per-round", type=int, default=0, help="clients drawn per round (0: all)")
+    parser.add_argument("--eval-clients", type=int, default=0, help="clients evaluated (0: all)")
+    parser.add_argument("--copies", type=int, default=0,
+                        help="1 to 9: a folder of that many shifted copies of every digit instead of the 1,797 digits")
     parser.add_argument("--project", type=Path, default=PROJECT, help="the Flower app to run")
     parser.add_argument("--csv", type=Path, help="also write the table here")
     parser.add_argument("--work-dir", type=Path, help="keep FLWR_HOMEs and run directories here")
@@ -284,10 +325,12 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         work = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="many-clients-")))
         work.mkdir(parents=True, exist_ok=True)
+        data_dir = shifted_digits(args.copies, work / "shifted-digits") if args.copies else None
         rows = []
         for n in args.clients:
             run_work = Path(tempfile.mkdtemp(prefix=f"{n}-clients-", dir=work))
-            rows.append(measure(n, args.rounds, project, run_work.resolve(), args.echo))
+            rows.append(measure(n, args.rounds, project, run_work.resolve(), args.echo,
+                                min(args.clients_per_round, n), min(args.eval_clients, n), data_dir))
             print(f"{n} clients: {rows[-1]['status']} in {rows[-1]['total s']} s", file=sys.stderr, flush=True)
     print(markdown(rows))
     if args.csv:

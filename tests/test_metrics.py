@@ -140,3 +140,20 @@ def test_flop_counts_are_remembered_per_architecture_and_image_shape():
     assert train_cost(wide, (1, 8, 8), 10)["flops-train"] > train_cost(small, (1, 8, 8), 10)["flops-train"]
     assert sampling_cost(small, (1, 16, 16), 2, 3)["flops-sample"] == 6 * forward_flops(small, (1, 16, 16))
     assert 2 * forward_flops(small, (1, 8, 8)) < training_flops(small, (1, 8, 8))  # backward > forward
+
+
+def test_a_checkpoint_loaded_from_anywhere_is_counted_as_its_architecture(tmp_path, monkeypatch):
+    """Every client loads its denoiser from its own directory (diffusers records it in the
+    config as _name_or_path): the FLOPs are still counted once per architecture."""
+    from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
+    from collafuse_flwr.metrics import cost
+
+    for k in range(2):
+        Denoiser(build_denoiser(8, 1, (8, 16), seed=k, condition_dim=3), 1e-3, 0.9).save(tmp_path / f"client-{k}")
+    counted = []
+    monkeypatch.setattr(cost, "_COUNTS", {})
+    monkeypatch.setattr(cost, "training_flops", lambda net, shape: counted.append(net) or 7)
+    loaded = [Denoiser.load(tmp_path / f"client-{k}", 1e-3, 0.9, "cpu").net for k in range(2)]
+    assert dict(loaded[0].config)["_name_or_path"] != dict(loaded[1].config)["_name_or_path"]
+    assert [cost.train_cost(net, (1, 8, 8), 2)["flops-train"] for net in loaded] == [14.0, 14.0]
+    assert len(counted) == 1

@@ -120,24 +120,28 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
 
 def save_labelled_grid(images: torch.Tensor, labels: list[str], path: Path, ncol: int = 8) -> None:
     """Save images (n, C, H, W) in [-1, 1] as a PNG grid of `ncol` columns with each image's
-    label (e.g. the class it was generated for) written below it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    label (e.g. the class it was generated for) written below it: tiles of at least 64 pixels
+    (nearest-neighbour), labels in PIL's default font cut to the tile's width."""
+    from PIL import Image, ImageDraw
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = -(-len(images) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.1 * ncol, 1.3 * nrow), squeeze=False)
-    shown = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < len(images):
-            ax.imshow(shown[i].squeeze(-1) if shown.shape[-1] == 1 else shown[i], cmap="gray", vmin=0, vmax=1)
-            ax.set_title(labels[i], fontsize=7, pad=2)
-    fig.tight_layout(pad=0.3)
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    shown = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if shown.shape[-1] < 64:
+        shown = torch.nn.functional.interpolate(shown.float(), scale_factor=64 // shown.shape[-1],
+                                                mode="nearest").to(torch.uint8)
+    n, channels, height, width = shown.shape
+    pad, text = 4, 14
+    nrow = -(-n // ncol)
+    grid = Image.new("RGB", (ncol * (width + pad) + pad, nrow * (height + text + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, label) in enumerate(zip(shown, labels, strict=True)):
+        x, y = pad + (i % ncol) * (width + pad), pad + (i // ncol) * (height + text + pad)
+        tile = image[0].numpy() if channels == 1 else image.permute(1, 2, 0).numpy()
+        grid.paste(Image.fromarray(tile).convert("RGB"), (x, y))
+        while label and draw.textlength(label) > width:
+            label = label[:-1]
+        draw.text((x, y + height + 1), label, fill="black")
+    write_atomically(path, lambda tmp: grid.save(tmp, format="png"))
 
 
 # Per-round state directories `round-NNN` (the server's checkpoints, each client's denoiser)

@@ -43,11 +43,14 @@ _COUNTS: dict[tuple, int] = {}
 
 def _counted(count: Callable[[nn.Module, tuple[int, int, int]], int], net: nn.Module,
              image_shape: tuple[int, int, int]) -> int:
-    """`count(net, image_shape)`, remembered per architecture for diffusers models."""
+    """`count(net, image_shape)`, remembered per architecture for diffusers models: their
+    config without diffusers' bookkeeping entries ("_name_or_path", the directory a model was
+    loaded from, differs for every loaded checkpoint of one architecture)."""
     config = getattr(net, "config", None)
     if config is None:
         return count(net, image_shape)
-    key = (count.__name__, type(net).__name__, json.dumps(dict(config), sort_keys=True, default=str),
+    architecture = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    key = (count.__name__, type(net).__name__, json.dumps(architecture, sort_keys=True, default=str),
            tuple(image_shape))
     if key not in _COUNTS:
         _COUNTS[key] = count(net, image_shape)
