@@ -246,8 +246,9 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         net, feature_network = self.denoiser.for_sampling(), feature_network_record(self.networks)
         start = time.perf_counter()
         # seeds and grid rows follow the partition ids (node ids change from run to run)
+        trained = self.parties.trained_by(server_round)
         nodes = [node for node in self.parties.nodes_of(grid.get_node_ids(), self.parties.eval_partitions())
-                 if self._can_finish(server_round, self.parties.partition_of[node], sampler)]
+                 if self._can_finish(server_round, self.parties.partition_of[node], sampler, trained)]
         pids = [self.parties.partition_of[node] for node in nodes]
         seeds = [public_seed(c.seed, "sample", server_round, pid) for pid in pids]
         conditions = [self.conditioning.server_conditions(pid, self.requested.get(pid), c.eval_num_samples)
@@ -271,10 +272,10 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             save_grid(torch.cat([x[:8] for x in handovers]), self.run_dir.handover_grid(server_round), nrow=8)
         return messages
 
-    def _can_finish(self, server_round: int, pid: int, sampler) -> bool:
-        """Whether client `pid` can finish samples in `server_round` (see `configure_evaluate`);
-        logs why not."""
-        if len(sampler.client_steps) and pid not in self.parties.trained_by(server_round):
+    def _can_finish(self, server_round: int, pid: int, sampler, trained: set[int]) -> bool:
+        """Whether client `pid` can finish samples in `server_round` (see `configure_evaluate`;
+        `trained`: the partitions drawn for training so far); logs why not."""
+        if len(sampler.client_steps) and pid not in trained:
             reason = "was never drawn for training and has no denoiser"
         elif self.conditioning.server_receives_conditions and len(sampler.server_steps) and pid not in self.requested:
             reason = "sent no requested conditions yet"
