@@ -5,10 +5,10 @@
 reply can change it), picks the clients each phase addresses (with `clients-per-round`, a
 sample drawn afresh every training round; with `eval-clients`, one sample for every
 evaluation; both from public streams of the seed, so a resumed run draws the same), stamps
-every message with the round, the node's partition id and the
-run key (the name of the run that clients use for their own state), names nodes by partition
-in metrics.csv, remembers every outgoing message and its size until the replies are written,
-and sorts the replies of a phase into accepted ones and faults:
+every message with the round, the node's partition id and the run key (the name of the run
+that clients use for their own state), names nodes by partition in metrics.csv, remembers
+every outgoing message and its size until the replies are written, and sorts the replies of a
+phase into accepted ones and faults:
 
     raised    the ClientApp raised (Flower's error reply carries the reason);
     rejected  the reply broke the protocol: it answers no message this phase sent to its node
