@@ -10,9 +10,9 @@ get whole runs in seconds. One client computes at a time, with `client_threads` 
 (None: the process's own, as the server's); a simulation runs cores / cpus-per-client Ray
 actors at once, each with as many threads as CPUs (Ray sets OMP_NUM_THREADS). Clients run
 one after another because they share the process's global torch RNG (the denoiser's
-initialisation, KID's subsets), which a Ray actor has to itself. The clients are simulated ones (`client-data`
-"partition") with their state below `state_root`, as SuperNodes of a simulation with
-`num-partitions` = `num-clients`. A ClientApp that raises gives the error reply Flower's
+initialisation, KID's subsets), which a Ray actor has to itself. The clients are simulated
+ones (`client-data` "partition") with their state below `state_root`, as SuperNodes of a
+simulation with `num-partitions` = `num-clients`. A ClientApp that raises gives the error reply Flower's
 simulation gives. Measurement and tests only: `flwr run` is how the project runs.
 """
 
