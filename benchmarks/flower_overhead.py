@@ -45,6 +45,7 @@ import torch
 from flwr.common.config import get_project_config, parse_config_args
 
 from collafuse_flwr.run_dir import RunDirectory
+from collafuse_flwr.summary import read_metrics
 from collafuse_flwr.tools.inprocess import run_in_process
 from collafuse_flwr.tools.launch import flwr_run, format_run_config, merge_run_configs, stopping_local_superlink
 from many_clients import run_env
@@ -90,7 +91,7 @@ def in_process(config: dict, env: dict, work: Path) -> tuple[float, Path | None,
 
 def results(run_dir: Path) -> pd.DataFrame:
     """metrics.csv without the seconds rows, in a fixed order."""
-    metrics = pd.read_csv(RunDirectory(run_dir).metrics_csv, dtype={"client": str})
+    metrics = read_metrics(RunDirectory(run_dir))
     metrics = metrics[~metrics["metric"].str.endswith("seconds")]
     return metrics.sort_values(["round", "client", "metric"]).reset_index(drop=True)
 
@@ -114,7 +115,7 @@ def throughput(run_dir: Path | None) -> tuple[float, float]:
     images-seen / train-seconds."""
     if run_dir is None:
         return float("nan"), float("nan")
-    metrics = pd.read_csv(RunDirectory(run_dir).metrics_csv, dtype={"client": str})
+    metrics = read_metrics(RunDirectory(run_dir))
     wide = metrics[metrics["metric"].isin(["images-seen", "train-seconds"])].pivot_table(
         index=["round", "client"], columns="metric", values="value").dropna()
     wide = wide[wide["images-seen"] > 0]

@@ -31,6 +31,7 @@ from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.diffusion.protocol import Protocol
 from collafuse_flwr.diffusion.sampling import initial_noise
 from collafuse_flwr.diffusion.training import train_for_images
+from collafuse_flwr.tools.inprocess import torch_threads
 from collafuse_flwr.tools.launch import merge_run_configs
 
 KEYS = ("client train img/s", "server train img/s", "server half s", "client half s")
@@ -49,12 +50,8 @@ def run_config(items: list[str]) -> RunConfig:
 
 def measure(config: RunConfig, threads: int, images: int, repeats: int) -> dict[str, float]:
     """Median over `repeats` (after a warm-up) of each of `KEYS` on `threads` torch threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _measure(config, images, repeats)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _measure(config: RunConfig, images: int, repeats: int) -> dict[str, float]:

@@ -12,6 +12,7 @@ from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.strategies.parties import drawn_partitions
+from collafuse_flwr.summary import read_metrics
 from collafuse_flwr.tools.inprocess import run_in_process
 from test_flwr_run import _metrics_without_timings
 
@@ -32,7 +33,7 @@ def _sampled(tiny_run_config, tmp_path, **overrides) -> dict:
 
 
 def _metrics(run_dir: RunDirectory) -> pd.DataFrame:
-    return pd.read_csv(run_dir.metrics_csv, dtype={"client": str})
+    return read_metrics(run_dir)
 
 
 def _clients(metrics: pd.DataFrame, server_round: int, metric: str) -> set[int]:

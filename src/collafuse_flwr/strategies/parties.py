@@ -82,10 +82,8 @@ class Parties:
 
     def __init__(self, config: RunConfig, run_dir: RunDirectory, run_key: str):
         self.config = config
-        self.num_clients = config.num_clients
         self.run_dir = run_dir
         self.run_key = run_key
-        self.min_replies = config.min_replies
         self.partition_of: dict[int, int] = {}  # node id -> partition id, assigned by the server
         self.sent: list[tuple] = []  # (round, node id or party, metric, value) of the current phase
         self.awaiting: dict[int, Message] = {}  # node id -> the message of the current phase sent to it
@@ -96,7 +94,7 @@ class Parties:
         `num_clients` get none and are sent nothing."""
         nodes = set(nodes)
         for node in sorted(nodes - set(self.partition_of)):
-            free = sorted(set(range(self.num_clients)) - set(self.partition_of.values()))
+            free = sorted(set(range(self.config.num_clients)) - set(self.partition_of.values()))
             if free:
                 self.partition_of[node] = free[0]
         return sorted((n for n in nodes if n in self.partition_of), key=self.partition_of.get)
@@ -116,8 +114,8 @@ class Parties:
 
     def trained_by(self, server_round: int) -> set[int]:
         """The partitions addressed by at least one training round up to `server_round`."""
-        if self.config.train_clients == self.num_clients:
-            return set(range(self.num_clients))
+        if self.config.train_clients == self.config.num_clients:
+            return set(range(self.config.num_clients))
         return {pid for r in range(1, server_round + 1) for pid in self.train_partitions(r)}
 
     def nodes_of(self, nodes: Iterable[int], partitions: Iterable[int]) -> list[int]:
@@ -215,10 +213,10 @@ class Parties:
         for node in sorted(expected - answered):
             reason = unavailable.get(node, "no reply within round-timeout-seconds")
             rows.append(self._fault(server_round, phase, node, "missing", reason))
-        if expected and len(received) < self.min_replies:
+        if expected and len(received) < self.config.min_replies:
             raise RoundFailed(
                 f"round {server_round} {phase}: {len(received)} accepted replies, min-replies="
-                f"{self.min_replies}; {len(rows)} client(s) failed (see log.txt)"
+                f"{self.config.min_replies}; {len(rows)} client(s) failed (see log.txt)"
             )
         return sorted(received, key=lambda r: r.partition_id), rows
 

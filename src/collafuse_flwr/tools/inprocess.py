@@ -84,7 +84,7 @@ class InProcessGrid(Grid):
         """Deliver the messages to their nodes' ClientApps now, one after another; keep the
         replies for `pull_messages`."""
         ids = []
-        with _torch_threads(self.client_threads):
+        with torch_threads(self.client_threads):
             for message in messages:
                 message.metadata.__dict__["_message_id"] = uuid4().hex
                 ids.append(message.metadata.message_id)
@@ -110,7 +110,7 @@ class InProcessGrid(Grid):
 
 
 @contextlib.contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
+def torch_threads(count: int | None) -> Iterator[None]:
     """torch's intra-op threads set to `count` (None: unchanged) for the block."""
     previous = torch.get_num_threads()
     if count is not None:
