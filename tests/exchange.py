@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from uuid import uuid4
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 
 class Grid:
@@ -36,3 +37,12 @@ def send_train(strategy, nodes, server_round: int = 1, arrays: ArrayRecord | Non
 def answer(sent: Message, content: RecordDict) -> Message:
     """A client's reply to the message `sent`."""
     return Message(content, reply_to=sent)
+
+
+def reply_of(handler, sent: Message, context) -> Message:
+    """A ClientApp handler's reply to `sent`, or, when it raises, the error reply Flower's
+    runtime makes of it (code CLIENT_APP_RAISED_EXCEPTION)."""
+    try:
+        return handler(sent, context)
+    except Exception as err:  # noqa: BLE001 - a raising client is a fault the server records
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(err)), reply_to=sent)

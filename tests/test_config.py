@@ -64,9 +64,10 @@ OUT_OF_RANGE = {
     "condition": ("words", "allowed: none, class, attributes, text"),
     "server-condition": ("labels", "allowed: none, client-id"), "condition-attributes": ("some", "allowed: all, group"),
     "condition-dropout": (1.0, r"\[0, 1\)"), "guidance-scale": (-1.0, ">= 0"),
+    "clip-norm": (-1.0, ">= 0"), "privacy-delta": (0.0, r"\(0, 1\)"), "target-epsilon": (-1.0, ">= 0"),
 }
 FREE_TEXT = {"data-dir", "attribute-groups", "fid-weights", "fcd-weights", "text-weights", "output-dir"}
-BOOLEANS = {"download", "unet-attention", "clip-denoised", "pooled-metrics", "resume"}
+BOOLEANS = {"download", "unet-attention", "clip-denoised", "pooled-metrics", "resume", "t-zeta-from-target"}
 
 
 def test_every_key_is_validated():

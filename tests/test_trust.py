@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,14 @@ from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
-from exchange import send_train
+from collafuse_flwr.summary import read_metrics, summarise
+from exchange import reply_of, send_train
 from test_wire import RUN_KEY, client_context
 
 
-def _play(run_config: dict, tmp_path: Path) -> tuple[CollaFuseStrategy, list[bytes]]:
-    """Two rounds of five real clients and the server; every message serialised."""
+def _play(run_config: dict, tmp_path: Path, node_config=None) -> tuple[CollaFuseStrategy, list[bytes]]:
+    """Two rounds of five real clients (nodes 10 to 14, with `node_config[node]` in their node
+    configs) and the server; every message serialised."""
     config = RunConfig.from_flower(run_config)
     net = build_denoiser(config.image_size, 1, config.block_channels)
     strategy = CollaFuseStrategy(config, RunDirectory(tmp_path / "server"), RUN_KEY, Denoiser(net, 1e-3, 0.0),
@@ -29,8 +32,11 @@ def _play(run_config: dict, tmp_path: Path) -> tuple[CollaFuseStrategy, list[byt
     wire_bytes = []
     for server_round in (1, 2):
         sent = send_train(strategy, range(10, 15), server_round)
-        replies = [client_app.train(msg, client_context(run_config, tmp_path / "clients")) for msg in sent.values()]
-        wire_bytes += [recorddict_to_proto(m.content).SerializeToString() for m in [*sent.values(), *replies]]
+        replies = [reply_of(client_app.train, msg, client_context(run_config, tmp_path / "clients",
+                                                                  **(node_config or {}).get(node, {})))
+                   for node, msg in sent.items()]
+        wire_bytes += [recorddict_to_proto(m.content).SerializeToString()
+                       for m in [*sent.values(), *replies] if m.has_content()]
         strategy.aggregate_train(server_round, replies)
     strategy.checkpoint(2)
     return strategy, wire_bytes
@@ -71,3 +77,41 @@ def test_noise_derived_from_the_run_config_is_taken_off_by_the_recompute_attack(
     strategy, _ = _play(run_config, tmp_path)
     psnr = _reconstruction(strategy)
     assert min(psnr[(str(pid), "reconstruction-psnr-recompute")] for pid in range(5)) > 40
+
+
+def test_the_server_reports_each_clients_epsilon_every_round(tiny_run_config, tmp_path, task_identity):
+    """epsilon rows per client and round (fresh: one more view each round) and summary.json's
+    privacy section; the audit runs the membership attack on every client."""
+    run_config = dict(tiny_run_config, **{"num-server-rounds": 2, "noise-policy": "fresh", "t-zeta": 90,
+                                          "clip-norm": 2.0, "disclosure-num-images": 16})
+    strategy, _ = _play(run_config, tmp_path)
+    config, metrics = strategy.config, read_metrics(strategy.run_dir)
+    epsilon = metrics[metrics.metric == "epsilon"].pivot(index="client", columns="round", values="value")
+    assert list(epsilon.index) == [str(pid) for pid in range(5)]
+    assert (epsilon[1] == config.upload_epsilon(90, 1)).all() and (epsilon[2] == config.upload_epsilon(90, 2)).all()
+    assert 0 < config.upload_epsilon(90, 1) < config.upload_epsilon(90, 2) < math.inf
+    privacy = summarise(metrics, config, {})["privacy"]
+    assert privacy["clip_norm"] == 2.0 and privacy["max_epsilon"] == config.upload_epsilon(90, 2)
+    server_only = dict.fromkeys(range(5), torch.zeros(8, 1, 8, 8))
+    rows = strategy.audit.measure(strategy.denoiser.for_sampling(), server_only)
+    auc = {client: value for client, metric, value in rows if metric == "membership-auc"}
+    assert sorted(auc) == [str(pid) for pid in range(5)] and all(0 <= v <= 1 for v in auc.values())
+
+
+def test_a_client_uploads_nothing_beyond_its_own_privacy_budget(tiny_run_config, tmp_path, task_identity):
+    """A malicious server sets the cut point, clipping and noise policy; a client with a
+    privacy budget (nodes 10 and 11) uploads the first view (within it) and refuses the second
+    (beyond it): an error reply, recorded as a fault, its first upload kept in the pool."""
+    run_config = dict(tiny_run_config, **{"num-server-rounds": 2, "noise-policy": "fresh", "t-zeta": 90})
+    config = RunConfig.from_flower(run_config)
+    budget = (config.upload_epsilon(90, 1) + config.upload_epsilon(90, 2)) / 2
+    limited = {node: {"privacy_budget": f"{budget}, {config.privacy_delta}"} for node in (10, 11)}
+    strategy, _ = _play(run_config, tmp_path, limited)
+    metrics = read_metrics(strategy.run_dir)
+    faults = metrics[metrics.metric.str.startswith("train-fault")]
+    refused = {str(strategy.parties.partition_of[node]) for node in limited}
+    assert set(faults[faults["round"] == 2].client) == refused and faults[faults["round"] == 1].empty
+    assert len(strategy.uploads) == 5
+    epsilon = metrics[metrics.metric == "epsilon"]
+    assert (epsilon[epsilon.client.isin(refused)].value <= budget).all()
+    assert set(epsilon[epsilon.client.isin(refused)]["round"]) == {1}

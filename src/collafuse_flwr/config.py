@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from collafuse_flwr import privacy
 from collafuse_flwr.data.facts import (
     ATTRIBUTE_DATASETS,
     DATASET_SPLITS,
@@ -27,6 +28,7 @@ from collafuse_flwr.data.facts import (
     DEFAULT_CONDITION,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_PARTITION,
+    IMAGE_CHANNELS,
     LABELLED_DATASETS,
     PARTITIONS,
 )
@@ -142,6 +144,9 @@ KEYS = {
     "ema-decay": Rule(0, 1, open_high=True, allowed="must lie in [0, 1) (0 disables the EMA)"),
     "server-loss-weighting": Rule(choices=SERVER_LOSS_WEIGHTINGS),
     "noise-policy": Rule(choices=NOISE_POLICIES),
+    "clip-norm": Rule(0, allowed="must be >= 0 (0: no clipping; the pixels' own bound applies)"),
+    "privacy-delta": Rule(0, 1, open_low=True, open_high=True, allowed="must lie in (0, 1)"),
+    "target-epsilon": Rule(0, allowed="must be >= 0 (0: no target)"),
     "upload-dtype": Rule(choices=UPLOAD_DTYPES),
     "max-uploads-per-client": Rule(1, 1_000_000),
     "sampler": Rule(choices=SAMPLERS),
@@ -199,6 +204,10 @@ class RunConfig:
     ema_decay: float = 0.995
     server_loss_weighting: str = "eps-prime"
     noise_policy: str = "once"
+    clip_norm: float = 0.0
+    privacy_delta: float = 1e-5
+    target_epsilon: float = 0.0
+    t_zeta_from_target: bool = False
     upload_dtype: str = "float16"
     max_uploads_per_client: int = 100_000
     sampler: str = "ddim"
@@ -271,6 +280,8 @@ class RunConfig:
             values[field.name] = _coerce(key, value, type(getattr(cls(), field.name)))
         config = cls(**values)
         config.validate()
+        if config.t_zeta_from_target:
+            config = dataclasses.replace(config, t_zeta=config.smallest_private_cut_point())
         return config
 
     def to_flower(self) -> dict[str, Any]:
@@ -317,6 +328,29 @@ class RunConfig:
                 )
             faults[client, server_round] = match[3]
         return faults
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the run's images."""
+        return IMAGE_CHANNELS[self.dataset], self.image_size, self.image_size
+
+    @property
+    def max_views(self) -> int:
+        """The most distinct views of one image a client uploads in this run: one under the noise
+        policy "once", one per round under "fresh" (a client may be drawn in every round)."""
+        return 1 if self.noise_policy == "once" else self.num_server_rounds
+
+    def upload_epsilon(self, t_zeta: int, views: int) -> float:
+        """Epsilon at privacy-delta of `views` views of an image uploaded at cut point `t_zeta`
+        with this run's schedule and clipping (privacy.py)."""
+        alpha_bar = privacy.alpha_bar(self.timesteps, self.beta_schedule)
+        return privacy.upload_epsilon(alpha_bar, t_zeta, self.image_shape, self.clip_norm, views, self.privacy_delta)
+
+    def smallest_private_cut_point(self) -> int:
+        """The smallest t_zeta whose `max_views` uploads meet (target-epsilon, privacy-delta)."""
+        alpha_bar = privacy.alpha_bar(self.timesteps, self.beta_schedule)
+        return privacy.smallest_cut_point(alpha_bar, self.target_epsilon, self.image_shape, self.clip_norm,
+                                          self.max_views, self.privacy_delta)
 
     def is_eval_round(self, server_round: int) -> bool:
         """Evaluate after every `eval-every`-th round (if > 0) and after the last one."""
@@ -406,12 +440,42 @@ class RunConfig:
                 f"addresses (num-clients={self.num_clients}, clients-per-round={self.clients_per_round}, "
                 f"eval-clients={self.eval_clients})"
             )
+        self._validate_privacy()
         for (client, server_round), _ in self.injected_faults.items():
             if client >= self.num_clients or not 1 <= server_round <= self.num_server_rounds:
                 raise ConfigError(
                     f"fault-injection={self.fault_injection!r}: client {client} or round {server_round} "
                     f"outside [0, {self.num_clients}) x [1, {self.num_server_rounds}]"
                 )
+
+    def _validate_privacy(self) -> None:
+        """clip-norm and target-epsilon bound what CollaFuse's uploads disclose (privacy.py):
+        FedAvg sends weights, which they do not cover. A target must be met by the configured
+        t-zeta, or (t-zeta-from-target) by some cut point below T."""
+        if self.strategy == "fedavg" and (self.clip_norm or self.target_epsilon or self.t_zeta_from_target):
+            raise ConfigError("clip-norm, target-epsilon and t-zeta-from-target bound what the cut-point uploads "
+                              "disclose; strategy='fedavg' sends weights instead, which they do not cover")
+        if self.t_zeta_from_target and not self.target_epsilon:
+            raise ConfigError("t-zeta-from-target=true picks the smallest cut point that meets target-epsilon, "
+                              "but target-epsilon=0 (no target); set target-epsilon")
+        if not self.target_epsilon:
+            return
+        guarantee = (f"with clip-norm={self.clip_norm}, noise-policy={self.noise_policy!r} "
+                     f"({self.max_views} view(s) per image) and privacy-delta={self.privacy_delta}")
+        smallest = self.smallest_private_cut_point()
+        if smallest == self.timesteps:
+            remedies = ["lower clip-norm" if self.clip_norm else "set clip-norm (below the pixels' own bound)",
+                        *(["use noise-policy='once'"] if self.noise_policy == "fresh" else []), "raise target-epsilon"]
+            raise ConfigError(
+                f"target-epsilon={self.target_epsilon}: no cut point below timesteps={self.timesteps} meets it "
+                f"{guarantee} (t-zeta={self.timesteps - 1} gives epsilon "
+                f"{self.upload_epsilon(self.timesteps - 1, self.max_views):.3g}); {', '.join(remedies)}, or run "
+                f"t-zeta={self.timesteps} (every client alone) without a target")
+        if not self.t_zeta_from_target and self.t_zeta < smallest:
+            raise ConfigError(
+                f"target-epsilon={self.target_epsilon}: t-zeta={self.t_zeta} gives epsilon "
+                f"{self.upload_epsilon(self.t_zeta, self.max_views):.3g} {guarantee}; the smallest cut point that "
+                f"meets the target is t-zeta={smallest} (or set t-zeta-from-target=true)")
 
     def _value(self, key: str) -> Any:
         """The value of kebab-case `key`."""

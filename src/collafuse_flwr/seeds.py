@@ -29,6 +29,8 @@ STREAMS = frozenset({
     "sample",        # public: x_T of one client's evaluation samples
     "sampler-step",  # public: ancestral noise of one sampler step
     "server-only",   # server, public: the audit's server-only samples
+    "membership-views",  # audit, public: noise of the held-out views of the membership attack
+    "membership-draws",  # audit, public: t and eps' of the membership attack's losses
     "reference",     # public: the images kept aside from all clients, the feature network's check split
     "requested",     # client, public: which held-out images' conditions a client asks for when sampling
     "held-out",      # client, public: a client's held-out split of its own folder (client-data = own)

@@ -6,12 +6,15 @@ Built from metrics.csv (long format: round, client, metric, value) after every r
      "notes": {...: why a metric is missing, how many samples a distance used},
      "quality":    {"round": r, "clients": {"0": {"fd_classifier": ...}}, "pooled": {...}},
      "disclosure": {"round": r, "clients": {...}, "pooled": {...}},
+     "privacy": {"delta", "clip_norm", "target_epsilon", "clients": {"0": epsilon}, "max_epsilon"},
      "cost": {"server": {...}, "clients": {"0": {...}}, "clients_mean": {...}}}
 
 Cost entries are sums over all rounds: nfe-/flops-train, nfe-/flops-sample, seconds per phase,
 and bytes: "bytes-up" (client -> server protocol messages), "bytes-down" (server -> client),
 "bytes-up-evaluation" and "bytes-down-evaluation" (the evaluation replies and the feature
-network sent for it: measurement only). Non-finite values are null.
+network sent for it: measurement only). Privacy: each client's latest epsilon (privacy.py;
+the views of its images so far), absent for FedAvg, which sends weights. Non-finite values are
+null (an infinite epsilon: t_zeta = 0, whose uploads are the images themselves; the notes say so).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collafuse_flwr.run_dir import RunDirectory
 QUALITY = ("fd_classifier", "kid_classifier", "kid_classifier_std", "fid", "kid", "kid_std", "fcd",
            "kid_clip", "kid_clip_std", "num-generated", "num-real", "condition-accuracy", "condition-accuracy-real",
            "condition-accuracy-blind", "own-class-share")
-DISCLOSURE_PREFIXES = ("upload-", "server-only-", "reconstruction-", "linkage-")
+DISCLOSURE_PREFIXES = ("upload-", "server-only-", "reconstruction-", "linkage-", "membership-")
 DISCLOSURE = ("views-per-image", "effective-snr", "conditions-received")
 COST_SUMS = {
     "nfe-train": ("nfe-train",), "flops-train": ("flops-train",), "nfe-sample": ("nfe-sample",),
@@ -56,6 +59,9 @@ def summarise(metrics: pd.DataFrame, config: RunConfig, notes: dict) -> dict:
     cannot judge (metrics/conditioning.py) is flagged in the notes."""
     quality = _latest(metrics[metrics.metric.isin(QUALITY)])
     notes = {**notes, **uninformative_condition_accuracy(quality.get("pooled", {}))}
+    privacy = _privacy(metrics, config)
+    if privacy and not math.isfinite(privacy["max_epsilon"]):
+        notes["privacy"] = "epsilon null: infinite, the uploads at t_zeta = 0 carry no noise"
     return {
         "run": None,
         "dataset": config.dataset,
@@ -67,6 +73,7 @@ def summarise(metrics: pd.DataFrame, config: RunConfig, notes: dict) -> dict:
         "notes": notes,
         "quality": quality,
         "disclosure": _latest(metrics[metrics.metric.map(is_disclosure)]),
+        "privacy": privacy,
         "cost": _cost(metrics),
     }
 
@@ -99,6 +106,17 @@ def _latest(rows: pd.DataFrame) -> dict:
     table = {client: dict(zip(g.metric, g.value)) for client, g in last.groupby("client")}
     pooled = table.pop("pooled", {})
     return {"round": int(last["round"].iloc[0]), "clients": table, "pooled": pooled}
+
+
+def _privacy(metrics: pd.DataFrame, config: RunConfig) -> dict:
+    """Each client's latest epsilon row (rows are appended in round order) and their maximum;
+    {} without epsilon rows."""
+    rows = metrics[metrics.metric == "epsilon"]
+    if rows.empty:
+        return {}
+    latest = rows.groupby("client").value.last()
+    return {"delta": config.privacy_delta, "clip_norm": config.clip_norm, "target_epsilon": config.target_epsilon,
+            "clients": latest.to_dict(), "max_epsilon": float(latest.max())}
 
 
 def _cost(metrics: pd.DataFrame) -> dict:

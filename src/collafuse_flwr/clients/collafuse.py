@@ -28,17 +28,18 @@ def cut_point_uploads(client: ClientRound) -> torch.Tensor:
     """x_{t_zeta} = sqrt(abar_r) x0 + sqrt(1 - abar_r) eps for every training image,
     (n, C, H, W); empty when the server owns no step.
 
-    eps comes from the client's secret "upload" stream (state.py, seeds.py), keyed by the
-    configuration's identity and, under the noise policy "fresh", the round: nothing the
-    server holds or sends determines it. "once": the same eps in every round, so an image
-    yields the same upload and the server never sees two views of it; "fresh": a new eps
-    every round.
+    x0 are the client's training images bounded (clamped, and clipped to clip-norm:
+    privacy.bound_images), as its own denoiser learns them. eps comes from the client's secret
+    "upload" stream (state.py, seeds.py), keyed by the configuration's identity and, under the
+    noise policy "fresh", the round: nothing the server holds or sends determines it. "once":
+    the same eps in every round, so an image yields the same upload and the server never sees
+    two views of it; "fresh": a new eps every round. Each new view is spent in the client's
+    privacy ledger first (`ClientRound.upload_seed`).
     """
-    config, train_images = client.config, client.data.train
+    train_images = client.data.train
     if client.schedule.server_range.is_empty:
         return train_images[:0]
-    seed = client.seed("upload", per_round=config.noise_policy == "fresh")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(client.upload_seed())
     eps = torch.randn(train_images.shape, generator=generator)
     return client.schedule.noise_to_cut(train_images, eps)
 

@@ -4,6 +4,8 @@ below its own state directory (state.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,13 +13,14 @@ import torch
 from diffusers import UNet2DModel
 from flwr.app import ConfigRecord, Context, Message
 
-from collafuse_flwr import wire
+from collafuse_flwr import privacy, wire
 from collafuse_flwr.clients.state import (
     ClientState,
     ClientStateError,
     holder_directory,
     own_attribute_group,
     own_data_config,
+    privacy_budget,
     shares_conditions,
 )
 from collafuse_flwr.config import ConfigError, RunConfig
@@ -36,8 +39,9 @@ from collafuse_flwr.seeds import public_seed
 @dataclass(frozen=True)
 class ClientRound:
     """What a client knows when a message arrives: its validated config, the partition the
-    server assigned it, the round, its private state (state.py), its data and what each
-    side of the cut conditions on."""
+    server assigned it, the round, its private state (state.py) and privacy budget, its data
+    (training images bounded as its uploads are: privacy.bound_images) and what each side of
+    the cut conditions on."""
 
     config: RunConfig
     partition_id: int
@@ -49,6 +53,7 @@ class ClientRound:
     data: ClientData
     conditioning: Conditioning
     group: int | None  # the client's attribute group under condition-attributes "group"
+    budget: tuple[float, float] | None  # the client's own (epsilon, delta) limit on its uploads
 
     @property
     def schedule(self) -> CutSchedule:
@@ -91,6 +96,19 @@ class ClientRound:
         (say) never reuses the noise of this one."""
         return self.state.seed(stream, self.config.identity_hash(), self.server_round if per_round else "once")
 
+    def upload_seed(self) -> int:
+        """The seed of this round's upload noise eps, from the secret "upload" stream (the same
+        in every round under the noise policy "once", a new one each round under "fresh"),
+        once the view it makes is spent in the client's ledger (`ClientState.spend`: refused
+        beyond its privacy-budget) with noise multiplier
+        z = sqrt(1 - abar_r) / (2 R sqrt(abar_r)) (privacy.py)."""
+        per_round = self.config.noise_policy == "fresh"
+        coordinates = (self.config.identity_hash(), self.server_round if per_round else "once")
+        radius = privacy.image_radius(self.image_shape, self.config.clip_norm)
+        multiplier = privacy.noise_multiplier(float(self.schedule.alpha_bar[self.config.t_zeta]), radius)
+        self.state.spend(json.dumps(["upload", *coordinates]), multiplier, self.budget)
+        return self.state.seed("upload", *coordinates)
+
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientRound:
         """Check the server's message (round, assigned partition, run key) and set up the round.
@@ -115,6 +133,7 @@ class ClientRound:
         run_key = message_config.get("run-key")
         state = ClientState(holder_directory(config, context.node_config, partition_id))
         state.run_dir(run_key)  # checks the key's form
+        budget = privacy_budget(context.node_config)
         if config.sends_conditions and not shares_conditions(context.node_config):
             raise ClientStateError(
                 "server-condition='full' asks for this client's conditions (the label or attributes of every "
@@ -127,8 +146,9 @@ class ClientRound:
         else:
             group = simulated_group(config, partition_id)
             data = client_data(config, partition_id)
+        data = dataclasses.replace(data, train=privacy.bound_images(data.train, config.clip_norm))
         return cls(config, partition_id, server_round, message_config, state, run_key, Protocol.of(config), data,
-                   run_conditioning(config), group)
+                   run_conditioning(config), group, budget)
 
     @property
     def device(self) -> torch.device:

@@ -10,6 +10,8 @@ denoiser between rounds. The client decides where; no message names a path.
                                       own), whatever partition id the server assigns it
             secret                    32 random bytes from os.urandom, created on first use
                                       (mode 0600), never sent
+            privacy-ledger.json       every distinct view of its images it has uploaded, in
+                                      any run: {noise key: noise multiplier} (privacy.py)
             runs/<run-key>/round-004/ the private denoiser after round 4 (this round's and the
                                       previous round's are kept)
             runs/<run-key>/samples/   the client's generated images
@@ -24,6 +26,12 @@ them (server-condition = "full") is the client's decision too: node config "shar
 (true / false), else $COLLAFUSE_SHARE_CONDITIONS (1 / 0, for simulated clients), else no. The run
 config, which the server sets, cannot grant it.
 
+How much a client lets its uploads disclose is its decision as well: node config
+"privacy-budget" ("<epsilon>, <delta>", e.g. "10, 1e-5"), else $COLLAFUSE_PRIVACY_BUDGET, else no
+limit. Before every upload the client composes the views in its ledger with the new one (a view
+it sent before costs nothing) and refuses the upload when the result exceeds its budget, whatever
+the run config (cut point, clipping, noise policy, privacy-delta) the server chose.
+
 The server's messages carry a run key (32 hex digits, made by the ServerApp when it creates a
 run): the client checks its form and uses it only as a directory name below its own root, so a
 resumed run finds its denoisers and a new run starts fresh ones. The secret does not depend on
@@ -34,9 +42,13 @@ a new key; what it would take is another configuration, which `upload_seed` keys
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
+import math
 import os
 from pathlib import Path
 
+from collafuse_flwr import privacy
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.seeds import stream_seed
 from collafuse_flwr.wire import RUN_KEY
@@ -48,6 +60,9 @@ DATA_DIR_KEY = "data-dir"  # node config key (client-data = own)
 ATTRIBUTE_GROUP_KEY = "attribute-group"  # node config key (client-data = own, condition-attributes = group)
 OWN_DATA_HOLDER = "own"  # the state directory of a deployed client, below its root
 SHARE_CONDITIONS_VARIABLE = "COLLAFUSE_SHARE_CONDITIONS"
+PRIVACY_BUDGET_KEY = "privacy-budget"  # node config key
+PRIVACY_BUDGET_VARIABLE = "COLLAFUSE_PRIVACY_BUDGET"
+LEDGER = "privacy-ledger.json"
 YES, NO = ("true", "1", "yes"), ("false", "0", "no", "")
 SECRET_BYTES = 32
 
@@ -114,6 +129,25 @@ def shares_conditions(node_config) -> bool:
     return answer in YES
 
 
+def privacy_budget(node_config) -> tuple[float, float] | None:
+    """The client's (epsilon, delta) limit on what its uploads disclose, over every run (see
+    the module docstring), or None; a malformed value is a `ClientStateError`."""
+    if PRIVACY_BUDGET_KEY in node_config:
+        name, value = f"node config {PRIVACY_BUDGET_KEY}", node_config[PRIVACY_BUDGET_KEY]
+    else:
+        name, value = f"${PRIVACY_BUDGET_VARIABLE}", os.environ.get(PRIVACY_BUDGET_VARIABLE, "")
+    if not str(value).strip():
+        return None
+    try:
+        epsilon, delta = (float(part) for part in str(value).split(","))
+    except ValueError:
+        epsilon = delta = math.nan
+    if not (0 < epsilon < math.inf and 0 < delta < 1):
+        raise ClientStateError(f"{name}={value!r}: use '<epsilon>, <delta>' with epsilon > 0 and delta in (0, 1), "
+                               "e.g. '10, 1e-5'")
+    return epsilon, delta
+
+
 class ClientState:
     """One data holder's directory: its secret and its runs.
 
@@ -138,6 +172,29 @@ class ClientState:
     def seed(self, stream: str, *coordinates: int | str) -> int:
         """A seed of a secret stream (seeds.py): only this client can compute it."""
         return stream_seed(self.secret, stream, *coordinates)
+
+    def spend(self, view: str, multiplier: float, budget: tuple[float, float] | None) -> None:
+        """Record that every image of this holder is uploaded once more with the noise of key
+        `view` (its noise stream; a key recorded before is the same view again and costs
+        nothing) and noise multiplier `multiplier`. With a `budget` (epsilon, delta), refuse
+        (`ClientStateError`, nothing recorded) when all recorded views with this one compose
+        to more than epsilon at delta."""
+        path = self.directory / LEDGER
+        with open(self.directory / f"{LEDGER}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ledger = json.loads(path.read_text()) if path.exists() else {}
+            if view in ledger:
+                return
+            if budget is not None:
+                spent = privacy.epsilon(privacy.composed_multiplier([*ledger.values(), multiplier]), 1, budget[1])
+                if spent > budget[0]:
+                    raise ClientStateError(
+                        f"this upload would bring what this client's uploads disclose to epsilon {spent:.3g} at delta "
+                        f"{budget[1]:g} ({len(ledger) + 1} views of its images), beyond its privacy-budget of "
+                        f"epsilon {budget[0]:g}; not uploaded")
+            tmp = path.with_name(f".{LEDGER}.{os.getpid()}")
+            tmp.write_text(json.dumps({**ledger, view: multiplier}, indent=1))
+            os.replace(tmp, path)
 
 
 def _secret(path: Path) -> bytes:

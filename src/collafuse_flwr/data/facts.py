@@ -9,6 +9,8 @@ loading the datasets' code (which itself needs `config`).
 # the 8x8 digits are upsampled to 16.
 DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "celeba": 64, "awa2": 64}
 DATASETS = tuple(DEFAULT_IMAGE_SIZE)
+# Channels of every image the loaders give (the digits are grey; every other source is made RGB)
+IMAGE_CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "awa2": 3}
 LABELLED_DATASETS = ("digits", "cifar10", "awa2")  # class labels: label-groups, dirichlet
 ATTRIBUTE_DATASETS = ("celeba", "awa2")  # binary attributes: attribute-groups
 DATASET_SPLITS = ("", "train", "valid", "test", "all")

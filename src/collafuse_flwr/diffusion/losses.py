@@ -36,6 +36,7 @@ def server_loss(
     weighting: str = "eps-prime",
     c: torch.Tensor | None = None,
     dropout: float = 0.0,
+    per_image: bool = False,
 ) -> torch.Tensor:
     """Denoising score matching relative to the cut-point sample, t ~ U{r+1..T}:
 
@@ -48,7 +49,7 @@ def server_loss(
     weighting of the full-chain loss || net - eps ||^2).
 
     x_r: (n, C, H, W) received cut-point samples; c, dropout: their server-side conditions, as
-    in `client_loss`. Returns the scalar mean loss.
+    in `client_loss`. Returns the scalar mean loss (`per_image`: each image's, shape (n,)).
     """
     t = schedule.server_range.sample(x_r.shape[0], generator)
     eps_prime = torch.randn(x_r.shape, generator=generator, dtype=x_r.dtype)
@@ -60,12 +61,12 @@ def server_loss(
         per_sample = per_sample / scale.view(-1).pow(2)
     elif weighting != "eps-prime":
         raise ValueError(f"unknown server loss weighting {weighting!r}")
-    return per_sample.mean()
+    return per_sample if per_image else per_sample.mean()
 
 
 def published_server_loss(
     net: nn.Module, schedule: CutSchedule, x_r: torch.Tensor, generator: torch.Generator,
-    c: torch.Tensor | None = None, dropout: float = 0.0,
+    c: torch.Tensor | None = None, dropout: float = 0.0, per_image: bool = False,
 ) -> torch.Tensor:
     """The authors' server objective, for comparison only (strategy "published"): the received
     x_r is treated as clean data and noised again with the full-chain marginal,
@@ -73,10 +74,11 @@ def published_server_loss(
         x_t = sqrt(abar_t) x_r + sqrt(1 - abar_t) eps',  t ~ U{r+1..T},  loss = || net(x_t, t) - eps' ||^2,
 
     so x_t does not have the marginal q(x_t | x0) of the chain (double noising).
-    x_r: (n, C, H, W); c, dropout as in `server_loss`. Returns the scalar mean loss.
+    x_r: (n, C, H, W); c, dropout, per_image as in `server_loss`. Returns the scalar mean loss.
     """
     t = schedule.server_range.sample(x_r.shape[0], generator)
     eps_prime = torch.randn(x_r.shape, generator=generator, dtype=x_r.dtype)
     x_t = schedule.noise_data(x_r, t, eps_prime)
     pred = predict(net, x_t, schedule.net_timestep(t), drop_conditions(c, dropout, generator))
-    return (pred - eps_prime).pow(2).mean()
+    squares = (pred - eps_prime).pow(2)
+    return squares.mean(dim=(1, 2, 3)) if per_image else squares.mean()

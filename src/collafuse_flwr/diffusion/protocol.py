@@ -66,12 +66,13 @@ class Protocol:
         return self.variant == "published"
 
     def server_loss(self, net: nn.Module, x_r: torch.Tensor, generator: torch.Generator,
-                    c: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+                    c: torch.Tensor | None = None, dropout: float = 0.0, per_image: bool = False) -> torch.Tensor:
         """The server's loss on a batch of uploads x_r: (n, C, H, W) with their server-side
-        conditions c: (n, d) or None, dropped with probability `dropout`; a scalar."""
+        conditions c: (n, d) or None, dropped with probability `dropout`; a scalar (`per_image`:
+        shape (n,))."""
         if self.variant == "published":
-            return published_server_loss(net, self.schedule, x_r, generator, c, dropout)
-        return server_loss(net, self.schedule, x_r, generator, self.server_loss_weighting, c, dropout)
+            return published_server_loss(net, self.schedule, x_r, generator, c, dropout, per_image)
+        return server_loss(net, self.schedule, x_r, generator, self.server_loss_weighting, c, dropout, per_image)
 
     def sampler(self, config: RunConfig) -> SplitSampler:
         """The run's sampler (`sampler`, `sampling-steps`, `clip-denoised`, `ddim-eta`,

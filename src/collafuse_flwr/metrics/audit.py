@@ -21,6 +21,10 @@ image and the attacks do not run. Per client, on its first
   is not the client's secret (the run key is random and drives no stream: trying it would only
   make the row differ between runs of one config);
 - linkage-top1 (and linkage-chance = 1/n): matching each view to its source image;
+- membership-auc, membership-tpr-at-1pct-fpr: the loss-threshold membership attack on the
+  server's denoiser (disclosure.membership_attack): its loss on the client's latest upload of
+  those images against views of as many of its held-out images, bounded and noised to the cut
+  as the client does (fresh public noise, rounded to the upload dtype), at t > t_zeta;
 With t_zeta = T nothing is uploaded: only the server-only rows exist.
 Whether or not the attacks run, every evaluation round reports per client the views of each
 image that left it, views-per-image (the distinct uploads received: 1 under the `once` noise
@@ -35,9 +39,11 @@ import hashlib
 import numpy as np
 import torch
 
+from collafuse_flwr import privacy
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.data import client_indices, partition_key, training_images
-from collafuse_flwr.diffusion.schedule import CutSchedule
+from collafuse_flwr.data import client_data, client_indices, partition_key, training_images
+from collafuse_flwr.diffusion.conditions import Conditioning
+from collafuse_flwr.diffusion.protocol import Protocol
 from collafuse_flwr.metrics import disclosure
 from collafuse_flwr.metrics.distances import named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
@@ -49,14 +55,19 @@ class DisclosureAudit:
 
     Args:
         config: the run config (disclosure-num-images, the dataset and its partition).
-        schedule: the cut schedule (a = sqrt(abar_r) of the views).
+        protocol: the run's protocol: its cut schedule (a = sqrt(abar_r) of the views) and the
+            server's loss (the membership attack).
+        conditioning: what the server conditions on (the membership attack's non-members).
         networks: feature networks for the distance rows.
         cache_dir: where the training images' features are cached.
     """
 
-    def __init__(self, config: RunConfig, schedule: CutSchedule, networks: list[FeatureNetwork], cache_dir):
+    def __init__(self, config: RunConfig, protocol: Protocol, conditioning: Conditioning,
+                 networks: list[FeatureNetwork], cache_dir):
         self.config = config
-        self.schedule = schedule
+        self.protocol = protocol
+        self.schedule = protocol.schedule
+        self.conditioning = conditioning
         self.networks = networks
         self.cache_dir = cache_dir
         # partition id -> (sum of its K latest aligned distinct views (m, C, H, W), K)
@@ -174,11 +185,39 @@ class DisclosureAudit:
         for name, estimate in estimates.items():
             scores = disclosure.reconstruction_scores(estimate, truth)
             rows += [(str(pid), f"reconstruction-{k}-{name}", v) for k, v in scores.items()]
+        rows += [(str(pid), f"membership-{k}", v)
+                 for k, v in self._membership(pid, latest, server_net, conditions, server_round).items()]
         shown = views.clamp(-1, 1)
         for n in self.networks:
             rows += _rows(pid, "upload-", named_distances(
                 n.fd_name, n.kid_name, truth_features[n.name][: len(views)], n.features(shown)))
         return rows
+
+    def _membership(self, pid: int, members: torch.Tensor, server_net, conditions: torch.Tensor | None,
+                    server_round: int) -> dict[str, float]:
+        """The membership attack (disclosure.membership_attack) on the first views `members`
+        (m, C, H, W) of client `pid`'s latest upload, with the server's conditions of its
+        uploads `conditions` (None: unconditional), against as many of its held-out images
+        made into views as the client makes uploads; {} when the client has fewer than two."""
+        data = client_data(self.config, pid)
+        n = min(len(members), len(data.held_out))
+        if n < 2:
+            return {}
+        x0 = privacy.bound_images(data.held_out[:n], self.config.clip_norm)
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(
+            public_seed(self.config.seed, "membership-views", server_round, pid)))
+        others = self.schedule.noise_to_cut(x0, eps).to(getattr(torch, self.config.upload_dtype)).float()
+        raw = None if data.held_out_conditions is None else data.held_out_conditions[:n]
+        other_conditions = self.conditioning.server_conditions(pid, raw, n)
+        seed = public_seed(self.config.seed, "membership-draws", server_round, pid)
+
+        def scores(views: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+            return disclosure.membership_scores(
+                lambda x, g, cc: self.protocol.server_loss(server_net, x, g, cc, per_image=True), views, c,
+                torch.Generator().manual_seed(seed))
+
+        return disclosure.membership_attack(scores(members[:n], None if conditions is None else conditions[:n]),
+                                            scores(others, other_conditions))
 
 
 def _rows(client, prefix: str, values: dict[str, float]) -> list[tuple[str, str, float]]:

@@ -11,7 +11,11 @@ signal-to-noise ratio SNR = K a^2 / b^2. Attacks on v (all images (n, C, H, W) i
   from every seed the server can derive from what it holds (exact if the upload noise were
   derived from the run config); score by PSNR and SSIM;
 - linkage: match each v_i to its source among the client's images; top-1 accuracy
-  (chance 1 / n).
+  (chance 1 / n);
+- membership inference on the server's denoiser: its training loss on a client's uploads
+  (members) against the same loss on views of the client's held-out images made as the
+  client makes uploads (non-members); ROC AUC (0.5: the loss tells nothing) and the true
+  positive rate at a false positive rate of at most 1 %.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import math
 
 import torch
 from torch import nn
+from torchmetrics.functional.classification import binary_auroc, binary_roc
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from collafuse_flwr.diffusion.conditions import predict
 from collafuse_flwr.diffusion.schedule import CutSchedule
 
 PSNR_CAP = 100.0  # dB: exact reconstructions (t_zeta = 0) report the cap instead of infinity
+MEMBERSHIP_DRAWS = 8  # draws of (t, eps') averaged into one image's membership score
+MEMBERSHIP_FPR = 0.01  # the false positive rate at which the attack's true positive rate is read
 
 
 def view_noise(schedule: CutSchedule, views: int) -> tuple[float, float]:
@@ -117,3 +124,28 @@ def reconstruction_scores(estimate: torch.Tensor, truth: torch.Tensor) -> dict[s
     psnr = float(per_image.clamp(max=PSNR_CAP).mean())
     ssim = float(structural_similarity_index_measure(estimate.float(), truth.float(), data_range=2.0))
     return {"psnr": psnr, "ssim": ssim}
+
+
+@torch.no_grad()
+def membership_scores(loss, views: torch.Tensor, conditions: torch.Tensor | None, generator: torch.Generator,
+                      draws: int = MEMBERSHIP_DRAWS) -> torch.Tensor:
+    """The server's loss on each view x_r (n, C, H, W), float64 (n,), averaged over `draws`
+    draws of t ~ U{r+1..T} and eps' from `generator`: `loss(x_r, generator, c)` is its training
+    objective per image (`Protocol.server_loss(..., per_image=True)`, no condition dropout);
+    conditions: (n, d) the server's condition of each view, or None. Batches of 64."""
+    parts = [None] * len(views.split(64)) if conditions is None else conditions.split(64)
+    total = torch.zeros(len(views), dtype=torch.float64)
+    for _ in range(draws):
+        total += torch.cat([loss(x, generator, c).double() for x, c in zip(views.split(64), parts)])
+    return total / draws
+
+
+def membership_attack(members: torch.Tensor, others: torch.Tensor) -> dict[str, float]:
+    """The loss-threshold attack: an image is called a member when the server's loss on it
+    (`membership_scores`) is low. members (n,), others (m,): the losses on member and
+    non-member views. Returns the ROC AUC and the true positive rate at false positive rate
+    <= MEMBERSHIP_FPR (with m non-members the FPR moves in steps of 1 / m)."""
+    scores = 1.0 / (1.0 + torch.cat([members, others]).clamp(min=0))  # in (0, 1], falling with the loss
+    labels = torch.cat([torch.ones(len(members)), torch.zeros(len(others))]).long()
+    fpr, tpr, _ = binary_roc(scores, labels)
+    return {"auc": float(binary_auroc(scores, labels)), "tpr-at-1pct-fpr": float(tpr[fpr <= MEMBERSHIP_FPR].max())}

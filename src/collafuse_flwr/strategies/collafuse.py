@@ -90,7 +90,7 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         self.conditions: dict[int, torch.Tensor] = {}  # partition id -> the server's condition of each upload
         self.requested: dict[int, torch.Tensor] = {}  # partition id -> raw conditions it asks for ("full")
         self.parties = Parties(config, run_dir, run_key)
-        self.audit = DisclosureAudit(config, self.protocol.schedule, networks, run_dir.features_cache)
+        self.audit = DisclosureAudit(config, self.protocol, self.conditioning, networks, run_dir.features_cache)
 
     def initial_arrays(self) -> ArrayRecord:
         """Nothing: the server's denoiser never leaves the server (train messages carry config only)."""
@@ -160,8 +160,11 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         upload there) and, under "full", the conditions it will request.
 
         Returns metrics.csv rows per client (and per fault; conditions-received counts the raw
-        conditions the client sent) and a summary over the accepted replies.
+        conditions the client sent; epsilon is the guarantee of the distinct views of each of
+        its images received so far, privacy.py, assuming it bounds its images as configured:
+        the server cannot check that) and a summary over the accepted replies.
         """
+        c = self.config
         receives = self.conditioning.server_receives_conditions
 
         def read(reply: Message) -> tuple[int, tuple]:
@@ -192,6 +195,8 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
             sent = 0 if raw is None else len(raw) + len(requested)
             rows.append((server_round, str(reply.partition_id), "conditions-received", float(sent)))
             self.audit.record(reply.partition_id, x_cut, server_round)
+            views = self.audit.views.get(reply.partition_id, 0)
+            rows.append((server_round, str(reply.partition_id), "epsilon", self.config.upload_epsilon(c.t_zeta, views)))
             if metrics["images-seen"]:
                 losses.append(float(metrics["train-loss"]))
             for key in sorted(wire.TRAIN_METRIC_KEYS - {"partition-id"}):
