@@ -191,12 +191,15 @@ def run_env(home: Path, project: Path) -> dict[str, str]:
 
 def run_config(clients: int, rounds: int, output_dir: Path, per_round: int = 0, evaluated: int = 0,
                data_dir: Path | None = None) -> str:
+    """The benchmark's run config (the sampling keys only when set, so that a `--project`
+    snapshot from before they existed runs too)."""
     return format_run_config({
         "num-server-rounds": rounds, "num-clients": clients, "image-size": 8, "timesteps": 100,
         "t-zeta": 20, "unet-block-channels": "8,16", "client-images-per-round": 64,
         "server-images-per-round": 256, "sampling-steps": 10, "eval-num-samples": 4,
         "metric-classifier-epochs": 1, "disclosure-num-images": 8, "output-dir": str(output_dir),
-        "clients-per-round": per_round, "eval-clients": evaluated, **({"data-dir": str(data_dir)} if data_dir else {}),
+        **({"clients-per-round": per_round} if per_round else {}), **({"eval-clients": evaluated} if evaluated else {}),
+        **({"data-dir": str(data_dir)} if data_dir else {}),
     })
 
 

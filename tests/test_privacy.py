@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 from dp_accounting import GaussianDpEvent, NeighboringRelation
@@ -172,3 +173,29 @@ def test_membership_scores_average_the_servers_loss_over_draws():
     scores = disclosure.membership_scores(loss, views, None, torch.Generator().manual_seed(0), draws=400)
     assert scores.shape == (130,) and scores.dtype == torch.float64
     assert torch.allclose(scores, torch.arange(130, dtype=torch.float64) + 0.5, atol=0.06)
+
+
+def test_the_privacy_table_lists_what_a_run_would_pick(tmp_path, capsys):
+    from collafuse_flwr.tools import privacy_table
+
+    out = tmp_path / "privacy"
+    privacy_table.main(["--out", str(out), "--datasets", "digits", "cifar10", "--clip-norms", "0", "10",
+                        "--views", "1", "4", "--targets", "1", "10"])
+    cuts = pd.read_csv(out / "cut_points.csv")
+    assert len(cuts) == 2 * 2 * 2 * 2 and (out / "epsilon.png").stat().st_size > 0
+    for row in cuts.itertuples():
+        run = {"dataset": row.dataset, "clip-norm": row.clip_norm, "target-epsilon": row.target_epsilon,
+               "t-zeta-from-target": True, "noise-policy": "once" if row.views == 1 else "fresh",
+               "num-server-rounds": row.views}
+        if pd.isna(row.smallest_t_zeta):
+            with pytest.raises(ConfigError, match="no cut point below"):
+                RunConfig.from_flower(run)
+        else:
+            assert RunConfig.from_flower(run).t_zeta == row.smallest_t_zeta
+    curves = pd.read_csv(out / "epsilon.csv")
+    digits = curves[(curves.dataset == "digits") & (curves.clip_norm == 0) & (curves.views == 1)]
+    assert len(digits) == 1001 and digits.epsilon.is_monotonic_decreasing
+    assert "none < T" in (out / "cut_points.md").read_text()  # CIFAR-10 unclipped at epsilon 1
+    with pytest.raises(SystemExit):
+        privacy_table.main(["--out", str(tmp_path / "bad"), "--delta", "2"])
+    assert "privacy-delta=2.0" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -268,6 +268,9 @@ def _complete(runs) -> None:
         server = {} if run.strategy == "fedavg" else {"flops-train": 2e12}
         summary = {"timesteps": 100, "quality": quality, "disclosure": {},
                    "cost": {"server": server, "clients_mean": {"flops-train": 1e12}}}
+        if run.strategy != "fedavg":  # FedAvg's summary has no privacy section and no membership rows
+            summary["disclosure"] = {"clients": {"0": {"membership-auc": 0.5 + 0.1 * run.seed}}}
+            summary["privacy"] = {"max_epsilon": 4.0 + run.seed}
         (run.out_dir / "00001-run").mkdir(parents=True)
         (run.out_dir / "00001-run" / "summary.json").write_text(json.dumps(summary))
         run.status_path.write_text(json.dumps({"status": "finished:completed", "run_dir": "00001-run",
@@ -291,8 +294,8 @@ def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
     assert set(table.variant) == {"plain", "class", "fedavg-big"} and set(table.num_clients) == {5}
     frame = results_table(table)
     assert list(frame.columns) == ["dataset", "variant", "strategy", "t_zeta", "seeds", "fd_classifier client mean",
-                                   "condition accuracy pooled", "own-class share pooled", "client TFLOPs train",
-                                   "server TFLOPs", "total train TFLOPs"]
+                                   "condition accuracy pooled", "own-class share pooled", "epsilon (max over clients)",
+                                   "membership AUC", "client TFLOPs train", "server TFLOPs", "total train TFLOPs"]
     assert [tuple(r) for r in frame[["variant", "strategy", "t_zeta", "seeds"]].itertuples(index=False)] == [
         ("plain", "collafuse", 20, 2), ("plain", "collafuse", 100, 2), ("plain", "fedavg", "—", 2),
         ("class", "collafuse", 0, 2), ("fedavg-big", "fedavg", "—", 1)]
@@ -301,9 +304,12 @@ def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
     assert conditional["total train TFLOPs"] == "7.00 ± 0.00"  # 2 + 5 x 1
     fedavg = frame.iloc[2]
     assert fedavg["condition accuracy pooled"] == "—" and fedavg["server TFLOPs"] == "—"
+    assert fedavg["epsilon (max over clients)"] == "—" and conditional["epsilon (max over clients)"] == "4.5 ± 0.707"
+    assert conditional["membership AUC"] == "0.550 ± 0.071"
     assert fedavg["total train TFLOPs"] == "5.00 ± 0.00"  # no server training: 5 x 1
-    row = "| digits | class | collafuse | 0 | 2 | 11 ± 1 | 0.850 ± 0.071 | 0.925 ± 0.035 | 1.00 ± 0.00 | 2.00 ± 0.00 |"
-    assert to_markdown(frame).splitlines()[5] == row + " 7.00 ± 0.00 |"
+    row = ("| digits | class | collafuse | 0 | 2 | 11 ± 1 | 0.850 ± 0.071 | 0.925 ± 0.035 | 4.5 ± 0.707 "
+           "| 0.550 ± 0.071 | 1.00 ± 0.00 | 2.00 ± 0.00 | 7.00 ± 0.00 |")
+    assert to_markdown(frame).splitlines()[5] == row
     # a summary table without variants ("" in every row) has no variant column
     assert "variant" not in results_table(table.assign(variant="")).columns
     assert [f.name for f in plot_sweep(table, tmp_path / "figures")] == ["quality.png", "cost.png"]

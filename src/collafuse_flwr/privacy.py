@@ -21,7 +21,8 @@ as Google's dp-accounting computes it; the tests check both against its PLD acco
 What it assumes: the noise eps is the client's secret (state.py) and never reused for another
 view; the adjacency is one image of one client; the server sees only the uploads (with
 server-condition "full" each upload's condition goes out in the clear and is not covered;
-nor are the evaluation figures a client reports, computed on its held-out images).
+nor are the evaluation figures a client reports, computed from its held-out images and from
+samples of its own denoiser).
 t_zeta = 0 (sigma = 0) has no guarantee (epsilon infinite); t_zeta = T uploads nothing (epsilon 0).
 """
 

@@ -314,7 +314,8 @@ def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | 
 
 def summary_table(runs: list[SweepRun]) -> pd.DataFrame:
     """One row per run and metric: quality (`pooled`, `client-mean`), disclosure
-    (`client-mean`, `pooled`), cost (`server`, `client-mean`); a run not `completed()` (failed,
+    (`client-mean`, `pooled`), cost (`server`, `client-mean`), the largest epsilon of any
+    client (`max`; none for FedAvg, null when infinite); a run not `completed()` (failed,
     missing, or finished with another run config than the sweep file's) gives one row with
     metric "status" and no value. Every row names its run's variant ("" without variants) and
     number of clients."""
@@ -338,6 +339,8 @@ def summary_table(runs: list[SweepRun]) -> pd.DataFrame:
                 rows.append({**base, "party": "client-mean", "metric": metric, "value": value})
         for party, values in (("server", summary["cost"]["server"]), ("client-mean", summary["cost"]["clients_mean"])):
             rows += [{**base, "party": party, "metric": m, "value": v} for m, v in values.items()]
+        if summary.get("privacy"):
+            rows.append({**base, "party": "max", "metric": "epsilon", "value": summary["privacy"]["max_epsilon"]})
     return pd.DataFrame(rows)
 
 
