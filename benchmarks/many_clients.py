@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/many_clients.py [--clients 5 20 100] [--rounds 3] [--csv PATH]
                                                 [--clients-per-round K] [--eval-clients M]
-                                                [--copies C] [--project DIR] [--work-dir DIR] [--echo]
+                                                [--copies C] [--client-images N] [--project DIR]
+                                                [--work-dir DIR] [--echo]
 
 For each client count N, one `flwr run` (through `collafuse_flwr.tools.launch.flwr_run`) of the
 project in `--project` (default: this repository; its `src/` is put first on PYTHONPATH, so a
@@ -12,8 +13,8 @@ FLWR_HOME and ports, no pretrained weights, so FID/KID/FCD are skipped),
 N SuperNodes of 1 CPU, the embedded digits at 8x8 (default partition label-groups, 2 classes
 per client: about 14 training and 4 held-out images per client at N = 100; with `--copies C`
 an image folder of C shifted copies of every digit, `shifted_digits`, for up to a thousand
-clients), a U-Net of widths 8,16, T = 100, t_zeta = 20, 64 client and 256 server images per
-round, DDIM-10, 4 generated images per client and 8 disclosure images; `--clients-per-round`
+clients), a U-Net of widths 8,16, T = 100, t_zeta = 20, 64 client (`--client-images`) and 256 server
+images per round, DDIM-10, 4 generated images per client and 8 disclosure images; `--clients-per-round`
 and `--eval-clients` draw a sample of the clients for each round and for the evaluation. The SuperLink is stopped by PID
 after the run with everything below it (`collafuse_flwr.tools.launch.stopping_local_superlink`),
 and any process of the run still alive 30 s later is ended and reported.
@@ -190,12 +191,12 @@ def run_env(home: Path, project: Path) -> dict[str, str]:
 
 
 def run_config(clients: int, rounds: int, output_dir: Path, per_round: int = 0, evaluated: int = 0,
-               data_dir: Path | None = None) -> str:
+               data_dir: Path | None = None, client_images: int = 64) -> str:
     """The benchmark's run config (the sampling keys only when set, so that a `--project`
     snapshot from before they existed runs too)."""
     return format_run_config({
         "num-server-rounds": rounds, "num-clients": clients, "image-size": 8, "timesteps": 100,
-        "t-zeta": 20, "unet-block-channels": "8,16", "client-images-per-round": 64,
+        "t-zeta": 20, "unet-block-channels": "8,16", "client-images-per-round": client_images,
         "server-images-per-round": 256, "sampling-steps": 10, "eval-num-samples": 4,
         "metric-classifier-epochs": 1, "disclosure-num-images": 8, "output-dir": str(output_dir),
         **({"clients-per-round": per_round} if per_round else {}), **({"eval-clients": evaluated} if evaluated else {}),
@@ -262,9 +263,10 @@ def disk_bytes(root: Path) -> int:
 
 
 def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool, per_round: int = 0,
-            evaluated: int = 0, data_dir: Path | None = None) -> dict[str, object]:
+            evaluated: int = 0, data_dir: Path | None = None, client_images: int = 64) -> dict[str, object]:
     """One `flwr run` with `clients` SuperNodes on a SuperLink of its own (`per_round` of them
-    drawn per round, `evaluated` evaluated; 0: all); one table row."""
+    drawn per round, `evaluated` evaluated; 0: all; `client_images` per client and round);
+    one table row."""
     (work / "cwd").mkdir()
     env = run_env(work / "flwr-home", project)
     federation = f"num-supernodes={clients} client-resources-num-cpus=1 client-resources-num-gpus=0"
@@ -274,9 +276,8 @@ def measure(clients: int, rounds: int, project: Path, work: Path, echo: bool, pe
     try:
         with stopping_local_superlink(env):
             with contextlib.redirect_stdout(clock):
-                outcome = flwr_run(project, run_config(clients, rounds, work / "runs", per_round, evaluated, data_dir),
-                                   federation,
-                                   env=env, cwd=work / "cwd", echo=True)
+                config = run_config(clients, rounds, work / "runs", per_round, evaluated, data_dir, client_images)
+                outcome = flwr_run(project, config, federation, env=env, cwd=work / "cwd", echo=True)
             total = time.monotonic() - launched
     finally:
         memory.stop()
@@ -319,6 +320,8 @@ def main() -> None:
     parser.add_argument("--eval-clients", type=int, default=0, help="clients evaluated (0: all)")
     parser.add_argument("--copies", type=int, default=0,
                         help="1 to 9: a folder of that many shifted copies of every digit instead of the 1,797 digits")
+    parser.add_argument("--client-images", type=int, default=64,
+                        help="client-images-per-round (a client of fewer images trains several smaller steps)")
     parser.add_argument("--project", type=Path, default=PROJECT, help="the Flower app to run")
     parser.add_argument("--csv", type=Path, help="also write the table here")
     parser.add_argument("--work-dir", type=Path, help="keep FLWR_HOMEs and run directories here")
@@ -332,8 +335,8 @@ def main() -> None:
         rows = []
         for n in args.clients:
             run_work = Path(tempfile.mkdtemp(prefix=f"{n}-clients-", dir=work))
-            rows.append(measure(n, args.rounds, project, run_work.resolve(), args.echo,
-                                min(args.clients_per_round, n), min(args.eval_clients, n), data_dir))
+            rows.append(measure(n, args.rounds, project, run_work.resolve(), args.echo, min(args.clients_per_round, n),
+                                min(args.eval_clients, n), data_dir, args.client_images))
             print(f"{n} clients: {rows[-1]['status']} in {rows[-1]['total s']} s", file=sys.stderr, flush=True)
     print(markdown(rows))
     if args.csv:
