@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from uuid import uuid4
 
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 
 class Grid:
@@ -38,11 +37,3 @@ def answer(sent: Message, content: RecordDict) -> Message:
     """A client's reply to the message `sent`."""
     return Message(content, reply_to=sent)
 
-
-def reply_of(handler, sent: Message, context) -> Message:
-    """A ClientApp handler's reply to `sent`, or, when it raises, the error reply Flower's
-    runtime makes of it (code CLIENT_APP_RAISED_EXCEPTION)."""
-    try:
-        return handler(sent, context)
-    except Exception as err:  # noqa: BLE001 - a raising client is a fault the server records
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(err)), reply_to=sent)

@@ -17,7 +17,8 @@ from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.summary import read_metrics, summarise
-from exchange import reply_of, send_train
+from collafuse_flwr.tools.inprocess import client_reply
+from exchange import send_train
 from test_wire import RUN_KEY, client_context
 
 
@@ -32,7 +33,7 @@ def _play(run_config: dict, tmp_path: Path, node_config=None) -> tuple[CollaFuse
     wire_bytes = []
     for server_round in (1, 2):
         sent = send_train(strategy, range(10, 15), server_round)
-        replies = [reply_of(client_app.train, msg, client_context(run_config, tmp_path / "clients",
+        replies = [client_reply(client_app.train, msg, client_context(run_config, tmp_path / "clients",
                                                                   **(node_config or {}).get(node, {})))
                    for node, msg in sent.items()]
         wire_bytes += [recorddict_to_proto(m.content).SerializeToString()

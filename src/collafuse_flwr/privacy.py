@@ -85,13 +85,19 @@ def composed_multiplier(multipliers: list[float]) -> float:
     return math.inf if not multipliers else sum(z ** -2 for z in multipliers) ** -0.5
 
 
+def upload_multiplier(alpha_bar: torch.Tensor, t_zeta: int, image_shape: tuple[int, ...], clip_norm: float) -> float:
+    """z of one upload at cut point `t_zeta` of images (C, H, W) clipped to `clip_norm`
+    (`alpha_bar`: abar_t for t = 0..T, as `CutSchedule.alpha_bar`)."""
+    return noise_multiplier(float(alpha_bar[t_zeta]), image_radius(image_shape, clip_norm))
+
+
 def upload_epsilon(alpha_bar: torch.Tensor, t_zeta: int, image_shape: tuple[int, ...], clip_norm: float,
                    views: int, delta: float) -> float:
-    """Epsilon at `delta` of `views` views of an image cut at `t_zeta` (`alpha_bar`: abar_t
-    for t = 0..T, as `CutSchedule.alpha_bar`); 0 at t_zeta = T, where nothing is uploaded."""
+    """Epsilon at `delta` of `views` views of an image cut at `t_zeta` (`upload_multiplier`);
+    0 at t_zeta = T, where nothing is uploaded."""
     if t_zeta == len(alpha_bar) - 1:
         return 0.0
-    return epsilon(noise_multiplier(float(alpha_bar[t_zeta]), image_radius(image_shape, clip_norm)), views, delta)
+    return epsilon(upload_multiplier(alpha_bar, t_zeta, image_shape, clip_norm), views, delta)
 
 
 def smallest_cut_point(alpha_bar: torch.Tensor, target: float, image_shape: tuple[int, ...], clip_norm: float,

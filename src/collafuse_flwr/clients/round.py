@@ -94,7 +94,12 @@ class ClientRound:
         """This client's seed of a secret stream, in this round (or the same in every round
         unless `per_round`); keyed by the configuration's identity too, so another cut point
         (say) never reuses the noise of this one."""
-        return self.state.seed(stream, self.config.identity_hash(), self.server_round if per_round else "once")
+        return self.state.seed(stream, *self._stream_coordinates(per_round))
+
+    def _stream_coordinates(self, per_round: bool) -> tuple[str, int | str]:
+        """A secret stream's coordinates: the configuration's identity and this round (or
+        "once")."""
+        return self.config.identity_hash(), self.server_round if per_round else "once"
 
     def upload_seed(self) -> int:
         """The seed of this round's upload noise eps, from the secret "upload" stream (the same
@@ -102,10 +107,9 @@ class ClientRound:
         once the view it makes is spent in the client's ledger (`ClientState.spend`: refused
         beyond its privacy-budget) with noise multiplier
         z = sqrt(1 - abar_r) / (2 R sqrt(abar_r)) (privacy.py)."""
-        per_round = self.config.noise_policy == "fresh"
-        coordinates = (self.config.identity_hash(), self.server_round if per_round else "once")
-        radius = privacy.image_radius(self.image_shape, self.config.clip_norm)
-        multiplier = privacy.noise_multiplier(float(self.schedule.alpha_bar[self.config.t_zeta]), radius)
+        coordinates = self._stream_coordinates(per_round=self.config.noise_policy == "fresh")
+        multiplier = privacy.upload_multiplier(self.schedule.alpha_bar, self.config.t_zeta, self.image_shape,
+                                               self.config.clip_norm)
         self.state.spend(json.dumps(["upload", *coordinates]), multiplier, self.budget)
         return self.state.seed("upload", *coordinates)
 

@@ -98,15 +98,21 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     def _deliver(self, message: Message) -> Message:
-        """The ClientApp's reply to `message`, or the error reply Flower's simulation makes
-        when it raises (code CLIENT_APP_RAISED_EXCEPTION, the exception as the reason)."""
-        try:
-            reply = client_app.app(message, self.contexts[message.metadata.dst_node_id])
-        except Exception as err:  # noqa: BLE001 - a raising client is a fault the server records
-            reason = f"{type(err)}:<'{err}'>\n{traceback.format_exc(limit=3)}"
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        """The ClientApp's reply to `message` (`client_reply`), with a message id."""
+        reply = client_reply(client_app.app, message, self.contexts[message.metadata.dst_node_id])
         reply.metadata.__dict__["_message_id"] = uuid4().hex
         return reply
+
+
+def client_reply(handler, message: Message, context: Context) -> Message:
+    """`handler`'s (the ClientApp's, or one of its handlers') reply to `message`, or the error
+    reply Flower's simulation makes when it raises (code CLIENT_APP_RAISED_EXCEPTION, the
+    exception as the reason)."""
+    try:
+        return handler(message, context)
+    except Exception as err:  # noqa: BLE001 - a raising client is a fault the server records
+        reason = f"{type(err)}:<'{err}'>\n{traceback.format_exc(limit=3)}"
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 @contextlib.contextmanager
