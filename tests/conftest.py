@@ -57,6 +57,18 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.shared_data)
 
 
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
+def pytest_runtest_setup(item) -> None:
+    """Under `--dist loadgroup` a test of an `xdist_group` carries its group in its node id
+    (pytest-xdist schedules by it). Without it the group's tests are spread over the workers and
+    each worker sets up the group's shared run again (the deployment: 7 minutes) with no test
+    failing: fail them instead."""
+    if getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group") \
+            and "@" not in item.nodeid:
+        pytest.fail(f"pytest-xdist did not group {item.nodeid}: pytest {pytest.__version__} and this "
+                    "pytest-xdist do not work together (see the pin in pyproject.toml)")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real dataset fixtures beside the checkout (../shared/data), or $COLLAFUSE_SHARED_DATA.

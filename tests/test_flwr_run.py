@@ -24,6 +24,7 @@ from collafuse_flwr.tools.launch import (
     alive,
     descendants,
     flwr_run,
+    format_run_config,
     isolated_env,
     local_superlinks,
     main,
@@ -50,14 +51,13 @@ def flwr_env(tmp_path_factory):
 
 def _values(tmp_path, **overrides) -> dict:
     """The tiny run config of these tests (writing below tmp_path), with `overrides`."""
-    values = {
+    return {
         "num-server-rounds": 2, "image-size": 8, "timesteps": 100, "t-zeta": 20,
         "unet-block-channels": "8,16", "client-images-per-round": 64,
         "server-images-per-round": 64, "sampling-steps": 10, "eval-num-samples": 8,
         "metric-classifier-epochs": 1, "disclosure-num-images": 32, "output-dir": str(tmp_path / "runs"),
         **overrides,
     }
-    return {k: f"'{v}'" if isinstance(v, str) else v for k, v in values.items()}
 
 
 def _client_dir(flwr_env, run_dir: Path, pid: int) -> Path:
@@ -70,7 +70,7 @@ def _client_dir(flwr_env, run_dir: Path, pid: int) -> Path:
 def _run(flwr_env, tmp_path, **overrides):
     """A run of `_values`, with one SuperNode per client."""
     env, cwd = flwr_env
-    run_config = " ".join(f"{k}={v}" for k, v in _values(tmp_path, **overrides).items())
+    run_config = format_run_config(_values(tmp_path, **overrides))
     federation = FEDERATION.replace("num-supernodes=5", f"num-supernodes={overrides.get('num-clients', 5)}")
     outcome = flwr_run(PROJECT, run_config, federation, env=env, cwd=cwd)
     assert outcome.ok, outcome.log[-4000:]
@@ -157,28 +157,6 @@ def test_flwr_run_writes_the_run_directory(flwr_env, digits_run):
     assert all(f.stat().st_size > 10_000 for f in figures)
 
 
-@pytest.mark.parametrize("t_zeta", [0, 100])
-def test_flwr_run_at_the_ends_of_the_chain(flwr_env, tmp_path, t_zeta):
-    """t_zeta = 0: one global model, clients train nothing; t_zeta = T: clients alone."""
-    outcome = _run(flwr_env, tmp_path, **{"t-zeta": t_zeta, "num-server-rounds": 1})
-    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
-    value = lambda who, m: metrics[(metrics["client"] == who) & (metrics["metric"] == m)]["value"]
-    clients = metrics[~metrics["client"].isin(["server"])]
-    client_seen = clients[clients["metric"] == "images-seen"]["value"]
-    if t_zeta == 0:
-        assert (client_seen == 0).all() and (value("server", "images-seen") == 64).all()
-        assert (clients[clients["metric"] == "client-sampling-steps"]["value"] == 0).all()
-        # the server holds the images themselves: linkage and reconstruction are exact
-        assert (clients[clients["metric"] == "linkage-top1"]["value"] == 1.0).all()
-        assert (clients[clients["metric"] == "reconstruction-psnr-wiener"]["value"] == 100.0).all()
-    else:
-        assert (client_seen == 64).all() and (value("server", "images-seen") == 0).all()
-        assert (clients[clients["metric"] == "num-examples"]["value"] == 0).all()
-        assert (clients[clients["metric"] == "bytes-up-train"]["value"] < 1000).all()  # counts only
-        assert not clients["metric"].str.startswith(("linkage", "reconstruction", "upload-")).any()
-    assert len(clients[(clients["metric"] == "fd_classifier") & (clients["client"] != "pooled")]) == 5
-
-
 def _check_rgb_fixture_run(flwr_env, run_dir: Path, images: int, partition: str) -> None:
     """A run on an RGB dataset fixture from the image-folder layout: its partition report
     covers the fixture's training images, and every client drew colour samples."""
@@ -234,26 +212,6 @@ def test_a_text_conditional_flwr_run_on_the_celeba_fixture(flwr_env, tmp_path, s
     assert len(accuracy) == 6 and accuracy["value"].between(0, 1).all()
     assert (metrics[metrics["metric"] == "conditions-received"]["value"] > 8).all()
     _check_rgb_fixture_run(flwr_env, outcome.run_dir, 1000, "attribute-groups")
-
-
-def test_flwr_run_with_weights_files_reports_fid_kid_and_fcd(flwr_env, tmp_path, standin_weights):
-    """Weights files of the right formats (random values) switch the FID/KID/FCD columns on
-    (two clients, few images: InceptionV3 at 299x299 on a CPU core takes about 0.3 s per image)."""
-    inception, clip = standin_weights
-    outcome = _run(flwr_env, tmp_path, **{
-        "num-server-rounds": 1, "fid-weights": str(inception), "fcd-weights": str(clip),
-        "num-clients": 2, "classes-per-client": 5, "held-out-fraction": 0.02, "disclosure-num-images": 4,
-    })
-    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
-    for name in ("fid", "kid", "fcd", "kid_clip", "server-only-fid", "upload-fcd"):
-        rows = metrics[metrics["metric"] == name]
-        pooled = name in ("fid", "fcd", "server-only-fid")  # KID needs per-image features: no pooled row
-        expected = {"0", "1"} | ({"pooled"} if pooled else set())
-        assert set(rows["client"]) == expected, name
-        assert rows["value"].notna().all(), name
-    summary = json.loads((outcome.run_dir / "summary.json").read_text())
-    assert "skipped" not in summary["notes"]
-    assert {"fid", "fcd"} <= set(summary["quality"]["pooled"])
 
 
 def test_a_missing_weights_file_fails_the_run_before_any_work(flwr_env, tmp_path):
@@ -388,7 +346,7 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_en
     reference, base = digits_run
     killed_dir = base / "b"
     launch = threading.Thread(target=lambda: flwr_run(
-        PROJECT, " ".join(f"{k}={v}" for k, v in _values(killed_dir, **DIGITS).items()), FEDERATION,
+        PROJECT, format_run_config(_values(killed_dir, **DIGITS)), FEDERATION,
         env=env, cwd=flwr_env[1]))
     launch.start()
     deadline = time.monotonic() + 600
@@ -413,21 +371,6 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_en
     pd.testing.assert_frame_equal(_metrics_without_timings(run_dir), _metrics_without_timings(reference.run_dir))
 
 
-def test_injected_client_faults_do_not_stop_a_real_run(flwr_env, tmp_path):
-    """Client 1 raises and client 2 uploads NaNs in round 2: the round goes on with the other
-    three (min-replies = 3); both are logged with their reason and recorded in metrics.csv."""
-    outcome = _run(flwr_env, tmp_path, **{"fault-injection": "1:2:raise, 2:2:nan", "min-replies": 3})
-    metrics = pd.read_csv(outcome.run_dir / "metrics.csv", dtype={"client": str})
-    faults = metrics[metrics["metric"].str.contains("fault")]
-    assert sorted(faults[["round", "client", "metric"]].values.tolist()) == [
-        [2, "1", "train-fault-raised"], [2, "2", "train-fault-rejected"]]
-    log = (outcome.run_dir / "log.txt").read_text()
-    assert "client 1 raises in round 2" in log and "non-finite values" in log
-    assert "3/5 clients accepted" in log
-    final = metrics[(metrics["round"] == 2) & (metrics["metric"] == "fd_classifier")]
-    assert len(final) == 6  # every client still samples (1 and 2 from their latest state), and pooled
-
-
 def test_the_launcher_stops_the_superlink_it_started_and_no_other(tmp_path, monkeypatch, capsys):
     """collafuse-run with a SuperLink port and FLWR_HOME of its own, in a directory of its own:
     a relative output-dir lands below that directory and the run directory is reported; the
@@ -443,7 +386,7 @@ def test_the_launcher_stops_the_superlink_it_started_and_no_other(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     values = _values(tmp_path, **{"num-server-rounds": 1, "output-dir": "runs",  # relative to the launcher's cwd
                                   "strategy": "published"})
-    run_config = " ".join(f"{k}={v}" for k, v in values.items())
+    run_config = format_run_config(values)
     codes, seen, names = [], set(), set()  # the processes of the SuperLink's tree during the launch
     launcher = threading.Thread(target=lambda: codes.append(main([str(PROJECT), "--run-config", run_config])))
     launcher.start()
