@@ -410,10 +410,13 @@ def test_tweedie_uses_the_views_conditions():
     from collafuse_flwr.metrics import disclosure
 
     net, schedule = _net(dim=10), CutSchedule(100, 20)
-    views = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    c = torch.eye(10)[[1, 2, 3, 4, 5, 6]]
-    assert not torch.equal(disclosure.tweedie_estimate(net, schedule, views, 1, c),
-                           disclosure.tweedie_estimate(net, schedule, views, 1))
+    views = torch.randn(130, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    c = torch.eye(10)[torch.arange(130) % 10]
+    estimate = disclosure.tweedie_estimate(net, schedule, views, 1, c)
+    assert not torch.equal(estimate, disclosure.tweedie_estimate(net, schedule, views, 1))
+    # in batches of 64, each view with its own condition
+    part = disclosure.tweedie_estimate(net, schedule, views[100:106], 1, c[100:106])
+    assert torch.allclose(estimate[100:106], part, atol=1e-5)
 
 
 # ------------------------------------------------------------------ text conditions

@@ -21,6 +21,7 @@ signal-to-noise ratio SNR = K a^2 / b^2. Attacks on v (all images (n, C, H, W) i
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -89,12 +90,19 @@ def tweedie_estimate(
     abar_t = float(schedule.alpha_bar[t])
     x_t = views * (math.sqrt(abar_t) / a)
     k = schedule.net_timestep(torch.full((len(views),), t))
-    conditions = [None] * len(k.split(64)) if c is None else c.split(64)
     estimates = [
         (x - math.sqrt(1 - abar_t) * predict(net, x, kk, cc)) / math.sqrt(abar_t)
-        for x, kk, cc in zip(x_t.split(64), k.split(64), conditions)
+        for x, kk, cc in _batches(x_t, k, c)
     ]
     return torch.cat(estimates).clamp(-1, 1)
+
+
+def _batches(*rows: torch.Tensor | None, size: int = 64) -> Iterator[tuple[torch.Tensor | None, ...]]:
+    """The same `size` rows of each tensor at a time (a None stays None in every batch): the
+    server's network on at most `size` images per pass."""
+    count = len(next(r for r in rows if r is not None))
+    for start in range(0, count, size):
+        yield tuple(None if r is None else r[start:start + size] for r in rows)
 
 
 def recompute_estimate(
@@ -133,10 +141,9 @@ def membership_scores(loss, views: torch.Tensor, conditions: torch.Tensor | None
     draws of t ~ U{r+1..T} and eps' from `generator`: `loss(x_r, generator, c)` is its training
     objective per image (`Protocol.server_loss(..., per_image=True)`, no condition dropout);
     conditions: (n, d) the server's condition of each view, or None. Batches of 64."""
-    parts = [None] * len(views.split(64)) if conditions is None else conditions.split(64)
     total = torch.zeros(len(views), dtype=torch.float64)
     for _ in range(draws):
-        total += torch.cat([loss(x, generator, c).double() for x, c in zip(views.split(64), parts)])
+        total += torch.cat([loss(x, generator, c).double() for x, c in _batches(views, conditions)])
     return total / draws
 
 
