@@ -11,6 +11,7 @@ import json
 import pandas as pd
 import pytest
 
+from collafuse_flwr.summary import read_metrics
 from collafuse_flwr.tools.inprocess import run_in_process
 from test_flwr_run import _values
 
@@ -18,8 +19,7 @@ from test_flwr_run import _values
 def _run(tmp_path, **overrides) -> tuple[pd.DataFrame, dict, str]:
     """metrics.csv, summary.json and log.txt of a run of `_values` with `overrides`."""
     run_dir = run_in_process(_values(tmp_path, **overrides), tmp_path / "clients")
-    metrics = pd.read_csv(run_dir.path / "metrics.csv", dtype={"client": str})
-    return metrics, json.loads(run_dir.summary_json.read_text()), run_dir.log_txt.read_text()
+    return read_metrics(run_dir), json.loads(run_dir.summary_json.read_text()), run_dir.log_txt.read_text()
 
 
 @pytest.mark.parametrize("t_zeta", [0, 100])

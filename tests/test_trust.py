@@ -34,7 +34,7 @@ def _play(run_config: dict, tmp_path: Path, node_config=None) -> tuple[CollaFuse
     for server_round in (1, 2):
         sent = send_train(strategy, range(10, 15), server_round)
         replies = [client_reply(client_app.train, msg, client_context(run_config, tmp_path / "clients",
-                                                                  **(node_config or {}).get(node, {})))
+                                                                      **(node_config or {}).get(node, {})))
                    for node, msg in sent.items()]
         wire_bytes += [recorddict_to_proto(m.content).SerializeToString()
                        for m in [*sent.values(), *replies] if m.has_content()]
