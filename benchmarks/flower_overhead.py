@@ -40,12 +40,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 from flwr.common.config import get_project_config, parse_config_args
 
 from collafuse_flwr.run_dir import RunDirectory
-from collafuse_flwr.summary import read_metrics
+from collafuse_flwr.summary import read_metrics, reproducible_metrics
 from collafuse_flwr.tools.inprocess import run_in_process
 from collafuse_flwr.tools.launch import flwr_run, format_run_config, merge_run_configs, stopping_local_superlink
 from many_clients import run_env
@@ -89,19 +88,12 @@ def in_process(config: dict, env: dict, work: Path) -> tuple[float, Path | None,
     return seconds, Path(done.stdout.strip().splitlines()[-1]), "completed"
 
 
-def results(run_dir: Path) -> pd.DataFrame:
-    """metrics.csv without the seconds rows, in a fixed order."""
-    metrics = read_metrics(RunDirectory(run_dir))
-    metrics = metrics[~metrics["metric"].str.endswith("seconds")]
-    return metrics.sort_values(["round", "client", "metric"]).reset_index(drop=True)
-
-
 def compare(a: Path | None, b: Path | None) -> str:
     """"same" if the two runs' results are equal to the last bit, else their largest relative
     difference (or why they cannot be compared)."""
     if a is None or b is None:
         return "n/a (a run failed)"
-    left, right = results(a), results(b)
+    left, right = reproducible_metrics(RunDirectory(a)), reproducible_metrics(RunDirectory(b))
     if not left[["round", "client", "metric"]].equals(right[["round", "client", "metric"]]):
         return "different rows"
     if left["value"].equals(right["value"]):

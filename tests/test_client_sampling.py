@@ -12,9 +12,8 @@ from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.strategies.parties import drawn_partitions
-from collafuse_flwr.summary import read_metrics
+from collafuse_flwr.summary import read_metrics, reproducible_metrics
 from collafuse_flwr.tools.inprocess import run_in_process
-from test_flwr_run import _metrics_without_timings
 
 
 def test_draws_are_reproducible_uniform_and_change_every_round():
@@ -32,10 +31,6 @@ def _sampled(tiny_run_config, tmp_path, **overrides) -> dict:
                                     "eval-every": 1, "output-dir": str(tmp_path / "runs"), **overrides})
 
 
-def _metrics(run_dir: RunDirectory) -> pd.DataFrame:
-    return read_metrics(run_dir)
-
-
 def _clients(metrics: pd.DataFrame, server_round: int, metric: str) -> set[int]:
     rows = metrics[(metrics["round"] == server_round) & (metrics["metric"] == metric)]
     return {int(c) for c in rows["client"] if c.isdigit()}
@@ -46,7 +41,7 @@ def test_a_round_addresses_its_drawn_clients_and_the_pool_keeps_the_absent(strat
     run_config = _sampled(tiny_run_config, tmp_path, strategy=strategy)
     config = RunConfig.from_flower(run_config)
     run_dir = run_in_process(run_config, tmp_path / "clients")
-    metrics = _metrics(run_dir)
+    metrics = read_metrics(run_dir)
     evaluated = drawn_partitions(5, 3, public_seed(config.seed, "eval-clients"))
     trained = set()
     for r in (1, 2, 3):
@@ -98,7 +93,7 @@ def test_a_run_cut_off_after_its_clients_trained_resumes_to_the_same_metrics(tin
         run_in_process(resumed_config, tmp_path / "clients")
     resumed_dir = run_in_process(resumed_config, tmp_path / "clients")
     assert "resumed after round 2 of 3" in resumed_dir.log_txt.read_text()
-    pd.testing.assert_frame_equal(_metrics_without_timings(resumed_dir.path), _metrics_without_timings(whole.path))
+    pd.testing.assert_frame_equal(reproducible_metrics(resumed_dir), reproducible_metrics(whole))
 
 
 def test_run_directory_of_a_run_in_process_is_the_servers(tiny_run_config, tmp_path):
@@ -114,6 +109,6 @@ def test_torch_threads_of_the_clients_change_no_result(tiny_run_config, tmp_path
     run_config = dict(tiny_run_config, **{"fault-injection": "1:1:raise", "disclosure-num-images": 0})
     runs = [run_in_process(dict(run_config, **{"output-dir": str(tmp_path / f"runs-{threads}")}), tmp_path / "clients",
                            client_threads=threads) for threads in (1, 2)]
-    pd.testing.assert_frame_equal(*(_metrics_without_timings(run.path) for run in runs))
-    assert _metrics(runs[1]).query("metric == 'train-fault-raised'")["client"].tolist() == ["1"]
+    pd.testing.assert_frame_equal(*(reproducible_metrics(run) for run in runs))
+    assert read_metrics(runs[1]).query("metric == 'train-fault-raised'")["client"].tolist() == ["1"]
     assert "fault-injection: client 1 raises in round 1" in runs[1].log_txt.read_text()

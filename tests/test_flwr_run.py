@@ -20,6 +20,7 @@ from PIL import Image
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.diffusion.models import build_denoiser
 from collafuse_flwr.run_dir import RunDirectory
+from collafuse_flwr.summary import reproducible_metrics
 from collafuse_flwr.tools.launch import (
     alive,
     descendants,
@@ -316,12 +317,6 @@ def test_flwr_run_of_fedavg(flwr_env, tmp_path):
     assert summary["cost"]["server"].get("flops-train", 0) == 0
 
 
-def _metrics_without_timings(run_dir: Path) -> pd.DataFrame:
-    metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"client": str})
-    keep = metrics[~metrics["metric"].str.endswith("seconds")]
-    return keep.sort_values(["round", "client", "metric"]).reset_index(drop=True)
-
-
 def _kill_the_run(env: dict) -> int:
     """SIGKILL every process of the run, as a crash of the machine would: the local SuperLink
     of `env` with everything below it (SuperExec, the simulation with the ServerApp, Ray and
@@ -368,7 +363,8 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_run(flwr_en
     assert resumed.run_dir == run_dir
     log = (run_dir / "log.txt").read_text()
     assert "resumed after round 1 of 2" in log and log.count("round 2/2") == 1 and log.count("round 1/2") == 1
-    pd.testing.assert_frame_equal(_metrics_without_timings(run_dir), _metrics_without_timings(reference.run_dir))
+    pd.testing.assert_frame_equal(reproducible_metrics(RunDirectory(run_dir)),
+                                  reproducible_metrics(RunDirectory(reference.run_dir)))
 
 
 def test_the_launcher_stops_the_superlink_it_started_and_no_other(tmp_path, monkeypatch, capsys):

@@ -54,6 +54,15 @@ def read_metrics(run_dir: RunDirectory) -> pd.DataFrame:
     return pd.read_csv(run_dir.metrics_csv, dtype={"client": str})
 
 
+def reproducible_metrics(run_dir: RunDirectory) -> pd.DataFrame:
+    """`read_metrics` without the wall-clock rows (metrics ending in "seconds"), sorted by round,
+    client and metric: what two runs of one configuration by the same clients (their secrets)
+    compute alike, however their processes are arranged."""
+    metrics = read_metrics(run_dir)
+    metrics = metrics[~metrics["metric"].str.endswith("seconds")]
+    return metrics.sort_values(["round", "client", "metric"]).reset_index(drop=True)
+
+
 def summarise(metrics: pd.DataFrame, config: RunConfig, notes: dict) -> dict:
     """The summary.json content for a metrics table; a condition accuracy the feature network
     cannot judge (metrics/conditioning.py) is flagged in the notes."""
