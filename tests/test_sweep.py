@@ -315,6 +315,18 @@ def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
     assert [f.name for f in plot_sweep(table, tmp_path / "figures")] == ["quality.png", "cost.png"]
 
 
+def test_every_series_of_a_sweep_with_variants_keeps_its_own_style():
+    """The figures name each series once, in one legend, so no two series may share a colour and
+    marker; the first ten differ in hue (tab20's dark colours before their light twins)."""
+    from collafuse_flwr.tools.sweep_plots import _series_styles
+
+    keys = [(f"variant-{i}", "collafuse") for i in range(45)]
+    styles = _series_styles(keys)
+    assert len(set(styles.values())) == 45
+    assert len({color for color, _ in list(styles.values())[:10]}) == 10
+    assert {marker for _, marker in list(styles.values())[:20]} == {"o"}
+
+
 def test_tables_only_writes_the_tables_of_the_completed_runs_and_runs_nothing(tmp_path, monkeypatch, capsys):
     """A sweep in progress: --tables-only starts no run and writes summary.csv, results.md and
     the figures from the runs completed so far; the others, also a run finished for another run

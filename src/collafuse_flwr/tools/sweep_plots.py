@@ -7,8 +7,10 @@ disclosure.png  linkage, reconstruction and distances of what the server holds o
 cost.png        compute and bytes per client (mean over clients) and of the server
 
 In a sweep with variants every panel draws one line per variant and strategy instead, in the
-same colour in every panel (a FedAvg run or a single cut point as one point, at T or at that cut
-point), and no reference levels: those would mix the variants.
+same colour and marker in every panel, named once in a legend beside the panels: a CollaFuse
+variant with a single cut point as one point at that cut point, a FedAvg variant (no cut point)
+as a dashed level with a band of one standard deviation; no global, local or FedAvg reference
+levels, which would mix the variants.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ def _references(rows: pd.DataFrame) -> dict[str, float]:
     return {k: v for k, v in levels.items() if not math.isnan(v)}
 
 
+def _series_styles(keys: list[tuple]) -> dict[tuple, tuple[str, str]]:
+    """A colour and a marker per series, distinct for up to 20 x 5 series: tab20's ten dark
+    hues first, then their light twins, then the next marker."""
+    palette, markers = plt.get_cmap("tab20").colors, "osD^v"
+    return {key: (palette[(2 * i) % 20 + (i // 10) % 2], markers[(i // 20) % 5]) for i, key in enumerate(keys)}
+
+
 def _figure(table: pd.DataFrame, specs, path: Path, references: bool) -> Path | None:
     panels = [(d, party, metric) for d in sorted(table.dataset.unique()) for party, metric in specs
               if ((table.dataset == d) & (table.party == party) & (table.metric == metric)).any()]
@@ -54,8 +63,7 @@ def _figure(table: pd.DataFrame, specs, path: Path, references: bool) -> Path | 
         return None
     variants = has_variants(table)
     series = ["variant", "strategy"] if variants else ["strategy"]
-    # with variants, one colour per variant and strategy in every panel (else the axes' cycle)
-    colors = {key: f"C{i % 10}" for i, (key, _) in enumerate(table.groupby(series))} if variants else {}
+    styles = _series_styles([key for key, _ in table.groupby(series)]) if variants else {}
     cols = min(3, len(panels))
     lines = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(lines, cols, figsize=(4.4 * cols, 3.3 * lines), squeeze=False)
@@ -65,16 +73,27 @@ def _figure(table: pd.DataFrame, specs, path: Path, references: bool) -> Path | 
         rows = table[(table.dataset == dataset) & (table.party == party) & (table.metric == metric)]
         for key, g in rows.groupby(series):
             stats = g.groupby("t_zeta").value.agg(["mean", "std", "count"]).reset_index()
-            if variants or len(stats) > 1 or key[-1] != "fedavg":
-                ax.errorbar(stats.t_zeta, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                            color=colors.get(key), label=" ".join(key))
+            label = " ".join(key)
+            if variants and key[-1] == "fedavg":
+                mean, std = g.value.mean(), g.value.std()
+                ax.axhline(mean, linestyle="--", color=styles[key][0], label=label)
+                if std > 0:
+                    ax.axhspan(mean - std, mean + std, color=styles[key][0], alpha=0.12, linewidth=0)
+            elif variants or len(stats) > 1 or key[-1] != "fedavg":
+                color, marker = styles.get(key, (None, "o"))
+                ax.errorbar(stats.t_zeta, stats["mean"], yerr=stats["std"].fillna(0), marker=marker, capsize=3,
+                            color=color, label=label)
         if references and not variants:
             for label, level in _references(rows).items():
                 ax.axhline(level, linestyle="--", color=REFERENCE_STYLE[label], label=label)
         ax.set(title=f"{dataset}: {metric} ({party})", xlabel="t_zeta")
-        ax.legend(fontsize=7)
+        if not variants:
+            ax.legend(fontsize=7)
+    if variants:  # one legend for all panels: the series keep their style everywhere
+        named = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+        fig.legend(named.values(), named.keys(), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return path
 
