@@ -10,7 +10,8 @@ In a sweep with variants every panel draws one line per variant and strategy ins
 same colour and marker in every panel, named once in a legend beside the panels: a CollaFuse
 variant with a single cut point as one point at that cut point, a FedAvg variant (no cut point)
 as a dashed level with a band of one standard deviation; no global, local or FedAvg reference
-levels, which would mix the variants.
+levels, which would mix the variants. A panel whose values are all positive and span more than
+a factor of 30 has a logarithmic axis.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ DISCLOSURE = (("client-mean", "linkage-top1"), ("client-mean", "reconstruction-p
               ("pooled", "server-only-fd_classifier"))
 COST = (("client-mean", "flops-train"), ("client-mean", "flops-sample"), ("client-mean", "bytes-up"),
         ("server", "flops-train"), ("server", "flops-sample"), ("client-mean", "bytes-down"))
+LOG_SCALE_RATIO = 30  # a panel whose positive values span more than this ratio is drawn on a log scale
 REFERENCE_STYLE = {"global (t_zeta = 0)": "tab:green", "local (t_zeta = T)": "tab:red", "fedavg": "tab:purple"}
 
 
@@ -87,6 +89,8 @@ def _figure(table: pd.DataFrame, specs, path: Path, references: bool) -> Path | 
             for label, level in _references(rows).items():
                 ax.axhline(level, linestyle="--", color=REFERENCE_STYLE[label], label=label)
         ax.set(title=f"{dataset}: {metric} ({party})", xlabel="t_zeta")
+        if (rows.value > 0).all() and rows.value.max() > LOG_SCALE_RATIO * rows.value.min():
+            ax.set_yscale("log")
         if not variants:
             ax.legend(fontsize=7)
     if variants:  # one legend for all panels: the series keep their style everywhere
