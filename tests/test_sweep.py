@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pandas as pd
 import pytest
 
 from collafuse_flwr.config import ConfigError
@@ -313,6 +314,14 @@ def test_the_summary_and_results_tables_of_a_sweep_with_variants(tmp_path):
     # a summary table without variants ("" in every row) has no variant column
     assert "variant" not in results_table(table.assign(variant="")).columns
     assert [f.name for f in plot_sweep(table, tmp_path / "figures")] == ["quality.png", "cost.png"]
+
+
+def test_equal_values_have_a_spread_of_zero_whatever_their_float_rounding():
+    from collafuse_flwr.tools.sweep_tables import _mean_std
+
+    assert _mean_std(pd.Series([0.9920000000000001, 0.992, 0.992]), "{:.3g}") == "0.992 ± 0"
+    assert _mean_std(pd.Series([4.0, 5.0]), "{:.3g}") == "4.5 ± 0.707"
+    assert _mean_std(pd.Series([7.0]), "{:.1f}") == "7.0"
 
 
 def test_every_series_of_a_sweep_with_variants_keeps_its_own_style():

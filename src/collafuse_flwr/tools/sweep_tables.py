@@ -74,7 +74,11 @@ def _with_total_train_flops(ok: pd.DataFrame) -> pd.DataFrame:
 
 
 def _mean_std(values: pd.Series, fmt: str) -> str:
+    """"mean ± std" in `fmt`; a std that is only float rounding of equal values (below 1e-9 of
+    the mean) is 0, not 1.4e-16."""
     std = values.std() if len(values) > 1 else math.nan
+    if std < 1e-9 * abs(values.mean()):
+        std = 0.0
     return fmt.format(values.mean()) + ("" if math.isnan(std) else " ± " + fmt.format(std))
 
 
