@@ -131,8 +131,6 @@ def test_unreadable_overlay_and_sweep_files_are_named(tmp_path):
 
 
 def test_results_table_gives_mean_and_spread_over_seeds():
-    import pandas as pd
-
     from collafuse_flwr.tools.sweep_tables import results_table, to_markdown
 
     def row(strategy, t_zeta, seed, party, metric, value, status="finished:completed"):
