@@ -337,7 +337,8 @@ def test_every_series_of_a_sweep_with_variants_keeps_its_own_style():
 def test_tables_only_writes_the_tables_of_the_completed_runs_and_runs_nothing(tmp_path, monkeypatch, capsys):
     """A sweep in progress: --tables-only starts no run and writes summary.csv, results.md and
     the figures from the runs completed so far; the others, also a run finished for another run
-    config, are left out of results.md."""
+    config, are left out of results.md, and summary.csv gives their status and their T (an
+    integer column, as for the completed runs)."""
     import collafuse_flwr.tools.sweep as sweep
 
     path, out = _write(tmp_path, VARIANTS), tmp_path / "out"
@@ -352,7 +353,10 @@ def test_tables_only_writes_the_tables_of_the_completed_runs_and_runs_nothing(tm
     table = (out / "summary.csv").read_text()
     assert all(run.name in table for run in runs)  # the rest as status rows
     r = runs[3]
-    assert f"{r.name},digits,plain,collafuse,{r.t_zeta},{r.seed},5,stale: another run config" in table
+    assert f"{r.name},digits,plain,collafuse,{r.t_zeta},{r.seed},5,stale: another run config,100,,status,\n" in table
+    r = runs[-1]
+    assert f"{r.name},digits,{r.variant},{r.strategy},{r.t_zeta},{r.seed},5,not run,100,,status,\n" in table
+    assert f"{runs[0].name},digits,plain,collafuse,20,0,5,finished:completed,100,pooled," in table
     seeds = [line.split(" | ")[4] for line in (out / "results.md").read_text().splitlines()[2:]]
     assert seeds == ["2", "1"]  # plain collafuse at 20 (seeds 0 and 1), then at 100 (seed 0)
 

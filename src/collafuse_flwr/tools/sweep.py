@@ -101,6 +101,7 @@ class SweepRun:
     t_zeta: int
     seed: int
     num_clients: int
+    timesteps: int
     run_config: dict
     out_dir: Path
 
@@ -285,7 +286,7 @@ def _sweep_run(path: Path, out: Path, name: str, variant: str, config: dict) -> 
             except RuntimeError as err:  # a symlink loop
                 raise ConfigError(f"{path}, run {name}: {key}={config[key]!r}: {err}") from None
     return SweepRun(name, checked.dataset, variant, checked.strategy, checked.t_zeta, checked.seed,
-                    checked.num_clients, config, run_out)
+                    checked.num_clients, checked.timesteps, config, run_out)
 
 
 def run_sweep(runs: list[SweepRun], project: Path, supernodes: int, env: dict | None = None,
@@ -317,20 +318,21 @@ def summary_table(runs: list[SweepRun]) -> pd.DataFrame:
     (`client-mean`, `pooled`), cost (`server`, `client-mean`), the largest epsilon of any
     client (`max`; none for FedAvg, null when infinite); a run not `completed()` (failed,
     missing, or finished with another run config than the sweep file's) gives one row with
-    metric "status" and no value. Every row names its run's variant ("" without variants) and
-    number of clients."""
+    metric "status" and no value. Every row names its run's variant ("" without variants),
+    number of clients and T."""
     rows = []
     for run in runs:
-        base = {"run": run.name, "dataset": run.dataset, "variant": run.variant, "strategy": run.strategy,
-                "t_zeta": run.t_zeta, "seed": run.seed, "num_clients": run.num_clients}
         status = json.loads(run.status_path.read_text()) if run.status_path.exists() else {"status": "not run"}
-        if not run.completed():
-            stale = status["status"] == "finished:completed"
-            rows.append({**base, "status": "stale: another run config" if stale else status["status"],
-                         "party": "", "metric": "status", "value": None})
+        done = run.completed()
+        if not done and status["status"] == "finished:completed":
+            status["status"] = "stale: another run config"
+        base = {"run": run.name, "dataset": run.dataset, "variant": run.variant, "strategy": run.strategy,
+                "t_zeta": run.t_zeta, "seed": run.seed, "num_clients": run.num_clients,
+                "status": status["status"], "timesteps": run.timesteps}
+        if not done:
+            rows.append({**base, "party": "", "metric": "status", "value": None})
             continue
         summary = json.loads(run.run_dir(status).summary_json.read_text())
-        base.update(status="finished:completed", timesteps=summary["timesteps"])
         for section in ("quality", "disclosure"):
             block = summary[section]
             for metric, value in block.get("pooled", {}).items():
