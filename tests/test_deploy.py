@@ -64,12 +64,25 @@ def deployment(tmp_path_factory):
             time.sleep(0.5)
         running.kill_node(VICTIM)
         running.wait_status([VICTIM], "offline", timeout=180)
+        # Started again only once the server has been answered for it: the SuperLink answers a
+        # pending message in a node's place only while the node is offline, and the server polls
+        # every 3 s, so a node back before that poll leaves its message unanswered until
+        # round-timeout-seconds.
+        deadline = time.monotonic() + 180
+        while runner.is_alive() and time.monotonic() < deadline and not _logged(root / "runs", "round 2/4 |"):
+            time.sleep(0.5)
         running.start_node(VICTIM)
         runner.join(timeout=900)
+        assert not runner.is_alive(), f"the run did not end within 900 s; see {running.work_dir / 'logs'}"
         result = outcome["result"]
         assert result.ok, result.log[-3000:]
         yield running, result, root
     assert not alive(running._roots), "a process of the deployment outlived it"
+
+
+def _logged(output_dir, line: str) -> bool:
+    """Whether the log.txt of a run below `output_dir` has `line`."""
+    return any(line in log.read_text() for log in output_dir.glob("*/log.txt"))
 
 
 def _metrics(result) -> pd.DataFrame:
