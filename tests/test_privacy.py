@@ -121,23 +121,28 @@ def test_image_channels_follow_the_loaders():
     assert tuple(client_data(config, 0).train.shape[1:]) == config.image_shape == (1, 8, 8)
 
 
-def test_the_ledger_spends_each_view_once_and_refuses_beyond_the_budget(tmp_path):
-    """A view sent again costs nothing; views of other runs (another configuration: new
-    noise) add up, so a server cannot reset the budget with a new run; a refused upload
-    records nothing."""
+def test_the_ledger_spends_each_view_once_per_image_and_refuses_beyond_the_budget(tmp_path):
+    """A view an image was sent under before costs nothing; views of other runs (another
+    configuration: new noise) add up, image by image, so a server cannot reset the budget with a
+    new run; a new image starts its own count; a refused upload records nothing."""
     state = ClientState(tmp_path / "partition-0")
-    budget = (8.0, 1e-5)
+    path = tmp_path / "partition-0" / "privacy-ledger.json"
+    budget, shape = (8.0, 1e-5), (1, 8, 8)
     z = 1.0  # epsilon at 1e-5: 4.38 for one view, 10.0 for four
-    state.spend("run-a:once", z, budget)
-    state.spend("run-a:once", z, budget)
-    state.spend("run-b:once", z, budget)  # two views
-    ledger = json.loads((tmp_path / "partition-0" / "privacy-ledger.json").read_text())
-    assert ledger == {"run-a:once": z, "run-b:once": z}
-    assert ClientState(tmp_path / "partition-0").directory.exists()
-    state.spend("run-c:once", z, None)  # no budget: recorded all the same
-    with pytest.raises(ClientStateError, match="beyond its privacy-budget of epsilon 8"):
-        state.spend("run-d:once", z, budget)  # the fourth view
-    assert "run-d:once" not in json.loads((tmp_path / "partition-0" / "privacy-ledger.json").read_text())
+    state.spend(["a", "b"], shape, "view-1", z, budget)
+    state.spend(["a", "b"], shape, "view-1", z, budget)
+    state.spend(["a", "c"], shape, "view-2", z, budget)  # a: two views; c: its first
+    ledger = json.loads(path.read_text())
+    assert ledger["views"] == [["view-1", z], ["view-2", z]]
+    assert ledger["images"] == {"a": [0, 1], "b": [0], "c": [1]}
+    state.spend(["a"], shape, "view-3", z, None)  # no budget: recorded all the same
+    with pytest.raises(ClientStateError, match=r"epsilon 10 at delta 1e-05 \(4 views of an image\), beyond its "
+                                               "privacy-budget of epsilon 8"):
+        state.spend(["b", "a"], shape, "view-4", z, budget)  # a's fourth view
+    assert json.loads(path.read_text())["images"]["a"] == [0, 1, 2]
+    state.spend(["b", "c"], shape, "view-4", z, budget)  # their third view: within it
+    with pytest.raises(ClientStateError, match="at shape \\[1, 8, 8\\].*asked for \\[1, 16, 16\\]"):
+        state.spend(["d"], (1, 16, 16), "view-5", z, budget)  # the same pictures, resized: refused
 
 
 def test_the_budget_is_the_clients_own_setting(monkeypatch):

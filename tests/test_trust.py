@@ -10,7 +10,7 @@ import torch
 from flwr.common.serde import recorddict_to_proto
 
 from collafuse_flwr import client_app
-from collafuse_flwr.clients.state import ClientState
+from collafuse_flwr.clients.round import ClientRound
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.run_dir import RunDirectory
@@ -73,8 +73,10 @@ def test_noise_derived_from_the_run_config_is_taken_off_by_the_recompute_attack(
     """The control: had a client derived its upload noise from the run config (as this project
     once did), the same attack recovers its images almost exactly."""
     run_config = dict(tiny_run_config, **{"num-server-rounds": 2, "disclosure-num-images": 32})
-    seed = RunConfig.from_flower(run_config).seed
-    monkeypatch.setattr(ClientState, "seed", lambda self, stream, *coordinates: public_seed(seed, stream, *coordinates))
+    config = RunConfig.from_flower(run_config)
+    public = public_seed(config.seed, "upload", config.identity_hash(), "once")
+    monkeypatch.setattr(ClientRound, "upload_noise", lambda self: torch.randn(
+        self.data.train.shape, generator=torch.Generator().manual_seed(public)))
     strategy, _ = _play(run_config, tmp_path)
     psnr = _reconstruction(strategy)
     assert min(psnr[(str(pid), "reconstruction-psnr-recompute")] for pid in range(5)) > 40

@@ -29,28 +29,28 @@ def cut_point_uploads(client: ClientRound) -> torch.Tensor:
     (n, C, H, W); empty when the server owns no step.
 
     x0 are the client's training images bounded (clamped, and clipped to clip-norm:
-    privacy.bound_images), as its own denoiser learns them. eps comes from the client's secret
-    "upload" stream (state.py, seeds.py), keyed by the configuration's identity and, under the
-    noise policy "fresh", the round: nothing the server holds or sends determines it. "once":
-    the same eps in every round, so an image yields the same upload and the server never sees
-    two views of it; "fresh": a new eps every round. Each new view is spent in the client's
-    privacy ledger first (`ClientRound.upload_seed`).
+    privacy.bound_images), as its own denoiser learns them. eps is bound to each image: drawn
+    from the client's secret "upload" stream at the image's key and the upload's view
+    (`ClientRound.upload_noise`): nothing the server holds or sends determines it. "once": the
+    same eps in every round and every run whose uploads are alike, so an image yields the same
+    upload and the server never sees two views of it, however the folder changes around it;
+    "fresh": a new eps every round. Each new view is spent in the client's privacy ledger
+    first, image by image.
     """
     train_images = client.data.train
     if client.schedule.server_range.is_empty:
         return train_images[:0]
-    generator = torch.Generator().manual_seed(client.upload_seed())
-    eps = torch.randn(train_images.shape, generator=generator)
-    return client.schedule.noise_to_cut(train_images, eps)
+    return client.schedule.noise_to_cut(train_images, client.upload_noise())
 
 
 def train(client: ClientRound, content: RecordDict) -> RecordDict:
     """Train the private denoiser on t in [1, t_zeta]; the reply with the cut-point uploads.
-    The train message carries no arrays (`content` is not read)."""
+    The uploads are made first, so an upload the client's privacy budget refuses stops the round
+    before any training. The train message carries no arrays (`content` is not read)."""
+    x_cut = cut_point_uploads(client)
     denoiser = client.denoiser()
     start = time.perf_counter()
     trained = client.train(denoiser)
-    x_cut = cut_point_uploads(client)
     metrics = {"partition-id": client.partition_id, "num-examples": int(x_cut.shape[0]), **trained,
                "train-seconds": time.perf_counter() - start}
     reply = wire.pack_uploads(x_cut, client.config.upload_dtype, metrics)

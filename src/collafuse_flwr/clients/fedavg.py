@@ -21,11 +21,19 @@ from flwr.app import MetricRecord, RecordDict
 from collafuse_flwr import wire
 from collafuse_flwr.clients.evaluation import evaluation_reply
 from collafuse_flwr.clients.round import ClientRound
+from collafuse_flwr.clients.state import ClientStateError
 from collafuse_flwr.diffusion.sampling import initial_noise
 
 
 def train(client: ClientRound, content: RecordDict) -> RecordDict:
-    """One FedAvg training round on this client; returns the reply's content."""
+    """One FedAvg training round on this client; returns the reply's content. Refused before
+    any work when the client has a privacy budget: its reply is its trained weights, a release
+    no ledger can account for (`ClientStateError`)."""
+    if client.budget is not None:
+        raise ClientStateError(
+            "strategy='fedavg' sends this client's trained weights, a release its privacy ledger cannot account "
+            f"for; refused under its privacy-budget of epsilon {client.budget[0]:g} (unset privacy-budget to take "
+            "part in FedAvg)")
     denoiser = client.denoiser()
     received = content.array_records.get(wire.WEIGHTS)
     if received is None:

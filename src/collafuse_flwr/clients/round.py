@@ -15,9 +15,12 @@ from flwr.app import ConfigRecord, Context, Message
 
 from collafuse_flwr import privacy, wire
 from collafuse_flwr.clients.state import (
+    RESET_LEDGER_KEY,
+    RESET_LEDGER_VARIABLE,
     ClientState,
     ClientStateError,
     holder_directory,
+    node_flag,
     own_attribute_group,
     own_data_config,
     privacy_budget,
@@ -32,8 +35,10 @@ from collafuse_flwr.diffusion.protocol import Protocol
 from collafuse_flwr.diffusion.schedule import CutSchedule
 from collafuse_flwr.diffusion.training import train_for_images
 from collafuse_flwr.metrics.cost import train_cost
-from collafuse_flwr.outputs import complete_rounds, drop_rounds_before, round_dir
+from collafuse_flwr.outputs import complete_rounds, drop_rounds_before, round_dir, write_atomically
 from collafuse_flwr.seeds import public_seed
+
+TRAINED_ROUNDS = "rounds.json"  # below the client's run directory: the rounds it trained in
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class ClientRound:
     conditioning: Conditioning
     group: int | None  # the client's attribute group under condition-attributes "group"
     budget: tuple[float, float] | None  # the client's own (epsilon, delta) limit on its uploads
+    image_keys: tuple[str, ...]  # each training image's key (`ClientState.image_keys`), before bounding
 
     @property
     def schedule(self) -> CutSchedule:
@@ -90,28 +96,37 @@ class ClientRound:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.data.train.shape[1:])
 
-    def seed(self, stream: str, per_round: bool = True) -> int:
-        """This client's seed of a secret stream, in this round (or the same in every round
-        unless `per_round`); keyed by the configuration's identity too, so another cut point
-        (say) never reuses the noise of this one."""
-        return self.state.seed(stream, *self._stream_coordinates(per_round))
+    def seed(self, stream: str) -> int:
+        """This client's seed of a secret stream in this round, keyed by the configuration's
+        identity too (another configuration never reuses this one's draws)."""
+        return self.state.seed(stream, self.config.identity_hash(), self.server_round)
 
-    def _stream_coordinates(self, per_round: bool) -> tuple[str, int | str]:
-        """A secret stream's coordinates: the configuration's identity and this round (or
-        "once")."""
-        return self.config.identity_hash(), self.server_round if per_round else "once"
+    def upload_view(self) -> str:
+        """The view this round's uploads are: everything that decides an image's upload
+        x_r = sqrt(abar_r) B(x0) + sqrt(1 - abar_r) eps besides the image and its noise (T, the
+        beta schedule, t_zeta, clip-norm, the upload dtype) and the round under the noise policy
+        "fresh" ("once" otherwise), as JSON. Under one view an image's noise is one and the same
+        (`upload_noise`), so runs that differ in anything else (seed, budgets, rounds, ...) send
+        the same upload and the server learns nothing new; whatever changes the upload changes
+        the noise too (one noise under two scales would give x0 away)."""
+        c = self.config
+        when = self.server_round if c.noise_policy == "fresh" else "once"
+        return json.dumps([c.timesteps, c.beta_schedule, c.t_zeta, c.clip_norm, c.upload_dtype, when])
 
-    def upload_seed(self) -> int:
-        """The seed of this round's upload noise eps, from the secret "upload" stream (the same
-        in every round under the noise policy "once", a new one each round under "fresh"),
-        once the view it makes is spent in the client's ledger (`ClientState.spend`: refused
-        beyond its privacy-budget) with noise multiplier
-        z = sqrt(1 - abar_r) / (2 R sqrt(abar_r)) (privacy.py)."""
-        coordinates = self._stream_coordinates(per_round=self.config.noise_policy == "fresh")
+    def upload_noise(self) -> torch.Tensor:
+        """eps (n, C, H, W) of this round's uploads, one per training image, each drawn from the
+        client's secret "upload" stream at that image's key and the view (`upload_view`): bound
+        to the image, not to its row, so an image keeps its noise wherever it moves in the folder
+        and a new image never takes another's. First the view is spent in the client's ledger,
+        image by image (`ClientState.spend`: refused beyond its privacy-budget), with noise
+        multiplier z = sqrt(1 - abar_r) / (2 R sqrt(abar_r)) (privacy.py)."""
+        view = self.upload_view()
         multiplier = privacy.upload_multiplier(self.schedule.alpha_bar, self.config.t_zeta, self.image_shape,
                                                self.config.clip_norm)
-        self.state.spend(json.dumps(["upload", *coordinates]), multiplier, self.budget)
-        return self.state.seed("upload", *coordinates)
+        self.state.spend(list(self.image_keys), self.image_shape, view, multiplier, self.budget)
+        seeds = [self.state.seed("upload", key, view) for key in self.image_keys]
+        noise = [torch.randn(self.image_shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+        return torch.stack(noise) if noise else torch.empty((0, *self.image_shape))
 
     @classmethod
     def from_message(cls, msg: Message, context: Context) -> ClientRound:
@@ -135,7 +150,8 @@ class ClientRound:
         server_round = wire.config_int(message_config, "server-round", 1, config.num_server_rounds)
         partition_id = wire.config_int(message_config, "partition-id", 0, num_partitions - 1)
         run_key = message_config.get("run-key")
-        state = ClientState(holder_directory(config, context.node_config, partition_id))
+        state = ClientState(holder_directory(config, context.node_config, partition_id),
+                            reset_ledger=node_flag(context.node_config, RESET_LEDGER_KEY, RESET_LEDGER_VARIABLE))
         state.run_dir(run_key)  # checks the key's form
         budget = privacy_budget(context.node_config)
         if config.sends_conditions and not shares_conditions(context.node_config):
@@ -150,9 +166,10 @@ class ClientRound:
         else:
             group = simulated_group(config, partition_id)
             data = client_data(config, partition_id)
+        keys = tuple(state.image_keys(data.train))
         data = dataclasses.replace(data, train=privacy.bound_images(data.train, config.clip_norm))
         return cls(config, partition_id, server_round, message_config, state, run_key, Protocol.of(config), data,
-                   run_conditioning(config), group, budget)
+                   run_conditioning(config), group, budget, keys)
 
     @property
     def device(self) -> torch.device:
@@ -189,11 +206,34 @@ class ClientRound:
 
     def denoiser(self) -> Denoiser:
         """This client's denoiser, optimizer and EMA as the previous round left them (from
-        disk), or freshly initialised in its first round."""
+        disk), or freshly initialised in its first round. A round it trained in before (its
+        journal, `trained_rounds`) whose denoiser is gone is a `ClientStateError` naming it:
+        the client does not silently start again from scratch."""
         directory = self.latest_model_dir(before=self.server_round)
+        expected = max((r for r in self.trained_rounds() if r < self.server_round), default=None)
+        if expected is not None and (directory is None or self.latest_round(before=self.server_round) < expected):
+            raise ClientStateError(
+                f"this client trained in round {expected} of run {self.run_key}, but its denoiser of that round is "
+                f"missing from {self.client_dir}; restore it, or delete {self.client_dir} to train afresh")
         if directory is not None:
             return Denoiser.load(directory, self.config.client_lr, self.config.ema_decay, self.device)
         return Denoiser(self.new_net(), self.config.client_lr, self.config.ema_decay, self.device)
+
+    def trained_rounds(self) -> list[int]:
+        """The rounds of this run this client saved a trained denoiser in (its journal
+        `rounds.json`, kept beside the round directories); a damaged journal is a
+        `ClientStateError` naming it."""
+        path = self.client_dir / TRAINED_ROUNDS
+        if not path.exists():
+            return []
+        try:
+            rounds = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            rounds = None
+        if not isinstance(rounds, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rounds):
+            raise ClientStateError(f"{path}: damaged journal of this client's rounds (a JSON list of round numbers); "
+                                   f"delete {self.client_dir} to train this run afresh")
+        return rounds
 
     def trained_denoiser(self) -> Denoiser:
         """The denoiser as this round's training left it (or the latest before, if this
@@ -232,4 +272,6 @@ class ClientRound:
         starts from that one), drop older ones."""
         previous = self.latest_round(before=self.server_round)
         denoiser.save(self.model_dir(self.server_round))
+        rounds = sorted({*self.trained_rounds(), self.server_round})
+        write_atomically(self.client_dir / TRAINED_ROUNDS, json.dumps(rounds))
         drop_rounds_before(self.client_dir, self.server_round if previous is None else previous)
