@@ -24,9 +24,10 @@ $(VENV)/.installed: pyproject.toml
 # Make the local simulation federation match num-clients = 5, so that a plain `flwr run .`
 # also gets 5 SuperNodes of 1 CPU each (stored by the local SuperLink in $$FLWR_HOME; this
 # starts that SuperLink if none runs, and leaves it running for the `flwr run .` to come).
-# `make run` does not need it: collafuse-run passes the federation with every run.
+# `make run` does not need it: collafuse-run passes the federation with every run. The simulated
+# clients of that SuperLink trust the evaluator their runs' server trains (one user is every party).
 federation: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/flwr federation simulation-config \
+	COLLAFUSE_TRUST_RUN_EVALUATOR=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/flwr federation simulation-config \
 	    --num-supernodes 5 --client-resources-num-cpus 1
 
 # collafuse-run stops the local SuperLink its run started (one running before is left alone)

@@ -14,6 +14,11 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 # with torch's default threads (166-171 CPU-s per pair, most likely OpenMP threads waiting on
 # busy cores) and 54-63 s with one. Inherited by every process a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The tiny fixtures' clients hold a few held-out images each and generate eval-num-samples = 8:
+# under a client's default minimum (32 images per statistic, more than d = 64 for the classifier's
+# moments; clients/release.py) every evaluation would be refused. Simulated clients inherit this;
+# the tests of the minimum set their own.
+os.environ.setdefault("COLLAFUSE_MIN_RELEASE_IMAGES", "2")
 
 TINY = {
     "num-server-rounds": 1,

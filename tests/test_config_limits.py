@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from collafuse_flwr.config import INT_RANGES, MAX_UNET_CHANNELS, MAX_UNET_LEVELS, ConfigError, RunConfig
+from collafuse_flwr.config import (
+    INT_RANGES,
+    MAX_UNET_CHANNELS,
+    MAX_UNET_LEVELS,
+    MAX_UNET_PARAMETERS,
+    ConfigError,
+    RunConfig,
+    unet_parameters,
+)
+from collafuse_flwr.diffusion.models import build_denoiser
 from collafuse_flwr.run_dir import check_output_dir
 
 
@@ -88,6 +97,33 @@ def test_the_deepest_unet_keeps_the_lowest_level_at_least_one_pixel():
     assert config.image_size // 2 ** (len(config.block_channels) - 1) == 1
     refused({"unet-block-channels": deepest, "image-size": 64}, r"image-size=64: must be divisible by .* = 128")
     assert RunConfig.from_flower({"unet-block-channels": " 16, 32 ,64"}).block_channels == (16, 32, 64)
+
+
+@pytest.mark.parametrize("channels,block_channels,layers,attention", [
+    (1, (8, 16), 1, False), (1, (8,), 1, True), (3, (16, 32, 64), 1, True), (3, (32, 16), 2, True),
+    (3, (16, 16, 32), 3, False), (3, (64, 128, 256, 256), 2, True),  # the paper-scale overlays' U-Net
+])
+def test_the_closed_form_parameter_count_is_diffusers_count(channels, block_channels, layers, attention):
+    net = build_denoiser(8, channels, block_channels, layers, attention)
+    assert unet_parameters(channels, block_channels, layers, attention) == sum(p.numel() for p in net.parameters())
+
+
+def test_a_unet_beyond_the_parameter_bound_is_refused_naming_its_keys_and_count():
+    """8 levels of 4,096 channels with 8 layers each pass every single-key bound but hold 66.7 G
+    parameters: refused before anything is built. The paper-scale U-Net (25.3 M) is taken."""
+    widest = ",".join([str(MAX_UNET_CHANNELS)] * MAX_UNET_LEVELS)
+    refused({"unet-block-channels": widest, "unet-layers-per-block": 8, "image-size": 128, "dataset": "cifar10"},
+            rf"unet-block-channels='{widest}', unet-layers-per-block=8, unet-attention=false: a U-Net of "
+            rf"66,744,954,883 parameters; at most {MAX_UNET_PARAMETERS:,}")
+    paper = RunConfig.from_flower({"unet-block-channels": "64,128,256,256", "unet-layers-per-block": 2,
+                                   "unet-attention": True, "dataset": "cifar10"})
+    assert unet_parameters(3, paper.block_channels, 2, True) == 25_304_963
+    taken = RunConfig.from_flower({"unet-block-channels": "2048", "unet-layers-per-block": 2})
+    channels = taken.image_shape[0]
+    assert unet_parameters(channels, (2048,), 2, False) < MAX_UNET_PARAMETERS
+    assert unet_parameters(channels, (2048,), 3, False) > MAX_UNET_PARAMETERS
+    refused({"unet-block-channels": "2048", "unet-layers-per-block": 3},
+            "unet-layers-per-block=3, .* parameters; at most")
 
 
 @pytest.mark.parametrize("key", sorted(k for k, v in RunConfig().to_flower().items() if isinstance(v, str)))

@@ -75,6 +75,30 @@ def test_a_damaged_newest_checkpoint_stops_the_resume_naming_the_file(interrupte
     assert sorted(p.name for p in run_dir.root.iterdir()) == [run_dir.name]
 
 
+CONFIG_DAMAGE = {  # what is done to the run's config.json, and what the error says about it
+    "empty": (lambda f: f.write_text(""), "empty"),
+    "cut off": (lambda f: _cut(f), "not JSON, cut off?"),
+    "not a JSON object": (lambda f: f.write_text('["seed", 7]\n'), r"not a run config \(a JSON object\)"),
+    "not UTF-8": (lambda f: f.write_bytes(b'{"seed": "\xff"}'), "cannot be read"),
+    "missing beside checkpoints": (lambda f: f.unlink(), "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("damage", CONFIG_DAMAGE)
+def test_a_damaged_config_json_stops_the_resume_naming_the_file(interrupted_run, damage):
+    """A run directory whose config.json cannot be read may be this configuration's run: the
+    resume stops naming the file and what to do, never silently starting a new run beside it."""
+    config, run_dir = interrupted_run
+    do, reason = CONFIG_DAMAGE[damage]
+    do(run_dir.config_json)
+    before = {p: p.read_bytes() for p in run_dir.path.rglob("*") if p.is_file()}
+    with pytest.raises(DamagedFileError, match=rf"{re.escape(str(run_dir.config_json))}: {reason}") as raised:
+        resumable_run(config)
+    assert "restore that file, move the directory out of the output-dir, or run with resume=false" in str(raised.value)
+    assert sorted(p.name for p in run_dir.root.iterdir()) == [run_dir.name]
+    assert {p: p.read_bytes() for p in run_dir.path.rglob("*") if p.is_file()} == before
+
+
 def test_a_state_json_with_another_hash_stops_the_resume(interrupted_run):
     config, run_dir = interrupted_run
     state_json = run_dir.checkpoint(2) / "state.json"

@@ -24,6 +24,7 @@ from collafuse_flwr.tools.launch import (
     format_run_config,
     free_port,
     isolated_env,
+    own_clients_settings,
     process_table,
     venv_command,
 )
@@ -51,9 +52,11 @@ def deployment(tmp_path_factory):
     env = isolated_env(root / "home")
     server_env = {"HOME": str(root / "server-home"), "COLLAFUSE_DATA_CACHE": str(root / "server-cache"),
                   "COLLAFUSE_CLIENT_STATE": str(root / "nowhere")}
-    nodes = [{"data-dir": str(d), "state-dir": str(root / "nodes" / str(k) / "state")} for k, d in enumerate(clients)]
     run_config = dict(config, **{"client-data": "own", "data-dir": str(reference), "num-server-rounds": 4,
                                  "min-replies": 2, "output-dir": str(root / "runs"), "disclosure-num-images": 0})
+    # one user runs every party here, as collafuse-deploy does: its clients trust the run's evaluator
+    nodes = [{"data-dir": str(d), "state-dir": str(root / "nodes" / str(k) / "state"),
+              **own_clients_settings(run_config, env)} for k, d in enumerate(clients)]
     with Deployment(root / "work", nodes, env=env, server_env=server_env) as running:
         outcome = {}
         submit = lambda: outcome.update(result=running.run(PROJECT, format_run_config(run_config)))  # noqa: E731

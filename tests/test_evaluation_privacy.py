@@ -312,7 +312,7 @@ def honest_round(digits_feature_network, tmp_path, task_identity):
     strategy = CollaFuseStrategy(config, RunDirectory(tmp_path), RUN_KEY, Denoiser(net, 1e-3, 0.0), (1, 8, 8),
                                  networks, {})
     sent = send(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid([10, 11])))
-    context = client_context(run_config, tmp_path / "clients")
+    context = client_context(run_config, tmp_path / "clients", trust_run_evaluator=True)
     replies = [client_app.evaluate(sent[node], context) for node in (10, 11)]
     strategy.aggregate_evaluate(1, replies)
     return config, path, replies, pd.read_csv(tmp_path / "metrics.csv", dtype={"client": str})
@@ -322,7 +322,8 @@ def test_honest_replies_pass_the_schema(honest_round):
     config, _, _, metrics = honest_round
     assert not metrics["metric"].str.contains("fault").any()
     pooled = metrics[metrics["client"] == "pooled"].set_index("metric")["value"]
-    held_out = sum(len(client_data(config, pid).held_out) for pid in (0, 1))
+    # each client's held-out set counts up to eval-num-samples images (`pooled_quality`)
+    held_out = sum(min(len(client_data(config, pid).held_out), config.eval_num_samples) for pid in (0, 1))
     assert pooled["num-real"] == held_out and pooled["num-generated"] == 2 * config.eval_num_samples
     assert pooled["fd_classifier"] > 0
 

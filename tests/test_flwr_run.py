@@ -40,11 +40,13 @@ FEDERATION = "num-supernodes=5 client-resources-num-cpus=1 client-resources-num-
 
 
 @pytest.fixture(scope="module")
-def flwr_env(tmp_path_factory):
+def flwr_env(tmp_path_factory, standin_text_weights):
     """Own FLWR_HOME and ports, a neutral working directory; the SuperLink the module's runs
     start is shared by them and stopped afterwards (its simulations inherit its environment:
-    the simulated clients allow their conditions to leave them under server-condition 'full')."""
-    env = dict(isolated_env(tmp_path_factory.mktemp("flwr-home")), COLLAFUSE_SHARE_CONDITIONS="1")
+    the simulated clients allow their conditions to leave them under server-condition 'full',
+    and have the stand-in text tower as their own, whichever run starts the SuperLink)."""
+    env = dict(isolated_env(tmp_path_factory.mktemp("flwr-home")), COLLAFUSE_SHARE_CONDITIONS="1",
+               COLLAFUSE_TEXT_WEIGHTS=str(standin_text_weights))
     with stopping_local_superlink(env):
         yield env, tmp_path_factory.mktemp("neutral-cwd")
     assert not local_superlinks(process_table(), env), "the test's SuperLink did not stop"

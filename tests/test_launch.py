@@ -17,6 +17,7 @@ from collafuse_flwr.tools.launch import (
     end_processes,
     local_superlinks,
     merge_run_configs,
+    own_clients_settings,
     process_table,
     stopping_local_superlink,
 )
@@ -74,3 +75,18 @@ def test_only_a_superlink_started_inside_the_block_is_stopped_with_what_it_start
         end_processes(table[pid].identity for pid in descendants(table, [before.pid, other_port.pid]))
         for process in (before, started, other_port):
             process.wait()
+
+
+def test_a_launcher_gives_its_own_simulated_clients_the_runs_evaluator_and_weights(tmp_path):
+    """The user runs every party of a simulation: its clients trust the run's evaluator and take
+    the weights files the run config names (absolute), unless the user's environment says
+    otherwise; nothing is given for keys the run config leaves empty, nor for a file that does
+    not exist (the server stops such a run; passed on, it would reach a shared SuperLink's later
+    runs)."""
+    (tmp_path / "inception.pth").write_bytes(b"weights")
+    run_config = {"fid-weights": str(tmp_path / "inception.pth"), "fcd-weights": "", "t-zeta": 20,
+                  "text-weights": str(tmp_path / "none.safetensors")}
+    assert own_clients_settings(run_config, {}) == {"trust-run-evaluator": "1",
+                                                    "fid-weights": str(tmp_path / "inception.pth")}
+    user = {"COLLAFUSE_TRUST_RUN_EVALUATOR": "0", "COLLAFUSE_FID_WEIGHTS": "/mine/inception.pth"}
+    assert own_clients_settings(run_config, user) == {}

@@ -62,6 +62,44 @@ def test_fedavg_state_round_trips_weights_and_ema():
     assert all(torch.equal(sampled[f"net.{n}"], a.state()[f"ema.{n}"]) for n in names)
 
 
+def _fedavg_round(start: dict, counter: int, trajectory: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The EMA (flattened) of a FedAvg client that loads `start` with its EMA step count at
+    `counter` and whose weights then pass through `trajectory` (one list of parameters per
+    optimizer step), the EMA updated after each step as in training."""
+    denoiser = Denoiser(build_denoiser(8, 1, (8, 16)), 1e-3, 0.995)
+    denoiser.ema.optimization_step = counter
+    denoiser.load_state(start)
+    for weights in trajectory:
+        with torch.no_grad():
+            for p, value in zip(denoiser.net.parameters(), weights, strict=True):
+                p.copy_(value)
+        denoiser.after_step()
+    return torch.cat([v.flatten() for k, v in denoiser.state().items() if k.startswith("ema.")])
+
+
+@pytest.mark.parametrize("counters,exact", [((0, 0), True), ((50, 50), True), ((2000, 5000), True),
+                                            ((1, 50), False)])
+def test_the_average_of_the_emas_is_the_ema_of_the_averaged_steps_only_with_equal_decays(counters, exact):
+    """Two FedAvg clients start a round from the same weights and EMA and take 5 steps each. The
+    average of their EMAs equals the EMA of the averaged steps when both apply the same decays:
+    the same EMA step count, or counts both past the warm-up (n >= (10 d - 1) / (1 - d), 1,790
+    steps at d = 0.995). With counts 1 and 50 the decays differ and it is off by a quarter or
+    more of the round's EMA movement, whichever count the reference EMA uses."""
+    g = torch.Generator().manual_seed(0)
+    start = Denoiser(build_denoiser(8, 1, (8, 16)), 1e-3, 0.995).state()
+    start = {k: v + 0.1 * torch.randn(v.shape, generator=g) if k.startswith("ema.") else v for k, v in start.items()}
+    params = [p.detach() for p in build_denoiser(8, 1, (8, 16)).parameters()]  # the start's weights (seed 0)
+    steps = [[[p + 0.01 * (s + 1) * torch.randn(p.shape, generator=g) for p in params] for s in range(5)]
+             for _ in counters]
+    averaged = [[(a + b) / 2 for a, b in zip(*step, strict=True)] for step in zip(*steps, strict=True)]
+    mean_of_emas = sum(_fedavg_round(start, c, t) for c, t in zip(counters, steps, strict=True)) / 2
+    ema_before = torch.cat([v.flatten() for k, v in start.items() if k.startswith("ema.")])
+    for counter in sorted(set(counters)):
+        ema_of_mean = _fedavg_round(start, counter, averaged)
+        off = float((mean_of_emas - ema_of_mean).norm() / (ema_of_mean - ema_before).norm())
+        assert off < 1e-4 if exact else off > 0.25
+
+
 def test_device_values_are_checked_against_this_machine():
     assert resolve_device("server-device", "cpu") == torch.device("cpu")
     assert resolve_device("server-device", "auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

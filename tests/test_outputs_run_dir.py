@@ -34,11 +34,12 @@ def test_runs_are_numbered_and_named_after_their_config(tmp_path):
 
 def test_the_runs_of_a_config_are_those_with_its_config_json_newest_first(tmp_path):
     config = RunConfig.from_flower({"output-dir": str(tmp_path)})
-    older, cut_off, other, newer = (RunDirectory.create(config) for _ in range(4))
+    older, unwritten, other, another_version, newer = (RunDirectory.create(config) for _ in range(5))
     for run_dir in (older, newer):
         run_dir.write_config(config.to_flower())
     other.write_config(dict(config.to_flower(), seed=7))
-    cut_off.config_json.write_text('{"seed": ')
+    another_version.write_config(dict(config.to_flower(), **{"a-key-of-another-version": 1}))
+    assert not unwritten.config_json.exists()  # killed before its config was written: nothing to resume
     assert list(RunDirectory.runs_of(config)) == [newer, older]
 
 

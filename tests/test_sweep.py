@@ -361,15 +361,21 @@ def test_tables_only_writes_the_tables_of_the_completed_runs_and_runs_nothing(tm
     assert seeds == ["2", "1"]  # plain collafuse at 20 (seeds 0 and 1), then at 100 (seed 0)
 
 
+def _started_runs(sweep, monkeypatch) -> list:
+    """The runs each `collafuse-sweep` call of the test would start (none is), in a list."""
+    started = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda runs, *a, **k: started.append(runs) or [])
+    monkeypatch.setattr(sweep, "write_tables", lambda *a: None)
+    return started
+
+
 def test_a_sweep_asking_for_conditions_needs_the_simulated_clients_consent(tmp_path, monkeypatch):
     """Runs under server-condition 'full' make the clients send their labels, which they do only
     when allowed ($COLLAFUSE_SHARE_CONDITIONS): without it the sweep stops before any run."""
     import collafuse_flwr.tools.sweep as sweep
 
     path, out = _write(tmp_path, VARIANTS), tmp_path / "out"
-    started = []
-    monkeypatch.setattr(sweep, "run_sweep", lambda runs, *a, **k: started.append(runs) or [])
-    monkeypatch.setattr(sweep, "write_tables", lambda *a: None)
+    started = _started_runs(sweep, monkeypatch)
     monkeypatch.delenv("COLLAFUSE_SHARE_CONDITIONS", raising=False)
     with pytest.raises(SystemExit):
         sweep.main([str(path), "--out", str(out)])
@@ -383,3 +389,29 @@ def test_a_sweep_asking_for_conditions_needs_the_simulated_clients_consent(tmp_p
     _complete([r for r in runs if r.run_config.get("server-condition") == "full"])
     monkeypatch.delenv("COLLAFUSE_SHARE_CONDITIONS")
     assert sweep.main([str(path), "--out", str(out)]) == 0 and len(started) == 2  # nothing left asks
+
+
+def test_a_sweep_whose_runs_name_different_weights_files_stops_before_any_run(tmp_path, monkeypatch, capsys):
+    """The simulated clients of a sweep get the weights files its runs name through the
+    environment of the one SuperLink the first run starts (launch.own_clients_settings): runs
+    naming different files would leave the later runs' clients with the first's, so the sweep
+    stops before any run; a file the user gives the clients (COLLAFUSE_FID_WEIGHTS) serves all."""
+    import collafuse_flwr.tools.sweep as sweep
+
+    text = HEAD + TINY + f'''
+[variant.one]
+fid-weights = "{tmp_path / 'one.pth'}"
+
+[variant.other]
+fid-weights = "{tmp_path / 'other.pth'}"
+'''
+    path, out = _write(tmp_path, text), tmp_path / "out"
+    for name in ("one.pth", "other.pth"):
+        (tmp_path / name).write_bytes(name.encode())
+    started = _started_runs(sweep, monkeypatch)
+    monkeypatch.delenv("COLLAFUSE_FID_WEIGHTS", raising=False)
+    with pytest.raises(SystemExit):
+        sweep.main([str(path), "--out", str(out)])
+    assert "name different fid-weights" in capsys.readouterr().err and not started
+    monkeypatch.setenv("COLLAFUSE_FID_WEIGHTS", str(tmp_path / "one.pth"))
+    assert sweep.main([str(path), "--out", str(out)]) == 0 and len(started) == 1

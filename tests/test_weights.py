@@ -3,12 +3,15 @@ the stand-in files of the real formats (random weights: they test the code path,
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 import torch
 
 from collafuse_flwr.config import ConfigError
 from collafuse_flwr.metrics.features import ClipFeatures, InceptionFeatures, load_feature_networks
-from collafuse_flwr.weights import CLIP_REPO, INCEPTION_FILE, INCEPTION_URL, resolve_weights
+from collafuse_flwr.weights import CLIP_REPO, INCEPTION_FILE, INCEPTION_URL, file_digest, resolve_weights
 
 
 @pytest.fixture
@@ -80,3 +83,14 @@ def test_feature_networks_are_the_classifier_plus_what_has_weights(empty_caches,
     both = {"inception": resolve_weights("inception", str(standin_weights[0])),
             "clip": resolve_weights("clip", str(standin_weights[1]))}
     assert names(both)[1:] == [("inception", "fid", "kid"), ("clip", "fcd", "kid_clip")]
+
+
+def test_a_weights_files_digest_is_the_sha256_of_its_bytes_and_follows_every_change(tmp_path):
+    """What pins pretrained weights between server and clients: the SHA-256 of the file, cached
+    by path, size and modification time, so a rewritten file is hashed again."""
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"inception")
+    assert file_digest(path) == hashlib.sha256(b"inception").hexdigest()
+    path.write_bytes(b"incePtion")  # the same size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+    assert file_digest(path) == hashlib.sha256(b"incePtion").hexdigest()

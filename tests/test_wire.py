@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -170,6 +173,40 @@ def test_client_validates_the_handover():
     bad = RecordDict({wire.HANDOVER: wire.pack_handover(torch.full((4, 1, 8, 8), float("inf")))})
     with pytest.raises(wire.UploadRejected, match="non-finite"):
         wire.unpack_handover(bad, (1, 8, 8), max_count=4)
+
+
+def _npy(shape: tuple, body: bytes, descr: str = "<f2", version: tuple = (1, 0)) -> Array:
+    """An Array whose .npy bytes are a crafted header declaring `shape` of `descr`, then `body`."""
+    header = io.BytesIO()
+    write = {(1, 0): np.lib.format.write_array_header_1_0, (2, 0): np.lib.format.write_array_header_2_0}[version]
+    write(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return Array("float16", (4, 1, 8, 8), "numpy.ndarray", header.getvalue() + body)
+
+
+@pytest.mark.parametrize("array,reason", [
+    (_npy((2**35, 1, 8, 8), bytes(512)), "at most 512 values"),  # declares 4 TiB in a 512-byte body
+    (_npy((2**62, 2**62, 1, 1), bytes(512)), "at most 512 values"),  # a product past int64
+    (_npy((4, 1, 8, 8), bytes(100)), "100 bytes of values; .* needs 512"),  # fewer bytes than declared
+    (_npy((2, 1, 8, 8), bytes(512)), "512 bytes of values; .* needs 256"),  # trailing bytes
+    (_npy((-4, 1, 8, -8), bytes(512)), "at most 512 values"),  # negative dimensions
+    (_npy((4, 1, 8, 8), bytes(512), descr="|O"), "dtype object"),  # a pickle
+    (Array("float16", (4, 1, 8, 8), "numpy.ndarray", b"\x93NUMPY\x03\x00" + bytes(600)), "version"),
+])
+def test_declared_npy_sizes_are_checked_before_anything_is_allocated(array, reason):
+    """A hostile reply's .npy header is checked against the cap and the bytes present before
+    numpy allocates: a rejected upload (a recorded fault), never a MemoryError or a 4 TiB buffer."""
+    content = RecordDict({wire.UPLOADS: ArrayRecord({wire.UPLOAD_KEY: array}),
+                          wire.METRICS: MetricRecord(train_metrics(n=4))})
+    tracemalloc.start()
+    try:
+        with pytest.raises(wire.UploadRejected, match=reason):
+            wire.unpack_uploads(content, (1, 8, 8), "float16", cap=8, images_per_round=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+    good = _npy((4, 1, 8, 8), np.ones((4, 1, 8, 8), np.float16).tobytes(), version=(2, 0))
+    assert wire.decode(good, "float16", 512, "x").tolist() == np.ones((4, 1, 8, 8)).tolist()
 
 
 def test_fedavg_client_replies_with_its_trained_weights_only(tiny_run_config, tmp_path, task_identity):

@@ -1,6 +1,8 @@
 """The ClientApp: Flower glue only. Each handler reads the round context from the message
-(clients/round.py), calls the configured client behaviour (clients/collafuse.py or
-clients/fedavg.py) and replies; injected faults are a mod around training (clients/faults.py)."""
+(clients/round.py; for evaluation with what the client releases, clients/evaluation.py) on the
+run config as the client reads it (its own weights files, clients/release.py), calls the
+configured client behaviour (clients/collafuse.py or clients/fedavg.py) and replies; injected
+faults are a mod around training (clients/faults.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from collafuse_flwr.clients import collafuse, fedavg
+from collafuse_flwr.clients.evaluation import EvaluationRound
 from collafuse_flwr.clients.faults import inject_faults
+from collafuse_flwr.clients.release import own_context
 from collafuse_flwr.clients.round import ClientRound
 
 app = ClientApp()
@@ -21,11 +25,11 @@ def behaviour(client: ClientRound):
 
 @app.train(mods=[inject_faults])
 def train(msg: Message, context: Context) -> Message:
-    client = ClientRound.from_message(msg, context)
+    client = ClientRound.from_message(msg, own_context(context))
     return Message(content=behaviour(client).train(client, msg.content), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    client = ClientRound.from_message(msg, context)
+    client = EvaluationRound.from_message(msg, context)
     return Message(content=behaviour(client).evaluate(client, msg.content), reply_to=msg)

@@ -61,6 +61,11 @@ FAULT_ENTRY = re.compile(rf"([0-9]{{1,9}}):([0-9]{{1,9}}):({'|'.join(FAULT_KINDS
 # image-size divisible by 2^(levels - 1) keeps the lowest level at least 1x1
 MAX_UNET_LEVELS = 8
 MAX_UNET_CHANNELS = 4_096
+# The U-Net's parameters (`unet_parameters`): at most one billion, above the largest image
+# diffusion U-Nets in use (Stable Diffusion's 860 M; the paper's 25 M). Its weights, EMA and
+# AdamW moments in float32 take 16 GB per party; the widths and depth the two bounds above
+# allow reach 66.7 G (8 levels of 4,096 channels, 8 layers per block).
+MAX_UNET_PARAMETERS = 1_000_000_000
 # eval-num-samples: generated images per client and evaluation (the usual FID takes 50,000)
 MAX_EVAL_NUM_SAMPLES = 50_000
 # client-lr, server-lr: in (0, MAX_LR]
@@ -416,6 +421,15 @@ class RunConfig:
                 f"image-size={self.image_size}: must be divisible by "
                 f"2^(number of U-Net blocks - 1) = {downsampling}"
             )
+        parameters = unet_parameters(self.image_shape[0], self._parse_channels(), self.unet_layers_per_block,
+                                     self.unet_attention)
+        if parameters > MAX_UNET_PARAMETERS:
+            raise ConfigError(
+                f"unet-block-channels={self.unet_block_channels!r}, unet-layers-per-block="
+                f"{self.unet_layers_per_block}, unet-attention={str(self.unet_attention).lower()}: a U-Net of "
+                f"{parameters:,} parameters; at most {MAX_UNET_PARAMETERS:,} (fewer or narrower levels, or fewer "
+                "layers per block)"
+            )
         if not 2 <= self.eval_num_samples <= min(self.max_uploads_per_client, MAX_EVAL_NUM_SAMPLES):
             raise ConfigError(
                 f"eval-num-samples={self.eval_num_samples}: must lie in [2, max-uploads-per-client="
@@ -499,6 +513,56 @@ class RunConfig:
 
 # Lowest and highest value of every integer key in `KEYS` (its field's default is an int)
 INT_RANGES = {key: (rule.low, rule.high) for key, rule in KEYS.items() if type(RunConfig()._value(key)) is int}
+
+
+def unet_parameters(channels: int, block_channels: tuple[int, ...], layers_per_block: int, attention: bool) -> int:
+    """The parameters of the U-Net `diffusion.models.build_denoiser` builds (diffusers'
+    `UNet2DModel`; a `ConditionalUNet` adds its condition projection, (condition_dim + 1) 4 c_1),
+    in closed form, without building it. With c_1..c_n the level widths, L layers per block,
+    E = 4 c_1 the time embedding's width and C the image channels:
+
+        conv(i, o) = 9 i o + o                                    (3x3 convolution)
+        res(i, o)  = 2 i + conv(i, o) + (E + 1) o + 2 o + conv(o, o) + [i != o] (i o + o)
+                     (GroupNorm, conv, time projection, GroupNorm, conv, 1x1 shortcut)
+        attn(c)    = 2 c + 4 (c^2 + c)                            (GroupNorm, q, k, v, out)
+        total = conv(C, c_1) + (c_1 E + E) + (E^2 + E)            (input, time embedding)
+              + sum_k [res(c_{k-1}, c_k) + (L - 1) res(c_k, c_k)] + sum_{k<n} conv(c_k, c_k)   (down, c_0 = c_1)
+              + 2 res(c_n, c_n) + attn(c_n)                        (middle)
+              + sum_k sum_{j=0..L} res(p_kj + s_kj, w_k) + sum_{k<n} conv(w_k, w_k)             (up)
+              + [attention] (2 L + 1) attn(c_n) + 2 c_1 + conv(c_1, C)   (attention at c_n, output)
+
+    where the up path runs over w_1..w_n = c_n..c_1 with p_k0 = w_{k-1} (w_0 = c_n), p_kj = w_k
+    for j > 0 and skips s_kj = w_k for j < L, s_kL = w_{min(k+1, n)}. `test_config_limits.py`
+    checks it against diffusers' count."""
+    embedding = 4 * block_channels[0]
+
+    def conv(i: int, o: int) -> int:
+        return 9 * i * o + o
+
+    def res(i: int, o: int) -> int:
+        return 2 * i + conv(i, o) + (embedding + 3) * o + conv(o, o) + (i * o + o if i != o else 0)
+
+    def attn(c: int) -> int:
+        return 4 * c * c + 6 * c
+
+    levels, last = len(block_channels), block_channels[-1]
+    total = conv(channels, block_channels[0]) + (block_channels[0] + 1) * embedding + (embedding + 1) * embedding
+    previous = block_channels[0]
+    for level, width in enumerate(block_channels):
+        total += res(previous, width) + (layers_per_block - 1) * res(width, width)
+        total += conv(width, width) if level < levels - 1 else 0
+        previous = width
+    total += 2 * res(last, last) + attn(last) + attention * (2 * layers_per_block + 1) * attn(last)
+    widths = block_channels[::-1]
+    previous = widths[0]
+    for level, width in enumerate(widths):
+        skip_last = widths[min(level + 1, levels - 1)]
+        for layer in range(layers_per_block + 1):
+            incoming = previous if layer == 0 else width
+            total += res(incoming + (skip_last if layer == layers_per_block else width), width)
+        total += conv(width, width) if level < levels - 1 else 0
+        previous = width
+    return total + 2 * block_channels[0] + conv(block_channels[0], channels)
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

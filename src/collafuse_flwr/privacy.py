@@ -18,11 +18,14 @@ one of multiplier z / sqrt(K) (Gaussian differential privacy, Dong, Roth and Su 
 epsilon at the run's `privacy-delta` is the analytic Gaussian mechanism's (Balle and Wang 2018),
 as Google's dp-accounting computes it; the tests check both against its PLD accountant.
 
-What it assumes: the noise eps is the client's secret (state.py) and never reused for another
-view; the adjacency is one image of one client; the server sees only the uploads (with
-server-condition "full" each upload's condition goes out in the clear and is not covered;
-nor are the evaluation figures a client reports, computed from its held-out images and from
-samples of its own denoiser).
+What it assumes: the noise eps is the client's secret (state.py), bound to the image and the
+view (`ClientRound.upload_noise`) and never reused for another view; the client's ledger
+(clients/ledger.py) counts each image's views. The adjacency is one image of one client. What
+it does not cover, besides the uploads: with server-condition "full" each upload's condition,
+which goes out in the clear; the train reply's counts and its train-loss (the client denoiser's
+mean loss on its private images in the round); and the evaluation figures a client reports,
+computed from its held-out images and from samples of its own denoiser, which it releases only
+on a network it trusts and of enough images (clients/release.py).
 t_zeta = 0 (sigma = 0) has no guarantee (epsilon infinite); t_zeta = T uploads nothing (epsilon 0).
 """
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.outputs import fsync_path, round_dir, write_atomically
+from collafuse_flwr.outputs import DamagedFileError, complete_rounds, fsync_path, round_dir, write_atomically
 from collafuse_flwr.wire import RUN_KEY
 
 METRICS_HEADER = ("round", "client", "metric", "value")
@@ -113,8 +113,12 @@ class RunDirectory:
     @classmethod
     def runs_of(cls, config: RunConfig) -> Iterator[RunDirectory]:
         """The run directories `<output-dir>/NNNNN-<run name>` of `config`'s configuration
-        (their config.json has its `identity_hash`), newest first. One without a readable
-        config.json (cut off before it was written, or of another version) is skipped."""
+        (their config.json has its `identity_hash`), newest first. Skipped: one without
+        config.json and without checkpoints (killed before its config was written: nothing to
+        resume) and one whose config.json another version of this package wrote (a key or value
+        this one refuses). A config.json that is empty, cut off, not a JSON object or unreadable,
+        or missing beside checkpoints, raises `DamagedFileError` naming it: that directory may
+        be this configuration's run, and a silent new run would leave it behind."""
         root = Path(config.output_dir).expanduser().resolve()
         name = cls.name_for(config)
         pattern = re.compile(rf"\d{{5}}-{re.escape(name)}$")
@@ -122,8 +126,16 @@ class RunDirectory:
             run_dir = cls(path)
             try:
                 same = run_dir.read_config().identity_hash() == config.identity_hash()
-            except (OSError, ValueError):
+            except ConfigError:
                 continue
+            except DamagedFileError as err:
+                if not run_dir.config_json.exists() and not complete_rounds(run_dir.checkpoints, Path.is_dir):
+                    continue
+                raise DamagedFileError(
+                    f"{err}. The run directory {run_dir} may hold a run of this configuration, so the run stops: "
+                    "restore that file, move the directory out of the output-dir, or run with resume=false to "
+                    "start a new run"
+                ) from None
             if same:
                 yield run_dir
 
@@ -223,8 +235,22 @@ class RunDirectory:
         write_atomically(self.config_json, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def read_config(self) -> RunConfig:
-        """The run config of config.json; `OSError` or `ValueError` if it cannot be read."""
-        return RunConfig.from_flower(json.loads(self.config_json.read_text()))
+        """The run config of config.json: `DamagedFileError` naming it if it is missing,
+        unreadable, empty, not JSON (cut off) or not a JSON object; `ConfigError` if it holds
+        keys or values this version refuses."""
+        path = self.config_json
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DamagedFileError(f"{path}: cannot be read ({err})") from None
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            reason = "empty" if not text.strip() else f"not JSON, cut off? ({err})"
+            raise DamagedFileError(f"{path}: {reason}") from None
+        if not isinstance(values, dict):
+            raise DamagedFileError(f"{path}: not a run config (a JSON object): {text[:200]!r}")
+        return RunConfig.from_flower(values)
 
     def run_key(self) -> str:
         """The run's key: 32 random hex digits made with the run directory (its file run-key)

@@ -2,14 +2,17 @@
 skipped without them, and reading them without unpickling.
 
 FID and KID need InceptionV3 (the TensorFlow FID network, as converted by torch-fidelity); FCD
-needs OpenAI's CLIP ViT-B/32. Nothing is downloaded: a run looks, in this order, at
-1. the run-config key (`fid-weights`, `fcd-weights`), then the environment variable
+needs OpenAI's CLIP ViT-B/32. Nothing is downloaded: each party looks, in this order, at
+1. the key `fid-weights`, `fcd-weights` (the server: its run config; a client: its own node
+   config, never the run config, clients/release.py), then the environment variable
    (`COLLAFUSE_FID_WEIGHTS`, `COLLAFUSE_FCD_WEIGHTS`): a path given there must exist;
 2. the standard cache locations: `$TORCH_HOME/hub/checkpoints/<torch-fidelity's file>` for
    InceptionV3 (where torchmetrics and torch-fidelity download it) and the Hugging Face hub
    cache of `timm/vit_base_patch32_clip_224.openai` for CLIP (where open_clip downloads it).
-Without weights, the metrics are skipped with a message saying how to supply them; no other
-network is ever substituted under their names.
+Without weights, the server skips the metrics with a message saying how to supply them; no
+other network is ever substituted under their names. The server names the SHA-256 of each file
+it uses (`file_digest`) in its evaluate messages, and a client computes those metrics only on
+its own file of that digest.
 
 A weights file is only ever read by this project (features.py: safetensors, or `torch.load` with
 `weights_only=True`; torch-fidelity and open_clip are handed the tensors) and never unpickled.
@@ -20,6 +23,8 @@ before any run directory exists: a pickle, a cut-off file or another network's w
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -85,11 +90,14 @@ class Weights:
         )
 
 
-def resolve_weights(name: str, configured: str = "") -> Weights:
-    """The weights of backbone `name` ("inception" or "clip"); `configured` is the run-config
-    value. A path given in the run config or environment that is not a file is a `ConfigError`."""
+def resolve_weights(name: str, configured: str = "", configured_in: str = "") -> Weights:
+    """The weights of backbone `name` ("inception" or "clip"); `configured` is the value of its
+    key (the server: the run config; a client: its node config, clients/release.py), named
+    `configured_in` in messages (default: the key). A path given there or in the environment
+    that is not a file is a `ConfigError`."""
     backbone = BACKBONES[name]
-    for source, value in ((backbone.config_key, configured), (backbone.env_var, os.environ.get(backbone.env_var, ""))):
+    for source, value in ((configured_in or backbone.config_key, configured),
+                          (backbone.env_var, os.environ.get(backbone.env_var, ""))):
         if value:
             path = Path(value).expanduser()
             if not path.is_file():
@@ -100,6 +108,24 @@ def resolve_weights(name: str, configured: str = "") -> Weights:
         return Weights(backbone, cached, "cache")
     return Weights(backbone, None, f"neither {backbone.config_key} nor {backbone.env_var} is set "
                    "and the standard cache holds none")
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_of(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 (64 hex digits) of a weights file's bytes: what pins pretrained weights
+    between the server and its clients. Computed once per process for each path, size and
+    modification time."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _digest_of(path, stat.st_size, stat.st_mtime_ns)
 
 
 def _cached_inception() -> Path | None:

@@ -20,7 +20,9 @@ client -> server, evaluation (not part of the protocol; measurement only):
                                          "moments": ArrayRecord {"<network>-<kind>-mean": (d,),
                                                                  "<network>-<kind>-covariance": (d, d)}}
                              kind "real" (the client's held-out images, num-real of them) and
-                             "generated" (num-generated); "moments" only with pooled-metrics
+                             "generated" (num-generated); "moments" only with pooled-metrics,
+                             holding the networks whose moments the client releases (possibly
+                             none: clients/release.py)
 
 x_cut holds one cut-point sample x_{t_zeta} per training image and nothing else: no x0,
 eps, t or weights; labels only in "conditions", and only when the run's server-condition is
@@ -74,6 +76,8 @@ TRAIN_METRICS = {
 TRAIN_METRIC_KEYS = frozenset(TRAIN_METRICS)
 # x_t = a x0 + b eps with a^2 + b^2 = 1 and |x0| <= 1: |x_t| > 10 is a >9-sigma event.
 MAX_ABS_VALUE = 10.0
+# The .npy header readers `decode` accepts, by format version
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 class UploadRejected(ValueError):
@@ -226,19 +230,35 @@ def _image_batch(
 
 def decode(array: Array, dtype: str, max_items: int, name: str) -> np.ndarray:
     """The values an Array carries, decoded from its bytes (never from what it declares):
-    a .npy payload without pickles, of `dtype`, at most `max_items` values, all finite."""
+    a .npy payload without pickles, of `dtype`, at most `max_items` values, all finite.
+
+    The .npy header (version 1.0 or 2.0) is read first and its dtype and shape checked
+    before anything is allocated: dtype `dtype`, count = prod(shape) <= `max_items`, and the
+    bytes after the header exactly count * itemsize. A header declaring more values than the
+    cap or than the bytes present (e.g. 64 GiB in a few hundred bytes) is rejected, never
+    allocated."""
     itemsize = np.dtype(dtype).itemsize
     if not isinstance(array.data, bytes) or len(array.data) > max_items * itemsize + 4096:
         raise UploadRejected(
             f"{name}: payload of {len(array.data)} bytes exceeds the cap of {max_items} {dtype} values"
         )
+    stream = io.BytesIO(array.data)
     try:
-        values = np.lib.format.read_array(io.BytesIO(array.data), allow_pickle=False)
+        read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(stream))
+        if read_header is None:
+            raise ValueError("a .npy format version other than 1.0 and 2.0")
+        shape, fortran_order, declared = read_header(stream)
     except (ValueError, OSError, EOFError) as err:
         raise UploadRejected(f"{name}: not a .npy array ({err})") from None
-    if values.dtype != np.dtype(dtype) or values.size > max_items:
-        raise UploadRejected(f"{name}: dtype {values.dtype} with {values.size} values, expected dtype {dtype} "
-                             f"with at most {max_items} (the cap)")
+    count = math.prod(shape)  # Python ints: no overflow
+    if declared != np.dtype(dtype) or min(shape, default=0) < 0 or count > max_items:
+        raise UploadRejected(f"{name}: dtype {declared} of shape {shape}, expected dtype {dtype} "
+                             f"with at most {max_items} values (the cap)")
+    present = len(array.data) - stream.tell()
+    if present != count * itemsize:
+        raise UploadRejected(f"{name}: {present} bytes of values; shape {shape} of {dtype} needs {count * itemsize}")
+    values = np.frombuffer(array.data, declared, count, stream.tell())
+    values = values.reshape(shape, order="F" if fortran_order else "C").copy()
     if not np.isfinite(values).all():
         raise UploadRejected(f"{name}: non-finite values")
     return values
@@ -333,7 +353,10 @@ def unpack_evaluation(
     `check_metrics` against `_evaluation_schema` (every key required, nothing else: num-generated
     equal to `num_generated`, num-real in [2, max_real], client-sampling-steps in [0, max_steps],
     seconds, NFEs and FLOPs >= 0), an nfe-sample other than num-generated x client-sampling-steps,
-    and moments failing `unpack_moments`.
+    and moments failing `unpack_moments`: those of every network with fewer features d than
+    both num-real and num-generated are required, those of the others allowed (a client
+    releases moments of n <= d images only when its own min-release-images says so,
+    clients/release.py), each network's complete or absent.
     """
     wanted = {METRICS, MOMENTS} if pooled else {METRICS}
     if set(content.keys()) != wanted or METRICS not in content.metric_records or \
@@ -349,7 +372,11 @@ def unpack_evaluation(
         )
     if not pooled:
         return metrics, {}
-    return metrics, unpack_moments(content.array_records[MOMENTS], {name: d for name, (_, _, d) in networks.items()})
+    arrays = content.array_records[MOMENTS]
+    sent = {key.rsplit("-", 2)[0] for key in arrays.keys()}  # "<network>-<kind>-<mean|covariance>"
+    fewest = min(metrics["num-real"], metrics["num-generated"])
+    return metrics, unpack_moments(arrays, {name: d for name, (_, _, d) in networks.items()
+                                            if d < fewest or name in sent})
 
 
 def pack_weights(state: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -20,7 +20,7 @@ import torch
 from flwr.app import RecordDict
 
 from collafuse_flwr import wire
-from collafuse_flwr.clients.evaluation import evaluation_reply
+from collafuse_flwr.clients.evaluation import EvaluationRound, evaluation_reply
 from collafuse_flwr.clients.round import ClientRound
 
 
@@ -59,7 +59,7 @@ def train(client: ClientRound, content: RecordDict) -> RecordDict:
     return reply
 
 
-def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
+def evaluate(client: EvaluationRound, content: RecordDict) -> RecordDict:
     """Finish the handed-over states in `content` with the private denoiser (the client's
     steps of the split sampler, conditioned on the requested conditions); the evaluation reply."""
     config = client.config
@@ -73,5 +73,5 @@ def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
         seed = wire.config_int(client.message_config, "sample-seed", 0, 2**63 - 1)
         x = sampler.run(net, x, sampler.client_steps, seed, client.conditions(requested))
     images = x.clamp(-1, 1)
-    return evaluation_reply(client, content, images, requested, net, len(sampler.client_steps),
+    return evaluation_reply(client, images, requested, net, len(sampler.client_steps),
                             time.perf_counter() - start)

@@ -3,47 +3,70 @@ its own state directory, their quality against its held-out images on every avai
 network, the cost of its sampling steps, and (pooled-metrics) per feature network the mean and
 covariance of both sets' features for the server's pooled row: statistics of each set, never
 one image's features; and whether the images show the requested conditions
-(metrics/conditioning.py)."""
+(metrics/conditioning.py). What it releases, of how many images and on which networks, is the
+client's decision, settled before any work (clients/release.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from collafuse_flwr import wire
+from collafuse_flwr.clients.release import Release, evaluation_release, own_context
 from collafuse_flwr.clients.round import ClientRound
 from collafuse_flwr.data import condition_sizes, group_columns, load_table, partition_key
-from collafuse_flwr.metrics.classifier import FeatureClassifier, classifier_from_state
 from collafuse_flwr.metrics.conditioning import conditioning_metric_names, conditioning_scores
 from collafuse_flwr.metrics.cost import sampling_cost
 from collafuse_flwr.metrics.distances import feature_moments, named_distances
-from collafuse_flwr.metrics.features import cached_features, load_feature_networks, resolved_weights, weights_digest
+from collafuse_flwr.metrics.features import cached_features, load_feature_networks
 from collafuse_flwr.outputs import save_grid, save_labelled_grid
 
 
+@dataclass(frozen=True)
+class EvaluationRound(ClientRound):
+    """The round context of an evaluate message: a `ClientRound` (built on the run config as
+    this client reads it, `own_context`) with what the client releases (`Release`)."""
+
+    release: Release
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> EvaluationRound:
+        """`ClientRound.from_message`, then this client's `evaluation_release` for the message:
+        an untrusted feature network, pretrained weights it lacks or too few images refuse here,
+        before any sampling or statistic."""
+        client = ClientRound.from_message(msg, own_context(context))
+        fields = {field.name: getattr(client, field.name) for field in dataclasses.fields(client)}
+        return cls(**fields, release=evaluation_release(context.node_config, client, msg.content))
+
+
 def evaluation_reply(
-    client: ClientRound, content: RecordDict, images: torch.Tensor, requested: torch.Tensor | None,
+    client: EvaluationRound, images: torch.Tensor, requested: torch.Tensor | None,
     net: UNet2DModel | None, steps: int, sample_seconds: float,
 ) -> RecordDict:
     """Save the client's generated `images` (n, C, H, W) in [-1, 1] as a grid and report their
-    quality against the client's held-out images (on the fd_classifier network the evaluate
-    message `content` carries, `wire.unpack_feature_network`, and the pretrained ones), how
-    well they show the `requested` raw conditions they were generated for (None:
-    unconditional), and the cost of the `steps` sampling steps the client ran with `net`
-    (none when `net` is None). With pooled-metrics the reply adds,
-    per feature network, the mean and covariance of the held-out and of the generated images'
-    features (`wire.pack_moments`): statistics of each set, never a per-image feature."""
+    quality against the client's held-out images (on the networks of `client.release`: the
+    fd_classifier network of the evaluate message, trusted, and the client's own pretrained
+    ones the server named), how well they show the `requested` raw conditions they were
+    generated for (None: unconditional), and the cost of the `steps` sampling steps the client
+    ran with `net` (none when `net` is None). Refused (`ClientStateError`, nothing computed)
+    when either set is below the client's minimum (`Release.check_counts`). With pooled-metrics
+    the reply adds, per feature network whose moments the client releases
+    (`Release.releases_moments`), the mean and covariance of the held-out and of the generated
+    images' features (`wire.pack_moments`): statistics of each set, never a per-image feature."""
     config, partition_id = client.config, client.partition_id
+    client.release.check_counts(len(client.data.held_out), len(images))
     name = f"round-{client.server_round:03d}-client-{partition_id}"
     save_grid(images, client.samples_dir / f"{name}.png")
     if requested is not None:
         _save_labelled(client, images, requested, client.samples_dir / f"{name}-labelled.png")
     start = time.perf_counter()
-    quality, moments = _quality(client, _feature_network(client, content), images, requested)
+    quality, moments = _quality(client, images, requested)
     metrics = {
         "partition-id": partition_id,
         "num-generated": int(images.shape[0]),
@@ -79,25 +102,16 @@ def _save_labelled(client: ClientRound, images: torch.Tensor, requested: torch.T
     save_labelled_grid(images[order], [labels[i] for i in order], path)
 
 
-def _feature_network(client: ClientRound, content: RecordDict) -> tuple[FeatureClassifier, str]:
-    """The fd_classifier network of an evaluate message, validated, and its identity."""
-    record = content.array_records.get(wire.FEATURE_NETWORK)
-    if record is None:
-        raise wire.UploadRejected(f"evaluate message without a {wire.FEATURE_NETWORK} record")
-    state = wire.unpack_feature_network(record, client.image_shape[0])
-    return classifier_from_state(state), weights_digest(state)
-
-
 def _quality(
-    client: ClientRound, classifier: tuple[FeatureClassifier, str], images: torch.Tensor, requested: torch.Tensor | None
+    client: EvaluationRound, images: torch.Tensor, requested: torch.Tensor | None
 ) -> tuple[dict[str, float], dict[str, tuple]]:
-    """Distances between the generated images and the held-out images on every available
-    feature network (the held-out features are cached), the conditioning metrics on the
+    """Distances between the generated images and the held-out images on every network of the
+    client's release (the held-out features are cached), the conditioning metrics on the
     fd_classifier network, and for the pooled row the moments {"<network>-<real|generated>":
-    (mean (d,), covariance (d, d))} of both sets' features."""
-    config = client.config
-    weights = resolved_weights(config.fid_weights, config.fcd_weights)
-    networks = load_feature_networks(*classifier, weights)
+    (mean (d,), covariance (d, d))} of both sets' features of each network whose moments the
+    client releases."""
+    config, release = client.config, client.release
+    networks = load_feature_networks(release.classifier, release.classifier_digest, release.weights)
     cache_dir = client.state.directory / ".cache" / "features"
     key = f"{partition_key(config)}:client-{client.partition_id}:held-out"
     quality, moments = {}, {}
@@ -105,9 +119,10 @@ def _quality(
         real = cached_features(network, client.data.held_out, cache_dir, key)
         fake = network.features(images)
         quality.update(named_distances(network.fd_name, network.kid_name, real, fake))
-        for kind, features in (("real", real), ("generated", fake)):
-            m = feature_moments(features)
-            moments[f"{network.name}-{kind}"] = (m.mean, m.covariance)
+        if release.releases_moments(network.module.num_features, len(real), len(fake)):
+            for kind, features in (("real", real), ("generated", fake)):
+                m = feature_moments(features)
+                moments[f"{network.name}-{kind}"] = (m.mean, m.covariance)
     names = conditioning_metric_names(config, condition_sizes(config)[0])
     columns = group_columns(config, client.group) if client.group is not None else None
     quality.update(conditioning_scores(networks[0].module, images, requested, client.data, names, columns))

@@ -19,7 +19,7 @@ import time
 from flwr.app import MetricRecord, RecordDict
 
 from collafuse_flwr import wire
-from collafuse_flwr.clients.evaluation import evaluation_reply
+from collafuse_flwr.clients.evaluation import EvaluationRound, evaluation_reply
 from collafuse_flwr.clients.round import ClientRound
 from collafuse_flwr.clients.state import ClientStateError
 from collafuse_flwr.diffusion.sampling import initial_noise
@@ -46,7 +46,7 @@ def train(client: ClientRound, content: RecordDict) -> RecordDict:
     return RecordDict({wire.WEIGHTS: wire.pack_weights(denoiser.state()), wire.METRICS: MetricRecord(metrics)})
 
 
-def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
+def evaluate(client: EvaluationRound, content: RecordDict) -> RecordDict:
     """Sample all steps with the averaged model; returns the evaluation reply's content."""
     config = client.config
     net = client.new_net()
@@ -61,5 +61,5 @@ def evaluate(client: ClientRound, content: RecordDict) -> RecordDict:
     start = time.perf_counter()
     x = initial_noise(config.eval_num_samples, client.image_shape, seed)
     images = sampler.run(net.eval(), x, sampler.client_steps, seed, client.conditions(requested)).clamp(-1, 1)
-    return evaluation_reply(client, content, images, requested, net, len(sampler.client_steps),
+    return evaluation_reply(client, images, requested, net, len(sampler.client_steps),
                             time.perf_counter() - start)

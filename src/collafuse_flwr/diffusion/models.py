@@ -165,8 +165,16 @@ class Denoiser:
 
     def state(self) -> dict[str, torch.Tensor]:
         """The weights FedAvg exchanges: "net.<name>" for the network's state dict and, with
-        an EMA, "ema.<name>" for the EMA of every parameter (averaged like the weights; the
-        EMA is linear, so the average of the clients' EMAs is the EMA of the averaged steps)."""
+        an EMA, "ema.<name>" for the EMA of every parameter, averaged like the weights.
+
+        After S steps from a common start e, client k's EMA is e prod_s d_ks + sum_s
+        (1 - d_ks) prod_{s'>s} d_ks' theta_ks, linear in its steps theta_ks. So the weighted
+        average of the clients' EMAs is the EMA of the averaged steps sum_k p_k theta_ks exactly
+        when every client applies the same decays d_ks = d_s: the same number of steps S and the
+        same EMA step count n at the start (or every count past the warm-up, n >= (10 decay - 1)
+        / (1 - decay): 1,790 steps at 0.995). Otherwise it is a mean of EMAs with different
+        decays (a client's first step after a count of 0 has d = 0: its EMA drops the received
+        one)."""
         state = {f"net.{k}": v.detach() for k, v in self.net.state_dict().items()}
         if self.ema is not None:
             names = [name for name, _ in self.net.named_parameters()]

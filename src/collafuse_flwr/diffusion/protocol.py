@@ -9,7 +9,9 @@ how the chain is cut, trained or sampled:
 - "published" (the authors' code, for comparison only): the same cut, but the server noises
   x_r again with the full marginal (`losses.published_server_loss`); to patch the resulting
   mismatch the client starts sampling at t_h = T rho (2 - rho), rho = t_zeta / T (e.g. 360
-  for t_zeta = 200, T = 1000), and the handed-over state is clamped to [-1, 1].
+  for t_zeta = 200, T = 1000), and the handed-over state is clamped to [-1, 1] where it crosses
+  from one party to the other (`hand_over`). At t_zeta = T (the server runs no step) and
+  t_zeta = 0 (the client runs none) nothing crosses, and it samples exactly as "exact".
 - "full-chain" (strategy "fedavg"): no cut, every client denoiser owns t in [1, T] and
   samples every step; t-zeta is unused.
 
@@ -60,10 +62,15 @@ class Protocol:
             handover = cut
         return cls(variant, CutSchedule(T, cut, config.beta_schedule), handover, config.server_loss_weighting)
 
-    @property
-    def clamps_handover(self) -> bool:
-        """Whether the handed-over state is clamped to [-1, 1] (the published variant only)."""
-        return self.variant == "published"
+    def hand_over(self, x: torch.Tensor, sampler: SplitSampler) -> torch.Tensor:
+        """The state the server sends after its steps of `sampler`, x: (n, C, H, W): x itself,
+        except that the published variant clamps it to [-1, 1] where a state crosses between the
+        parties (the server ran steps and the client has steps left). Where one side runs no
+        step (t_zeta = T: x is the initial noise x_T; t_zeta = 0: x is the finished sample)
+        nothing is clamped, so the published variant equals the exact protocol there."""
+        if self.variant == "published" and len(sampler.server_steps) and len(sampler.client_steps):
+            return x.clamp(-1, 1)
+        return x
 
     def server_loss(self, net: nn.Module, x_r: torch.Tensor, generator: torch.Generator,
                     c: torch.Tensor | None = None, dropout: float = 0.0, per_image: bool = False) -> torch.Tensor:

@@ -2,14 +2,18 @@
 comma-joined ("Black Hair, Smiling, Young"), encoded by the text tower of OpenAI's CLIP
 ViT-B/32 (open_clip, QuickGELU) into a unit vector c: (512,).
 
-The weights are the file `text-weights` names, else the CLIP checkpoint FCD uses (`fcd-weights`,
-weights.py: run config, environment, Hugging Face cache; never downloaded); they must hold the
-text tower (a full open_clip checkpoint, or its text weights: not only `visual.*`). They are
-read without unpickling (`read_weights`).
+The weights are the file `text-weights` names, else $COLLAFUSE_TEXT_WEIGHTS, else the CLIP
+checkpoint FCD uses (`fcd-weights`, weights.py: the key, the environment, the Hugging Face
+cache; never downloaded); they must hold the text tower (a full open_clip checkpoint, or its
+text weights: not only `visual.*`). They are read without unpickling (`read_weights`). The
+server reads these keys from its run config; a client from its own node config (it reads the
+run config with its own weights keys, clients/release.py), and in evaluation it checks that
+its file is the one the server uses (the SHA-256 the evaluate message names).
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.weights import read_weights, resolve_weights
 
 EMBEDDING_SIZE = 512
+TEXT_WEIGHTS_VARIABLE = "COLLAFUSE_TEXT_WEIGHTS"
 
 
 def prompts(attributes: torch.Tensor, names: tuple[str, ...]) -> list[str]:
@@ -67,21 +72,31 @@ def _encoder(path: Path) -> TextEncoder:
     return TextEncoder(path)
 
 
+def text_weights_file(text_weights: str, fcd_weights: str, configured_in: str = "text-weights") -> tuple[Path, str]:
+    """The file CLIP's text tower is read from, and where it was named: `text_weights` (named
+    `configured_in`), else $COLLAFUSE_TEXT_WEIGHTS, else the CLIP weights `fcd_weights` resolves
+    to (`resolve_weights`); a `ConfigError` naming the setting when a named file does not exist
+    or there is none, saying how to supply one."""
+    for name, value in ((configured_in, text_weights),
+                        (f"${TEXT_WEIGHTS_VARIABLE}", os.environ.get(TEXT_WEIGHTS_VARIABLE, ""))):
+        if value:
+            path, source = Path(value).expanduser(), f"{name}={value!r}"
+            if not path.is_file():
+                raise ConfigError(f"{source}: no such file")
+            return path.resolve(), source
+    weights = resolve_weights("clip", fcd_weights)
+    if not weights.available:
+        raise ConfigError(f"condition='text' encodes prompts with CLIP ViT-B/32's text tower, but there are no "
+                          f"CLIP weights ({weights.found_in}); set text-weights='/path/file' (a client: in its node "
+                          f"config, or ${TEXT_WEIGHTS_VARIABLE}), or {weights.backbone.how_to_get}")
+    return Path(weights.path), weights.found_in
+
+
 def text_encoder(config: RunConfig) -> TextEncoder:
-    """The run's text encoder (one per process and weights file): `text-weights`, else the
-    CLIP weights of `fcd-weights`; a `ConfigError` naming the key and saying how to supply
-    weights when there are none or they hold no text tower."""
-    if config.text_weights:
-        path, source = Path(config.text_weights).expanduser(), f"text-weights={config.text_weights!r}"
-        if not path.is_file():
-            raise ConfigError(f"{source}: no such file")
-    else:
-        weights = resolve_weights("clip", config.fcd_weights)
-        if not weights.available:
-            raise ConfigError(f"condition='text' encodes prompts with CLIP ViT-B/32's text tower, but there are no "
-                              f"CLIP weights ({weights.found_in}); pass text-weights='/path/file', or "
-                              f"{weights.backbone.how_to_get}")
-        path, source = Path(weights.path), weights.found_in
+    """The run's text encoder (one per process and weights file) from `text_weights_file` of
+    the config's text-weights and fcd-weights; a `ConfigError` naming the setting and the file
+    when it holds no text tower."""
+    path, source = text_weights_file(config.text_weights, config.fcd_weights)
     try:
         return _encoder(path)
     except ValueError as err:

@@ -48,16 +48,20 @@ def feature_moments(features: torch.Tensor) -> Moments:
     return Moments(len(x), x.mean(0), (covariance + covariance.T) / 2)
 
 
-def pooled_moments(parts: list[Moments]) -> Moments:
+def pooled_moments(parts: list[Moments], cap: int | None = None) -> Moments:
     """The moments of the union of the sets behind `parts` (c = 1..K), exactly:
 
         n  = sum_c n_c,    mu = sum_c n_c mu_c / n,
         S  = [ sum_c (n_c - 1) S_c  +  sum_c n_c (mu_c - mu)(mu_c - mu)^T ] / (n - 1)
                (within-set scatter)     (between-set scatter)
+
+    With a `cap`, each count n_c is taken as min(n_c, cap) (cap >= 2): the union as if no set
+    had more than `cap` members, so no part weighs more than cap / (cap + the others' counts).
     """
-    n = sum(p.count for p in parts)
-    mean = sum(p.count * p.mean for p in parts) / n
-    scatter = sum((p.count - 1) * p.covariance + p.count * torch.outer(p.mean - mean, p.mean - mean) for p in parts)
+    counts = [p.count if cap is None else min(p.count, cap) for p in parts]
+    n = sum(counts)
+    mean = sum(c * p.mean for c, p in zip(counts, parts)) / n
+    scatter = sum((c - 1) * p.covariance + c * torch.outer(p.mean - mean, p.mean - mean) for c, p in zip(counts, parts))
     return Moments(n, mean, scatter / (n - 1))
 
 

@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from collafuse_flwr.config import ConfigError
 from collafuse_flwr.outputs import write_atomically
-from collafuse_flwr.weights import Weights, read_weights, resolve_weights
+from collafuse_flwr.weights import Weights, file_digest, read_weights, resolve_weights
 
 BATCH = 32
 
@@ -139,36 +139,25 @@ def _rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """A short digest of a network's weights (names, shapes and values): its identity for
-    caches, the same on the server and on a client that received them."""
+    """The SHA-256 (64 hex digits) of a network's weights (names, shapes and float32 values):
+    its identity for caches, the same on the server and on a client that received them, and
+    what a client pins an evaluator by (node config trusted-evaluators, clients/release.py)."""
     digest = hashlib.sha256()
     for name in sorted(state):
         values = state[name].detach().float().contiguous().cpu().numpy()
         digest.update(f"{name}:{values.shape}".encode())
         digest.update(values.tobytes())
-    return digest.hexdigest()[:12]
-
-
-def file_identity(path: Path) -> str:
-    """A short digest of a weights file's path, size and modification time."""
-    stat = Path(path).stat()
-    return hashlib.sha256(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-
-
-def resolved_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]:
-    """Where the InceptionV3 and CLIP weights are (see collafuse_flwr/weights.py), unchecked: what a client
-    uses, once the ServerApp has checked the files (`pretrained_weights`); building a network
-    from them (`load_feature_networks`) still refuses a file that does not fit, never unpickling."""
-    return {"inception": resolve_weights("inception", fid_weights), "clip": resolve_weights("clip", fcd_weights)}
+    return digest.hexdigest()
 
 
 def pretrained_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]:
-    """`resolved_weights`, each checked against its network before any is built: the file's
-    names and shapes are read (not its data) and loaded into the network on the "meta" device.
-    `ConfigError` naming the key (or the environment variable, or the cache) and the file for a
-    configured path that does not exist, or a file that is cut off, a pickle, or not that
-    network's weights."""
-    weights = resolved_weights(fid_weights, fcd_weights)
+    """Where the server's InceptionV3 and CLIP weights are (the run config's `fid_weights`,
+    `fcd_weights`, else the environment, else the caches: collafuse_flwr/weights.py), each
+    checked against its network before any is built: the file's names and shapes are read (not
+    its data) and loaded into the network on the "meta" device. `ConfigError` naming the key (or
+    the environment variable, or the cache) and the file for a configured path that does not
+    exist, or a file that is cut off, a pickle, or not that network's weights."""
+    weights = {"inception": resolve_weights("inception", fid_weights), "clip": resolve_weights("clip", fcd_weights)}
     for name, found in weights.items():
         if found.available:
             try:
@@ -183,13 +172,13 @@ def pretrained_weights(fid_weights: str, fcd_weights: str) -> dict[str, Weights]
 def load_feature_networks(classifier: nn.Module, classifier_identity: str,
                           weights: dict[str, Weights]) -> list[FeatureNetwork]:
     """The classifier network (its identity: a digest of its weights) and every pretrained
-    network whose weights are available."""
+    network whose weights are available (its identity: the SHA-256 of its file, `file_digest`)."""
     networks = [FeatureNetwork("classifier", classifier, "fd_classifier", "kid_classifier", classifier_identity)]
     builders = {"inception": (InceptionFeatures, "fid", "kid"), "clip": (ClipFeatures, "fcd", "kid_clip")}
     for name, (build, fd_name, kid_name) in builders.items():
         if weights[name].available:
             networks.append(FeatureNetwork(name, build(weights[name].path), fd_name, kid_name,
-                                           file_identity(weights[name].path)))
+                                           file_digest(weights[name].path)))
     return networks
 
 

@@ -46,7 +46,12 @@ from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.outputs import save_grid
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
-from collafuse_flwr.strategies.evaluation import evaluation_rows, feature_network_record, write_evaluation
+from collafuse_flwr.strategies.evaluation import (
+    evaluation_digests,
+    evaluation_rows,
+    feature_network_record,
+    write_evaluation,
+)
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.strategies.rounds import ResumableRounds
 
@@ -240,15 +245,17 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         """Run the server's half of the sampler (T down to the handover time: t_zeta, or
         T rho (2 - rho) for "published") for the evaluated clients (`Parties.eval_partitions`) in one
         batched pass, each from its own x_T and seed and conditioned on the server's condition
-        for it, and send each its handed-over states (float32; clamped to [-1, 1] only for
-        "published"). A client that cannot finish samples yet gets no message this round
-        (logged): one never drawn for training while it owns steps below the cut (it has no
-        denoiser), or, under "full", one that has never sent the conditions it requests."""
+        for it, and send each its handed-over states (float32; `Protocol.hand_over`: clamped to
+        [-1, 1] only by "published", and only where the state crosses between the parties). A
+        client that cannot finish samples yet gets no message this round (logged): one never drawn
+        for training while it owns steps below the cut (it has no denoiser), or, under "full", one
+        that has never sent the conditions it requests."""
         if not self.config.is_eval_round(server_round):
             return []
         c = self.config
         sampler = self.protocol.sampler(c)
         net, feature_network = self.denoiser.for_sampling(), feature_network_record(self.networks)
+        digests = evaluation_digests(c, self.networks)
         start = time.perf_counter()
         # seeds and grid rows follow the partition ids (node ids change from run to run)
         trained = self.parties.trained_by(server_round)
@@ -264,9 +271,9 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
         )
         messages = []
         for node, seed, x in zip(nodes, seeds, handovers, strict=True):
-            if self.protocol.clamps_handover:
-                x = x.clamp(-1, 1)
-            content = RecordDict({"config": ConfigRecord({"sample-seed": seed}), wire.HANDOVER: wire.pack_handover(x),
+            x = self.protocol.hand_over(x, sampler)
+            content = RecordDict({"config": ConfigRecord({"sample-seed": seed, **digests}),
+                                  wire.HANDOVER: wire.pack_handover(x),
                                   wire.FEATURE_NETWORK: feature_network})
             messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
         cost = sampling_cost(net, self.image_shape, c.eval_num_samples * len(messages), len(sampler.server_steps))
@@ -294,7 +301,8 @@ class CollaFuseStrategy(ResumableRounds, Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Write every client's quality and cost figures, the pooled quality row and the
         disclosure audit to metrics.csv; rewrite summary.json; return the clients' means."""
-        rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
+        rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config,
+                                           self.notes)
         if per_metric:
             audited = self._audit(server_round, self.parties.eval_partitions())
             rows += [(server_round, *row) for row in self.audit.view_rows()] + audited

@@ -1,8 +1,9 @@
 """Reading the clients' evaluation replies on the server (every strategy): validated quality
 and cost rows per client, the pooled quality row from the clients' feature moments, and
 writing them. No image's features reach the server: each client sends per feature network the
-mean and covariance of its held-out and of its generated images' features (wire.py), and the
-pooled Fréchet distances follow from those exactly (metrics/distances.py, `pooled_moments`)."""
+mean and covariance of its held-out and of its generated images' features (wire.py) when it
+releases them (clients/release.py), and the pooled Fréchet distances follow from those
+(metrics/distances.py, `pooled_moments`, each client's weight capped: `pooled_quality`)."""
 
 from __future__ import annotations
 
@@ -15,21 +16,25 @@ from flwr.common.logger import log
 from collafuse_flwr import wire
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import condition_sizes
+from collafuse_flwr.diffusion.text import text_weights_file
 from collafuse_flwr.metrics.conditioning import conditioning_metric_names
 from collafuse_flwr.metrics.distances import Moments, frechet_distance, pooled_moments
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.summary import write_summary
+from collafuse_flwr.weights import BACKBONES, file_digest
 
 
 def evaluation_rows(
     server_round: int, replies: Iterable[Message], parties: Parties, networks: list[FeatureNetwork],
-    config: RunConfig,
+    config: RunConfig, notes: dict,
 ) -> tuple[list[tuple], dict[str, list[float]]]:
     """metrics.csv rows of every accepted evaluation reply (then the pooled row) and each
     metric's values over the clients. A failed, invalid or missing reply gives one row
-    `evaluate-fault-<kind>` (parties.py) and nothing else."""
+    `evaluate-fault-<kind>` (parties.py) and nothing else. `notes` (summary.json's) gets
+    "pooled-not-computable", {Fréchet distance: why}, when some pooled distance cannot be
+    computed this round (`pooled_quality`), and loses it otherwise."""
     shares = conditioning_metric_names(config, condition_sizes(config)[0])
     received, rows = parties.receive(
         server_round, "evaluate", replies, lambda reply: _evaluation_reply(reply, parties, networks, config, shares),
@@ -42,7 +47,12 @@ def evaluation_rows(
             if key != "partition-id":
                 rows.append((server_round, str(reply.partition_id), key, float(value)))
                 per_metric.setdefault(key, []).append(float(value))
-    pooled = pooled_quality(networks, [reply.payload[1] for reply in received if reply.payload[1]])
+    pooled, missing = pooled_quality(
+        networks, {str(reply.partition_id): reply.payload[1] for reply in received if config.pooled_metrics},
+        config.eval_num_samples)
+    notes.pop("pooled-not-computable", None)
+    if missing:
+        notes["pooled-not-computable"] = missing
     if config.pooled_metrics:  # every client generates eval-num-samples images: the pooled share is their mean
         pooled.update({name: sum(per_metric[name]) / len(per_metric[name]) for name in shares if per_metric.get(name)})
     rows += [(server_round, "pooled", k, v) for k, v in pooled.items()]
@@ -73,21 +83,49 @@ def feature_network_record(networks: list[FeatureNetwork]) -> ArrayRecord:
     return wire.pack_weights(networks[0].module.state_dict())
 
 
-def pooled_quality(networks: list[FeatureNetwork], moments: list[dict[str, Moments]]) -> dict[str, float]:
-    """Quality over all clients from each client's `moments` ({"<network>-<real|generated>":
-    Moments}): per feature network, the Fréchet distance between the pooled moments of all
-    generated and of all held-out features (equal to the distance of the concatenated
-    features), and the sample sizes behind it; empty without moments. No pooled KID: it would
-    need every image's features."""
+def pooled_quality(
+    networks: list[FeatureNetwork], moments: dict[str, dict[str, Moments]], cap: int
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Quality over all clients from each client's `moments` ({client: {"<network>-<real|generated>":
+    Moments}}): per feature network whose moments every client sent, the Fréchet distance
+    between the pooled moments of all generated and of all held-out features, and the sample
+    sizes behind it; and for each other network why its distance is not computable. Empty
+    without clients. No pooled KID: it would need every image's features.
+
+    Each client's counts are capped at `cap` (eval-num-samples, `pooled_moments`): the server
+    cannot verify a client's num-real, so an uncapped client claiming 100,000 held-out images
+    would set the pooled row alone; capped, its share of either pooled set is at most
+    cap / (cap + the other clients' counts). Every client's generated set has exactly `cap`
+    images, so that side is the exact union, and so is the held-out side while no client holds
+    more than `cap` held-out images (beyond, each client's held-out set weighs as `cap` images,
+    as its generated set does)."""
     if not moments:
-        return {}
-    pooled = {}
+        return {}, {}
+    pooled, missing = {}, {}
     for network in networks:
-        real = pooled_moments([m[f"{network.name}-real"] for m in moments])
-        fake = pooled_moments([m[f"{network.name}-generated"] for m in moments])
+        lacking = [client for client, m in moments.items() if f"{network.name}-real" not in m]
+        if lacking:
+            missing[network.fd_name] = (
+                f"client(s) {', '.join(lacking)} released no moments of {network.name}'s "
+                f"{network.module.num_features} features: a client releases them only of more images than features "
+                "in both sets (or of fewer if its node config min-release-images allows)")
+            continue
+        real = pooled_moments([m[f"{network.name}-real"] for m in moments.values()], cap)
+        fake = pooled_moments([m[f"{network.name}-generated"] for m in moments.values()], cap)
         pooled.update({network.fd_name: frechet_distance(real, fake), "num-generated": float(fake.count),
                        "num-real": float(real.count)})
-    return pooled
+    return pooled, missing
+
+
+def evaluation_digests(config: RunConfig, networks: list[FeatureNetwork]) -> dict[str, str]:
+    """What an evaluate message's config names besides the round: the SHA-256 of the file of
+    each pretrained network the server evaluates with ("fid-weights-sha256", "fcd-weights-sha256";
+    a client computes those metrics only on its own file of that digest, clients/release.py) and,
+    under condition "text", of its text tower's file ("text-weights-sha256")."""
+    digests = {f"{BACKBONES[n.name].config_key}-sha256": n.identity for n in networks[1:]}
+    if config.condition == "text":
+        digests["text-weights-sha256"] = file_digest(text_weights_file(config.text_weights, config.fcd_weights)[0])
+    return digests
 
 
 def write_evaluation(

@@ -32,7 +32,12 @@ from collafuse_flwr.diffusion.models import Denoiser
 from collafuse_flwr.metrics.features import FeatureNetwork
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.seeds import public_seed
-from collafuse_flwr.strategies.evaluation import evaluation_rows, feature_network_record, write_evaluation
+from collafuse_flwr.strategies.evaluation import (
+    evaluation_digests,
+    evaluation_rows,
+    feature_network_record,
+    write_evaluation,
+)
 from collafuse_flwr.strategies.parties import Parties
 from collafuse_flwr.strategies.rounds import ResumableRounds
 
@@ -133,20 +138,21 @@ class FedAvgDiffusion(ResumableRounds, FedAvg):
         if not self.config.is_eval_round(server_round):
             return []
         sampling = wire.pack_weights(self.model.sampling_state())
-        feature_network = feature_network_record(self.networks)
+        feature_network, digests = feature_network_record(self.networks), evaluation_digests(self.config, self.networks)
         nodes = set(self.parties.nodes_of(grid.get_node_ids(), self.parties.eval_partitions()))
         messages = [m for m in super().configure_evaluate(server_round, sampling, config, grid)
                     if m.metadata.dst_node_id in nodes]
         for msg in messages:  # each its own config: the seed a CollaFuse client of this partition gets
             pid = self.parties.partition_of.get(msg.metadata.dst_node_id, -1)
             seed = public_seed(self.config.seed, "sample", server_round, pid)
-            msg.content = RecordDict({wire.WEIGHTS: sampling, "config": ConfigRecord({**config, "sample-seed": seed}),
+            msg.content = RecordDict({wire.WEIGHTS: sampling,
+                                      "config": ConfigRecord({**config, "sample-seed": seed, **digests}),
                                       wire.FEATURE_NETWORK: feature_network})
         return self.parties.address(server_round, messages, "bytes-down-sample")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Quality and cost rows per client, the pooled row, summary.json."""
-        rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config)
+        rows, per_metric = evaluation_rows(server_round, replies, self.parties, self.networks, self.config, self.notes)
         rows = self.parties.sent_rows() + rows
         means = write_evaluation(self.run_dir, self.config, self.notes, server_round, rows, per_metric)
         save_checkpoint(self.run_dir, server_round, self.config, self.model, {})

@@ -82,9 +82,11 @@ def evaluation_notes(config: RunConfig, weights: dict) -> dict[str, object]:
             "part of them held back from its training; not Inception FID"
         ),
         "pooled": (
-            "Fréchet distances only, pooled exactly from each client's count, mean and covariance of "
-            "its held-out and of its generated images' features (what the clients send: statistics "
-            "of each set, such as its class mix, never one image's features); no pooled KID, which "
+            "Fréchet distances only, pooled from each client's count (at most eval-num-samples: no client "
+            "sets the pooled row), mean and covariance of its held-out and of its generated images' "
+            "features (what the clients send: statistics of each set, such as its class mix, never one "
+            "image's features, and only of more images than features unless a client allows fewer); a "
+            "network's row needs every evaluated client's moments; no pooled KID, which "
             "would need every image's features, from which the server recovers the held-out labels"
             if config.pooled_metrics else "pooled-metrics = false: the clients send no feature moments, no pooled row"
         ),
@@ -165,7 +167,10 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
     key = run_dir.run_key()
     log(INFO, "CollaFuse run directory: %s (server denoiser on %s)", run_dir, device)
     classifier_path, classifier, accuracy = feature_network(config, run_dir)
-    log(INFO, "fd_classifier feature network: held-out accuracy %.3f (%s)", accuracy, classifier_path)
+    digest = weights_digest(classifier.state_dict())  # what a client lists in its trusted-evaluators
+    line = f"fd_classifier feature network: held-out accuracy {accuracy:.3f}, SHA-256 {digest} ({classifier_path})"
+    log(INFO, line)
+    run_dir.append_log(line)
     run_dir.append_metrics([(0, "server", "feature-network-accuracy", accuracy)])
     notes = evaluation_notes(config, weights)
     for w in weights.values():
@@ -183,7 +188,7 @@ def prepare_run(config: RunConfig, flower_run_id: int) -> Run:
             config.unet_attention, seed=config.seed, condition_dim=space.size if space else 0,
         )
         model = Denoiser(net, config.server_lr, config.ema_decay, device)
-    networks = load_feature_networks(classifier, weights_digest(classifier.state_dict()), weights)
+    networks = load_feature_networks(classifier, digest, weights)
     if config.strategy == "fedavg":
         strategy = FedAvgDiffusion(config, run_dir, key, model, networks, notes)
     else:

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collafuse_flwr.clients.release import TRUST_RUN_EVALUATOR_VARIABLE
 from collafuse_flwr.tools.launch import ProcessGroup, alive, free_port, venv_command
 
 # every port a Ray node opens, beside its worker port range, each chosen free per node
@@ -139,6 +140,7 @@ class RayCluster(ProcessGroup):
         command += ["--min-worker-port", str(low), "--max-worker-port", str(low + WORKER_PORTS - 1)]
         env = dict(os.environ if self.env is None else self.env)
         env.pop("RAY_ADDRESS", None)
+        env.setdefault(TRUST_RUN_EVALUATOR_VARIABLE, "1")  # a simulation: its clients trust the run's evaluator
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         self.spawn(command, env, self.work_dir, self.work_dir / "logs" / f"ray-node-{index}.log")
 

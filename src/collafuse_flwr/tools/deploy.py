@@ -33,8 +33,10 @@ logs to `work_dir/logs/`.
 
 With no `--client-dir`, it first cuts the configured dataset's simulation partitions into
 `DIR/data/client-<k>/` and `DIR/data/reference/` (`data.export`). SuperNode k gets node config
-`data-dir=<its folder>` and `state-dir=DIR/nodes/<k>/state`; the run gets `client-data='own'`,
-`data-dir=<the reference folder>` (images no client holds, for the evaluation feature network)
+`data-dir=<its folder>`, `state-dir=DIR/nodes/<k>/state` and, as one user runs every party
+here, `launch.own_clients_settings` (trust in the run's evaluator, the run's weights files);
+the run gets `client-data='own'`, `data-dir=<the reference folder>` (images no client holds,
+for the evaluation feature network)
 and `output-dir=DIR/runs` unless given. It prints the final status, the run directory and the
 wall time, and exits non-zero unless the run completed.
 """
@@ -64,6 +66,7 @@ from collafuse_flwr.tools.launch import (
     flwr_run,
     format_run_config,
     free_port,
+    own_clients_settings,
     process_table,
     venv_command,
 )
@@ -279,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         clients, reference = export_partitions(simulated, work / "data")
     values.update({"client-data": "own", "data-dir": str(reference), "num-clients": len(clients)})
     RunConfig.from_flower(values)  # a bad key stops here, before any process starts
-    nodes = [{"data-dir": str(d), "state-dir": str(work / "nodes" / str(k) / "state")} for k, d in enumerate(clients)]
+    # one user runs every party on this machine: its clients trust the run's evaluator and use the run's weights
+    nodes = [{"data-dir": str(d), "state-dir": str(work / "nodes" / str(k) / "state"),
+              **own_clients_settings(values, os.environ)} for k, d in enumerate(clients)]
     start = time.perf_counter()
     with Deployment(work, nodes) as deployment:
         outcome = deployment.run(args.project_dir, format_run_config(values), echo=True)

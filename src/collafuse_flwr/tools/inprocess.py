@@ -19,6 +19,7 @@ simulation gives. Measurement and tests only: `flwr run` is how the project runs
 from __future__ import annotations
 
 import contextlib
+import os
 import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from collafuse_flwr import client_app
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies.setup import prepare_run
+from collafuse_flwr.tools.launch import own_clients_settings
 
 FIRST_NODE_ID = 1001  # node ids as a SuperLink gives them: arbitrary, not partition ids
 
@@ -48,7 +50,9 @@ class InProcessGrid(Grid):
         state_root: the clients' private state root (node config `state-dir`), as in a
             simulation: the client of partition k keeps its state below `state_root`/partition-k,
             so a `flwr run` with COLLAFUSE_CLIENT_STATE = `state_root` meets the same clients
-            (their secrets) as a run in process.
+            (their secrets) as a run in process. Their node configs also hold what a launcher
+            gives the simulated clients of its own run (`launch.own_clients_settings`: trust in
+            the run's evaluator, the run config's weights files) unless the environment sets it.
         num_nodes: the SuperNodes (node ids `FIRST_NODE_ID` + k).
         client_threads: torch's intra-op threads while clients compute (None: unchanged).
         run_id: the Flower run id of the contexts.
@@ -59,7 +63,8 @@ class InProcessGrid(Grid):
         self.contexts = {
             FIRST_NODE_ID + k: Context(
                 run_id=run_id, node_id=FIRST_NODE_ID + k, state=RecordDict(), run_config=dict(run_config),
-                node_config={"num-partitions": num_nodes, "state-dir": str(state_root)},
+                node_config={"num-partitions": num_nodes, "state-dir": str(state_root),
+                             **own_clients_settings(run_config, os.environ)},
             )
             for k in range(num_nodes)
         }

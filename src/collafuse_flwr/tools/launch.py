@@ -44,10 +44,13 @@ from pathlib import Path
 
 from flwr.common.config import get_project_config, parse_config_args
 
+from collafuse_flwr.clients.release import TRUST_RUN_EVALUATOR_KEY, TRUST_RUN_EVALUATOR_VARIABLE, WEIGHTS_KEYS
 from collafuse_flwr.run_dir import RunDirectory
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 SUPERLINK_PORT = "39091"  # flwr's default FLWR_LOCAL_SUPERLINK_HTTP_API_PORT
+# The environment variables of the clients' own settings, for simulated SuperNodes (no node config)
+CLIENT_VARIABLES = {TRUST_RUN_EVALUATOR_KEY: TRUST_RUN_EVALUATOR_VARIABLE, **WEIGHTS_KEYS}
 
 
 @dataclass
@@ -75,8 +78,10 @@ def flwr_run(
 ) -> RunOutcome:
     """Run `flwr run PROJECT [SUPERLINK] --stream` with the given configs ("key=value ..."
     strings) and output-dir made absolute (`absolute_output_dir`); return its `RunOutcome`.
-    `superlink` names a connection of the CLI's config.toml ("": the local simulation one). A
-    local SuperLink that `flwr run` starts is left running (`stopping_local_superlink` stops it)."""
+    `superlink` names a connection of the CLI's config.toml ("": the local simulation one, whose
+    simulated clients get `own_clients_settings` through the environment: a SuperLink that
+    `flwr run` starts passes it on, one already running keeps its own). A local SuperLink that
+    `flwr run` starts is left running (`stopping_local_superlink` stops it)."""
     project_dir = Path(project_dir).resolve()
     config = parse_config_args([run_config])
     output_dir = absolute_output_dir(config["output-dir"] if "output-dir" in config
@@ -90,6 +95,8 @@ def flwr_run(
         command += ["--federation-config", federation_config]
     env = dict(os.environ if env is None else env)
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    if not superlink:  # a local simulation: its SuperLink passes this environment to the simulated clients
+        env.update({CLIENT_VARIABLES[key]: value for key, value in own_clients_settings(config, env).items()})
     # the local SuperLink is started as `flower-superlink` from PATH: use this environment's
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     lines = []
@@ -124,14 +131,34 @@ def _default_output_dir(project_dir: Path) -> str:
     return get_project_config(project_dir)["tool"]["flwr"]["app"]["config"]["output-dir"]
 
 
+def own_clients_settings(run_config: Mapping, env: Mapping[str, str]) -> dict[str, str]:
+    """{node config key: value} that a launcher gives the simulated clients of its own run, where
+    one user is every party (clients/release.py): trust the evaluator the run's server trains
+    (trust-run-evaluator), and the pretrained weights files the run config names (fid-weights,
+    fcd-weights, text-weights; absolute) that exist, each unless `env` (the user's environment)
+    sets it. A file that does not exist is left to the server, which stops the run naming it
+    before any work; passed on, it would reach every later run of a SuperLink that keeps this
+    environment (and their servers, which read the same variables). A client in a deployment
+    decides these in its own node config."""
+    settings = {} if env.get(TRUST_RUN_EVALUATOR_VARIABLE) else {TRUST_RUN_EVALUATOR_KEY: "1"}
+    for key, variable in WEIGHTS_KEYS.items():
+        value = run_config.get(key)
+        if isinstance(value, str) and value.strip() and not env.get(variable):
+            path = Path(value).expanduser().resolve()
+            if path.is_file():
+                settings[key] = str(path)
+    return settings
+
+
 def isolated_env(home: Path) -> dict[str, str]:
     """An environment for `flwr run` with a local SuperLink of its own, e.g. for tests and
     benchmarks beside other runs: FLWR_HOME=`home`, two free ports for its APIs
     (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, FLWR_LOCAL_CONTROL_API_PORT), no runtime dependency
     installation, the Hugging Face hub offline, the clients' private state under
     `home`/client-state, and empty torch / Hugging Face caches under `home` with no weights
-    variables (FID, KID and FCD are skipped unless a run names weights) and no consent of the
-    simulated clients to send their conditions (COLLAFUSE_SHARE_CONDITIONS). The local
+    variables (FID, KID and FCD are skipped unless a run names weights), no consent of the
+    simulated clients to send their conditions (COLLAFUSE_SHARE_CONDITIONS) and none of their
+    evaluation settings (`flwr_run` gives them `own_clients_settings`). The local
     SuperLink the first `flwr run` starts keeps this environment for every simulation it runs."""
     env = dict(
         os.environ,
@@ -145,7 +172,7 @@ def isolated_env(home: Path) -> dict[str, str]:
         HF_HOME=str(Path(home) / "hf"),
         COLLAFUSE_CLIENT_STATE=str(Path(home) / "client-state"),
     )
-    for var in ("COLLAFUSE_FID_WEIGHTS", "COLLAFUSE_FCD_WEIGHTS", "HF_HUB_CACHE", "COLLAFUSE_SHARE_CONDITIONS"):
+    for var in ("HF_HUB_CACHE", "COLLAFUSE_SHARE_CONDITIONS", *CLIENT_VARIABLES.values()):
         env.pop(var, None)
     return env
 

@@ -48,7 +48,10 @@ when the run failed) and its run directory. The sweep's runs share one local Sup
 when the sweep ends (`stopping_local_superlink`). A relaunch skips runs whose status is
 `finished:completed` for the same run config and retries the others. Runs under
 server-condition "full" need the simulated clients' consent to send their conditions
-(COLLAFUSE_SHARE_CONDITIONS=1, clients/state.py): without it the sweep stops before any run. Afterwards
+(COLLAFUSE_SHARE_CONDITIONS=1, clients/state.py): without it the sweep stops before any run. The
+simulated clients trust the runs' evaluator and take the weights files the runs name
+(`launch.own_clients_settings`), through the environment of that one SuperLink: pending runs
+that name different weights files stop the sweep before any run. Afterwards
 `<out>/summary.csv` holds one row per run and metric (quality pooled and averaged over clients,
 disclosure averaged over clients, cost per party; with the run's variant, "" without variants,
 and number of clients), `<out>/results.md` the table of mean ± standard deviation over seeds per
@@ -78,7 +81,7 @@ from collafuse_flwr.clients.state import SHARE_CONDITIONS_VARIABLE, ClientStateE
 from collafuse_flwr.config import PATH_KEYS, ConfigError, RunConfig
 from collafuse_flwr.outputs import write_atomically
 from collafuse_flwr.run_dir import RunDirectory
-from collafuse_flwr.tools.launch import flwr_run, format_run_config, stopping_local_superlink
+from collafuse_flwr.tools.launch import flwr_run, format_run_config, own_clients_settings, stopping_local_superlink
 
 SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes", "overlay"}
 # [sweep]'s lists and the type of their entries
@@ -391,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     if asking and not allowed:
         parser.error(f"{len(asking)} run(s) ask the simulated clients for their conditions (server-condition='full'; "
                      f"{asking[0]}, ...), which they send only if allowed: set {SHARE_CONDITIONS_VARIABLE}=1")
+    given = {json.dumps(own_clients_settings(run.run_config, os.environ), sort_keys=True)
+             for run in runs if not run.completed()}
+    if len(given) > 1:
+        parser.error("the pending runs name different fid-weights, fcd-weights or text-weights, but their simulated "
+                     "clients share the environment of the sweep's one SuperLink (set by its first run): sweep them "
+                     "separately, or give the clients their weights through COLLAFUSE_FID_WEIGHTS, "
+                     "COLLAFUSE_FCD_WEIGHTS, COLLAFUSE_TEXT_WEIGHTS")
     statuses = run_sweep(runs, args.project, supernodes)
     write_tables(runs, out)
     failed = [s["name"] for s in statuses if s["status"] != "finished:completed"]
