@@ -130,7 +130,9 @@ def test_the_ledger_spends_each_view_once_per_image_and_refuses_beyond_the_budge
     budget, shape = (8.0, 1e-5), (1, 8, 8)
     z = 1.0  # epsilon at 1e-5: 4.38 for one view, 10.0 for four
     state.spend(["a", "b"], shape, "view-1", z, budget)
+    written = path.stat().st_ino
     state.spend(["a", "b"], shape, "view-1", z, budget)
+    assert path.stat().st_ino == written  # the same upload again: nothing new, the ledger is not rewritten
     state.spend(["a", "c"], shape, "view-2", z, budget)  # a: two views; c: its first
     ledger = json.loads(path.read_text())
     assert ledger["views"] == [["view-1", z], ["view-2", z]]

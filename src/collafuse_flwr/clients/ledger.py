@@ -82,7 +82,7 @@ class Ledger:
         """The largest epsilon at `delta` of any image of `images` once uploaded under `view`
         (noise multiplier `multiplier`; no extra cost for an image that had this view before),
         its views composed exactly (`privacy.composed_multiplier`); and that image's view count."""
-        known = next((i for i, (v, _) in enumerate(self.views) if v == view), None)
+        known = self._index(view)
         worst, count = 0.0, 0
         for indices in {tuple(self.images.get(k, [])) for k in images}:
             multipliers = [self.views[i][1] for i in indices]
@@ -93,16 +93,23 @@ class Ledger:
                 worst, count = spent, len(multipliers)
         return worst, count
 
-    def record(self, images: list[str], view: str, multiplier: float, shape: tuple[int, ...]) -> None:
+    def record(self, images: list[str], view: str, multiplier: float, shape: tuple[int, ...]) -> bool:
         """Add `view` (noise multiplier `multiplier`) to every image of `images`, uploaded at
-        `shape` (C, H, W)."""
-        known = next((i for i, (v, _) in enumerate(self.views) if v == view), None)
+        `shape` (C, H, W); whether anything was new (an upload sent again changes nothing)."""
+        known, changed = self._index(view), False
         if known is None:
             self.views.append((view, multiplier))
-            known = len(self.views) - 1
+            known, changed = len(self.views) - 1, True
         for key in images:
             entry = self.images.setdefault(key, [])
             if known not in entry:
                 entry.append(known)
+                changed = True
         if list(shape) not in self.shapes:
             self.shapes.append(list(shape))
+            changed = True
+        return changed
+
+    def _index(self, view: str) -> int | None:
+        """The index of `view` in `views`, or None when no image had it."""
+        return next((i for i, (v, _) in enumerate(self.views) if v == view), None)

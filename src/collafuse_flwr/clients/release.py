@@ -42,7 +42,7 @@ from flwr.app import Context, RecordDict
 from collafuse_flwr import wire
 from collafuse_flwr.clients.round import ClientRound
 from collafuse_flwr.clients.state import ClientStateError, node_flag, node_setting
-from collafuse_flwr.config import ConfigError
+from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.diffusion.text import TEXT_WEIGHTS_VARIABLE, text_weights_file
 from collafuse_flwr.metrics.classifier import FeatureClassifier, classifier_from_state
 from collafuse_flwr.metrics.features import weights_digest
@@ -147,7 +147,7 @@ def evaluation_release(node_config, client: ClientRound, content: RecordDict) ->
     weights = {network: Weights(BACKBONES[network], None, "not used by the server")
                for network in NETWORK_OF_KEY.values()}
     for key, wanted in _named_digests(client).items():
-        own = _own_file(node_config, key)
+        own = _own_file(client.config, key)
         if own is None or file_digest(own) != wanted:
             raise ClientStateError(
                 f"the server evaluates with the {key} file of SHA-256 {wanted}; this client has no such file (its node "
@@ -178,13 +178,14 @@ def _named_digests(client: ClientRound) -> dict[str, str]:
     return named
 
 
-def _own_file(node_config, key: str) -> Path | None:
-    """This client's own file for weights `key` (weights.py, text.py: its node config, else its
-    environment, else the standard cache), or None when it has none there."""
-    configured = str(node_config.get(key, "")).strip()
+def _own_file(config: RunConfig, key: str) -> Path | None:
+    """This client's own file for weights `key` (weights.py, text.py: its node config, which
+    `own_context` put in its `config`, else its environment, else the standard cache), or None
+    when it has none there."""
     try:
         if key in NETWORK_OF_KEY:
+            configured = config.fid_weights if key == "fid-weights" else config.fcd_weights
             return resolve_weights(NETWORK_OF_KEY[key], configured, f"node config {key}").path
-        return text_weights_file(configured, str(node_config.get("fcd-weights", "")).strip(), f"node config {key}")[0]
+        return text_weights_file(config.text_weights, config.fcd_weights, f"node config {key}")[0]
     except ConfigError:
         return None

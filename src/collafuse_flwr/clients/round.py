@@ -209,14 +209,14 @@ class ClientRound:
         disk), or freshly initialised in its first round. A round it trained in before (its
         journal, `trained_rounds`) whose denoiser is gone is a `ClientStateError` naming it:
         the client does not silently start again from scratch."""
-        directory = self.latest_model_dir(before=self.server_round)
+        latest = self.latest_round(before=self.server_round)
         expected = max((r for r in self.trained_rounds() if r < self.server_round), default=None)
-        if expected is not None and (directory is None or self.latest_round(before=self.server_round) < expected):
+        if expected is not None and (latest is None or latest < expected):
             raise ClientStateError(
                 f"this client trained in round {expected} of run {self.run_key}, but its denoiser of that round is "
                 f"missing from {self.client_dir}; restore it, or delete {self.client_dir} to train afresh")
-        if directory is not None:
-            return Denoiser.load(directory, self.config.client_lr, self.config.ema_decay, self.device)
+        if latest is not None:
+            return Denoiser.load(self.model_dir(latest), self.config.client_lr, self.config.ema_decay, self.device)
         return Denoiser(self.new_net(), self.config.client_lr, self.config.ema_decay, self.device)
 
     def trained_rounds(self) -> list[int]:

@@ -244,8 +244,8 @@ class ClientState:
                         f"this upload would bring what this client's uploads disclose to epsilon {spent:.3g} at delta "
                         f"{budget[1]:g} ({views} views of an image), beyond its privacy-budget of "
                         f"epsilon {budget[0]:g}; not uploaded")
-            ledger.record(images, view, multiplier, shape)
-            write_private(path, ledger.dumps().encode())
+            if ledger.record(images, view, multiplier, shape):
+                write_private(path, ledger.dumps().encode())
 
     def _ledger(self, path: Path) -> Ledger:
         """The ledger at `path`, checked (ledger.py). A missing or damaged one is a
