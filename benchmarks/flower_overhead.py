@@ -43,10 +43,16 @@ from pathlib import Path
 import torch
 from flwr.common.config import get_project_config, parse_config_args
 
+from collafuse_flwr.config import LAUNCHER_SUPERNODES
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.summary import read_metrics, reproducible_metrics
 from collafuse_flwr.tools.inprocess import run_in_process
-from collafuse_flwr.tools.launch import flwr_run, format_run_config, merge_run_configs, stopping_local_superlink
+from collafuse_flwr.tools.launch import (
+    flwr_run,
+    format_run_config,
+    merge_run_configs,
+    stopping_local_superlink,
+)
 from many_clients import run_env
 from throughput import measure, run_config
 
@@ -55,11 +61,12 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def flower_run_config(project: Path, items: list[str], output_dir: Path) -> dict:
     """The run config a ServerApp of `project` receives for `items`: the project's
-    [tool.flwr.app.config] with the items on top and `output_dir`."""
+    [tool.flwr.app.config] with the items on top and `output_dir`, its num-clients the
+    launcher's federation where it is 0 (both runs are given that many SuperNodes)."""
     config = dict(get_project_config(project)["tool"]["flwr"]["app"]["config"])
     if items:
         config.update(parse_config_args([merge_run_configs(items)]))
-    return dict(config, **{"output-dir": str(output_dir)})
+    return dict(config, **{"output-dir": str(output_dir), "num-clients": config["num-clients"] or LAUNCHER_SUPERNODES})
 
 
 def through_flower(config: dict, env: dict, cpus: int, work: Path, echo: bool) -> tuple[float, Path | None, str]:

@@ -29,7 +29,7 @@ CHANNELS = {"digits": 1, "cifar10": 3, "celeba": 3, "awa2": 3}
 
 def overlay_cost(path: Path) -> dict[str, float]:
     """FLOPs of one run of the overlay: per party and for sampling."""
-    config = RunConfig.from_flower(tomllib.loads(path.read_text()))
+    config = RunConfig.from_flower(tomllib.loads(path.read_text())).for_launchers()
     shape = (CHANNELS[config.dataset], config.image_size, config.image_size)
     net = build_denoiser(config.image_size, shape[0], config.block_channels, config.unet_layers_per_block,
                          config.unet_attention)

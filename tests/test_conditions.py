@@ -51,7 +51,7 @@ def test_condition_spaces_encode_labels_attributes_and_senders():
 
 @pytest.mark.parametrize("mode,server", [("none", None), ("client-id", ("client", 5)), ("full", ("class", 10))])
 def test_server_condition_modes(mode, server):
-    config = RunConfig(condition="class", server_condition=mode)
+    config = RunConfig(num_clients=5, condition="class", server_condition=mode)
     conditioning = Conditioning.of(config, num_classes=10, num_attributes=0)
     assert conditioning.client == ConditionSpace("class", 10)
     assert (conditioning.server and (conditioning.server.kind, conditioning.server.size)) == server

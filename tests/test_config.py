@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from collafuse_flwr import server_app
+from collafuse_flwr import client_app, server_app
 from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.data import client_data
 from collafuse_flwr.data.table import DatasetError
+from collafuse_flwr.strategies.setup import FEDERATION_QUERY, federation_size
+from collafuse_flwr.tools.inprocess import InProcessGrid
 
 
 @pytest.mark.parametrize(
@@ -41,12 +43,12 @@ def test_bad_values_name_key_value_and_allowed(override, message):
 # For every key with a range or a set of choices: a value outside it, and the message part that
 # names what is allowed. The free-text keys are checked against the files at server start.
 OUT_OF_RANGE = {
-    "num-server-rounds": (0, ">= 1"), "num-clients": (0, ">= 1"), "strategy": ("fedprox", "allowed: collafuse"),
+    "num-server-rounds": (0, ">= 1"), "num-clients": (-1, ">= 0"), "strategy": ("fedprox", "allowed: collafuse"),
     "clients-per-round": (6, r"\[0, num-clients=5\]"), "eval-clients": (-1, ">= 0"),
     "client-data": ("mine", "allowed: partition, own"),
     "dataset": ("mnist", "allowed: digits"), "dataset-split": ("val", "allowed: , train"),
     "image-size": (10, "divisible by"), "partition": ("shards", "allowed: label-groups"),
-    "classes-per-client": (0, ">= 1"), "dirichlet-alpha": (0.0, "> 0"), "held-out-fraction": (1.0, r"\(0, 1\)"),
+    "classes-per-client": (-1, ">= 0"), "dirichlet-alpha": (0.0, "> 0"), "held-out-fraction": (1.0, r"\(0, 1\)"),
     "seed": (-1, ">= 0"), "timesteps": (0, ">= 1"), "t-zeta": (1001, r"\[0, timesteps=1000\]"),
     "beta-schedule": ("cosine", "allowed: linear"), "unet-block-channels": ("12,24", "multiples of 8"),
     "unet-layers-per-block": (0, ">= 1"), "batch-size": (0, ">= 1"), "client-lr": (-1.0, "> 0"),
@@ -78,7 +80,26 @@ def test_every_key_is_validated():
 def test_out_of_range_values_name_key_value_and_allowed(key):
     value, allowed = OUT_OF_RANGE[key]
     with pytest.raises(ConfigError, match=rf"{key}={re.escape(repr(value))}: .*{allowed}"):
-        RunConfig.from_flower({key: value})
+        RunConfig.from_flower({"num-clients": 5, key: value} if key != "num-clients" else {key: value})
+
+
+def test_num_clients_zero_takes_the_federations_size_and_checks_what_depends_on_it():
+    config = RunConfig.from_flower({"clients-per-round": 3, "min-replies": 2})  # 0 clients: not checked yet
+    assert config.num_clients == 0
+    assert config.for_federation(4).num_clients == 4
+    with pytest.raises(ConfigError, match=r"clients-per-round=3: must lie in \[0, num-clients=2\]"):
+        config.for_federation(2)
+    with pytest.raises(ConfigError, match=r"^num-clients=0 takes .* set num-clients to the number of SuperNodes"):
+        config.for_federation(None)  # a deployment's SuperNodes say nothing of the federation
+
+
+def test_num_clients_the_federation_cannot_meet_names_the_fix():
+    config = RunConfig.from_flower({"num-clients": 5})
+    assert config.for_federation(5) == config and config.for_federation(None) == config
+    with pytest.raises(ConfigError, match=r"num-clients=5 but the federation has 2 SuperNode\(s\): run with "
+                                          r"--federation-config 'num-supernodes=5'") as raised:
+        config.for_federation(2)
+    assert "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize("key", sorted(RunConfig().to_flower()))
@@ -132,21 +153,26 @@ def test_celeba_attributes_of_a_partition_without_groups_are_all_of_them():
 
 @pytest.mark.parametrize(
     "override",
-    [{"t-zeta": 5000}, {"num-clients": 2}, {"dataset": "celeba", "partition": "label-groups"},
+    [{"t-zeta": 5000}, {"classes-per-client": 1}, {"dataset": "celeba", "partition": "label-groups"},
      {"dataset": "cifar10", "data-dir": "/nonexistent", "download": False}, {"fid-weights": "/nonexistent.pth"},
      {"dataset": "celeba", "attribute-groups": "Smiling; Male"}, {"output-dir": "/proc/version"}],
 )
-def test_server_fails_before_writing_or_training(override, tiny_run_config, tmp_path):
-    """The ServerApp rejects the config before it makes a run directory or contacts a client."""
+def test_server_fails_before_writing_or_training(override, tiny_run_config, tmp_path, task_identity):
+    """The ServerApp rejects the config before it makes a run directory or asks a client for
+    any work: the one message it may send is the federation query (its size)."""
 
-    class NoGrid:
-        def get_node_ids(self):
-            raise AssertionError("the server must not reach the clients with a bad config")
+    class FederationOnlyGrid(InProcessGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            assert all(m.metadata.message_type == FEDERATION_QUERY for m in messages), (
+                "the server must not reach the clients with a bad config")
+            return super().push_messages(messages)
 
     run_config = dict(tiny_run_config, **override)
+    grid = FederationOnlyGrid(run_config, tmp_path / "state", run_config["num-clients"])
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     with pytest.raises((ConfigError, DatasetError), match="|".join(override)):
-        server_app.main(NoGrid(), context)
+        server_app.main(grid, context)
     assert not (tmp_path / "runs").exists() or not any(p.name[0].isdigit() for p in (tmp_path / "runs").iterdir())
 
 
@@ -177,3 +203,34 @@ def test_every_simulation_overlay_and_sweep_is_valid(tmp_path, monkeypatch):
             assert load_sweep(overlay, tmp_path)[0]
         else:
             RunConfig.from_flower(tomllib.loads(overlay.read_text()))
+
+
+@pytest.mark.parametrize("record,size", [
+    ({"num-partitions": 3}, 3), ({}, None), (None, None), ({"num-partitions": "3"}, None),
+    ({"num-partitions": True}, None), ({"num-partitions": 0}, None), ({"num-partitions": 1001}, None),
+    ({"num-partitions": 2.0}, None), ({"num-partitions": [3]}, None),
+])
+def test_the_federation_size_a_client_reports_is_taken_only_as_one_integer_in_range(record, size, task_identity):
+    """A malicious client's answer to the federation query is decoded, never trusted or fatal."""
+
+    class OneNodeGrid:
+        def get_node_ids(self):
+            return [7]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            (query,) = messages
+            assert (query.metadata.message_type, query.metadata.dst_node_id) == (FEDERATION_QUERY, 7)
+            query.metadata.__dict__["_message_id"] = "q"
+            return [Message(RecordDict({} if record is None else {"federation": ConfigRecord(record)}),
+                            reply_to=query)]
+
+    assert federation_size(OneNodeGrid(), 5.0) == size
+
+
+def test_the_client_app_reports_its_simulation_federation_and_nothing_in_a_deployment(task_identity, tmp_path):
+    assert federation_size(InProcessGrid({"num-clients": 0}, tmp_path, 3), 5.0) == 3
+    query = Message(RecordDict(), dst_node_id=1, message_type=FEDERATION_QUERY)
+    query.metadata.__dict__["_message_id"] = "q"
+    deployed = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = client_app.app(query, deployed)
+    assert not reply.has_error() and dict(reply.content.config_records["federation"]) == {}

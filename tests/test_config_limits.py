@@ -157,7 +157,7 @@ def test_an_unknown_users_home_is_refused(key):
     ("5:1:raise", r"client 5 or round 1 outside \[0, 5\) x \[1, 4\]"),
 ])
 def test_bad_fault_injection_entries(value, message):
-    refused({"fault-injection": value}, rf"fault-injection={re.escape(repr(value))}: .*{message}")
+    refused({"num-clients": 5, "fault-injection": value}, rf"fault-injection={re.escape(repr(value))}: .*{message}")
 
 
 def test_fault_injection_whitespace_rules():

@@ -17,7 +17,7 @@ from collafuse_flwr.data.loaders import data_root
 
 def config_for(shared_data, tmp_path, dataset, **overrides) -> RunConfig:
     folder = {"cifar10": "cifar10-mini", "celeba": "celeba-mini", "awa2": "awa2-mini"}[dataset]
-    values = dict(dataset=dataset, data_dir=str(shared_data / folder), output_dir=str(tmp_path / "runs"))
+    values = dict(dataset=dataset, num_clients=5, data_dir=str(shared_data / folder), output_dir=str(tmp_path / "runs"))
     config = RunConfig(**dict(values, **overrides))
     config.validate()
     return config

@@ -66,7 +66,7 @@ def test_fixtures_keep_their_clients_feasible(dataset, kept_aside, shared_data, 
     AwA2 fixtures have no test split, and what the kept-aside share leaves still gives each of
     the default 5 clients training images and the 2 held-out images its distances need."""
     config = RunConfig(dataset=dataset, data_dir=str(shared_data / f"{dataset}-mini"), image_size=32,
-                       output_dir=str(tmp_path))
+                       num_clients=5, output_dir=str(tmp_path))
     config.validate()
     reference, splits = reference_images(config), client_indices(config)
     assert reference.kept_aside == kept_aside and len(splits) == 5

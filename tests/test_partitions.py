@@ -15,7 +15,7 @@ FOLDERS = {"cifar10": "cifar10-mini", "celeba": "celeba-mini", "awa2": "awa2-min
 
 
 def config_for(shared_data, tmp_path, dataset, **overrides) -> RunConfig:
-    values = dict(dataset=dataset, output_dir=str(tmp_path / "runs"))
+    values = dict(dataset=dataset, num_clients=5, output_dir=str(tmp_path / "runs"))
     if dataset in FOLDERS:
         values["data_dir"] = str(shared_data / FOLDERS[dataset])
     config = RunConfig(**dict(values, **overrides))
@@ -50,11 +50,15 @@ def test_disjoint_covering_seeded(shared_data, tmp_path, dataset, overrides):
     assert not all(np.array_equal(a, b) for a, b in zip(parts, partition(load_table(other), other)))
 
 
-def test_label_groups_give_each_client_its_own_classes():
-    config = RunConfig()
+@pytest.mark.parametrize("clients,classes_per_client,owned_each", [(5, 0, 2), (5, 3, 3), (2, 0, 5), (3, 0, 4),
+                                                                    (20, 0, 1)])
+def test_label_groups_give_each_client_its_own_classes(clients, classes_per_client, owned_each):
+    """classes-per-client 0 (the default): ceil(10 / clients), the fewest that give every class
+    an owner, so any federation size covers the digits."""
+    config = RunConfig(num_clients=clients, classes_per_client=classes_per_client)
     labels = load_table(config).labels
     owned = [set(labels[p].tolist()) for p in partition(load_table(config), config)]
-    assert all(len(o) == 2 for o in owned) and set().union(*owned) == set(range(10))
+    assert all(len(o) == owned_each for o in owned) and set().union(*owned) == set(range(10))
 
 
 def test_celeba_clients_carry_their_group_attributes(shared_data, tmp_path):
@@ -108,7 +112,7 @@ def test_dirichlet_that_starves_a_client_is_a_clear_error(shared_data, tmp_path)
 
 
 def test_held_out_split_is_disjoint_from_training():
-    config = RunConfig()
+    config = RunConfig(num_clients=5)
     data = client_data(config, 3)
     train = {tuple(x.flatten().tolist()) for x in data.train}
     assert not any(tuple(x.flatten().tolist()) in train for x in data.held_out)
@@ -137,7 +141,7 @@ def test_partition_report(shared_data, tmp_path, dataset, overrides):
 def test_partition_report_lists_the_kept_aside_reference_images(tmp_path):
     """The digits have no test split: the images kept aside for the feature network are a row
     of their own, and the figure still draws the clients' classes."""
-    config = RunConfig(output_dir=str(tmp_path / "runs"))
+    config = RunConfig(num_clients=5, output_dir=str(tmp_path / "runs"))
     write_partition_report(tmp_path / "partition.csv", tmp_path / "partition.png", config)
     frame = pd.read_csv(tmp_path / "partition.csv", dtype={"client": str})
     images = frame[frame["kind"] == "images"]

@@ -117,7 +117,7 @@ def test_a_target_picks_or_checks_the_cut_point_before_any_work():
 def test_image_channels_follow_the_loaders():
     from collafuse_flwr.data import client_data
 
-    config = RunConfig.from_flower({"image-size": 8})
+    config = RunConfig.from_flower({"image-size": 8, "num-clients": 5})
     assert tuple(client_data(config, 0).train.shape[1:]) == config.image_shape == (1, 8, 8)
 
 

@@ -84,7 +84,8 @@ ema-decay = 0.9
     ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n[runconfig]\n',
      "sections must be"),
     ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n'
-     'num-supernodes = 3\n', "num-clients differs"),
+     'num-supernodes = 3\n[run-config]\nnum-clients = 5\n',
+     "num-clients=5 but the federation has 3 SuperNode(s): run with --federation-config 'num-supernodes=5'"),
     ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n'
      '[dataset.celeba]\ndata-dir = "x"\n', "not one of the sweep's dataset values"),
     ('[sweep]\ndatasets = ["digits"]\nstrategies = ["collafuse"]\nt-zeta = [0]\nseeds = [0]\n'

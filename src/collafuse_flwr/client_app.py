@@ -1,4 +1,5 @@
-"""The ClientApp: Flower glue only. Each handler reads the round context from the message
+"""The ClientApp: Flower glue only. The federation query answers with the number of SuperNodes
+a simulation gives this node (nothing in a deployment). Each other handler reads the round context from the message
 (clients/round.py; for evaluation with what the client releases, clients/evaluation.py) on the
 run config as the client reads it (its own weights files, clients/release.py), calls the
 configured client behaviour (clients/collafuse.py or clients/fedavg.py) and replies; injected
@@ -6,8 +7,9 @@ faults are a mod around training (clients/faults.py)."""
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import NUM_PARTITIONS_KEY
 
 from collafuse_flwr.clients import collafuse, fedavg
 from collafuse_flwr.clients.evaluation import EvaluationRound
@@ -21,6 +23,15 @@ app = ClientApp()
 def behaviour(client: ClientRound):
     """The client module of the run's strategy (CollaFuse and its published variant, or FedAvg)."""
     return fedavg if client.protocol.variant == "full-chain" else collafuse
+
+
+@app.query("federation")
+def federation(msg: Message, context: Context) -> Message:
+    """The `num-partitions` of this SuperNode's node config (the size of a simulation's
+    federation), or an empty record where the node config has none."""
+    size = context.node_config.get(NUM_PARTITIONS_KEY)
+    record = ConfigRecord({NUM_PARTITIONS_KEY: size} if isinstance(size, int) else {})
+    return Message(content=RecordDict({"federation": record}), reply_to=msg)
 
 
 @app.train(mods=[inject_faults])

@@ -120,7 +120,7 @@ class Rule:
 # min-replies are bounded by other keys only (see `validate`).
 KEYS = {
     "num-server-rounds": Rule(1, 10_000),
-    "num-clients": Rule(1, 1_000),
+    "num-clients": Rule(0, 1_000),  # 0: the federation's size (see `for_federation`)
     "clients-per-round": Rule(0, 1_000),  # and <= num-clients (see `validate`)
     "eval-clients": Rule(0, 1_000),  # and <= num-clients
     "strategy": Rule(choices=STRATEGIES),
@@ -129,7 +129,7 @@ KEYS = {
     "dataset-split": Rule(choices=DATASET_SPLITS),
     "image-size": Rule(1, 1_024),
     "partition": Rule(choices=PARTITIONS),
-    "classes-per-client": Rule(1, 1_000),
+    "classes-per-client": Rule(0, 1_000),  # 0: the fewest that give every class an owner
     "dirichlet-alpha": Rule(0, open_low=True),
     "held-out-fraction": Rule(0, 1, open_low=True, open_high=True, allowed="must lie in (0, 1)"),
     "seed": Rule(0, 2**63 - 1),
@@ -165,6 +165,12 @@ KEYS = {
 }
 
 
+# The federation of the project's own launchers (collafuse-run, collafuse-sweep, collafuse-deploy
+# and collafuse-export without --client-dir, runs in process) where num-clients is 0: the paper's
+# five clients. A plain `flwr run` takes its federation's size instead (`RunConfig.for_federation`).
+LAUNCHER_SUPERNODES = 5
+
+
 class ConfigError(ValueError):
     """A run-config value is missing, of the wrong type or out of range."""
 
@@ -174,7 +180,7 @@ class RunConfig:
     """All knobs of one CollaFuse run (see the README's table for their meaning)."""
 
     num_server_rounds: int = 4
-    num_clients: int = 5
+    num_clients: int = 0
     clients_per_round: int = 0
     eval_clients: int = 0
     strategy: str = "collafuse"
@@ -185,7 +191,7 @@ class RunConfig:
     dataset_split: str = ""
     image_size: int = 0
     partition: str = ""
-    classes_per_client: int = 2
+    classes_per_client: int = 0
     dirichlet_alpha: float = 0.5
     attribute_groups: str = ""
     held_out_fraction: float = 0.2
@@ -443,6 +449,19 @@ class RunConfig:
                     f"{key}={self._value(key)!r}: allowed: auto, cpu, cuda, cuda:<index> "
                     f"(index in [0, {MAX_CUDA_INDEX}], ASCII digits, no leading zeros)"
                 )
+        self._validate_privacy()
+        clients = self.num_clients or None  # 0: not known before the federation (`for_federation`)
+        for client, server_round in self.injected_faults:
+            if (clients and client >= clients) or not 1 <= server_round <= self.num_server_rounds:
+                raise ConfigError(
+                    f"fault-injection={self.fault_injection!r}: client {client} or round {server_round} "
+                    f"outside [0, {clients or 'num-clients'}) x [1, {self.num_server_rounds}]"
+                )
+        if clients:
+            self._validate_clients()
+
+    def _validate_clients(self) -> None:
+        """What depends on the number of clients, once it is known."""
         for key in ("clients-per-round", "eval-clients"):
             if self._value(key) > self.num_clients:
                 raise ConfigError(f"{key}={self._value(key)}: must lie in [0, num-clients={self.num_clients}] "
@@ -454,13 +473,34 @@ class RunConfig:
                 f"addresses (num-clients={self.num_clients}, clients-per-round={self.clients_per_round}, "
                 f"eval-clients={self.eval_clients})"
             )
-        self._validate_privacy()
-        for (client, server_round), _ in self.injected_faults.items():
-            if client >= self.num_clients or not 1 <= server_round <= self.num_server_rounds:
+
+    def for_launchers(self) -> RunConfig:
+        """This config as the project's own launchers run it: num-clients 0 becomes their
+        federation's `LAUNCHER_SUPERNODES`; a set num-clients stays."""
+        return self if self.num_clients else self.for_federation(LAUNCHER_SUPERNODES)
+
+    def for_federation(self, supernodes: int | None) -> RunConfig:
+        """This config in a federation of `supernodes` SuperNodes: the `num-partitions` of a
+        simulation's SuperNodes, None where the SuperNodes do not say (a deployment).
+        num-clients = 0 becomes `supernodes`; a num-clients the federation cannot meet, or a 0
+        no federation resolves, is a `ConfigError` of one line naming the fix."""
+        if self.num_clients == 0:
+            if supernodes is None:
                 raise ConfigError(
-                    f"fault-injection={self.fault_injection!r}: client {client} or round {server_round} "
-                    f"outside [0, {self.num_clients}) x [1, {self.num_server_rounds}]"
+                    "num-clients=0 takes the number of clients from a simulation federation, and these "
+                    "SuperNodes give none (no num-partitions in their node config): set num-clients to "
+                    "the number of SuperNodes, e.g. --run-config 'num-clients=2'"
                 )
+            config = dataclasses.replace(self, num_clients=supernodes)
+            config.validate()
+            return config
+        if supernodes is not None and supernodes != self.num_clients:
+            raise ConfigError(
+                f"num-clients={self.num_clients} but the federation has {supernodes} SuperNode(s): run "
+                f"with --federation-config 'num-supernodes={self.num_clients}', or leave num-clients at 0 "
+                "to take the federation's"
+            )
+        return self
 
     def _validate_privacy(self) -> None:
         """clip-norm and target-epsilon bound what CollaFuse's uploads disclose (privacy.py):

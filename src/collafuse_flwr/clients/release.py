@@ -41,24 +41,24 @@ from flwr.app import Context, RecordDict
 
 from collafuse_flwr import wire
 from collafuse_flwr.clients.round import ClientRound
-from collafuse_flwr.clients.state import ClientStateError, node_flag, node_setting
+from collafuse_flwr.clients.state import NODE_CONFIG_KEYS, ClientStateError, node_flag, node_setting, node_value
 from collafuse_flwr.config import ConfigError, RunConfig
-from collafuse_flwr.diffusion.text import TEXT_WEIGHTS_VARIABLE, text_weights_file
+from collafuse_flwr.diffusion.text import text_weights_file
 from collafuse_flwr.metrics.classifier import FeatureClassifier, classifier_from_state
 from collafuse_flwr.metrics.features import weights_digest
 from collafuse_flwr.weights import BACKBONES, Weights, file_digest, resolve_weights
 
-TRUSTED_EVALUATORS_KEY = "trusted-evaluators"  # node config key
-TRUSTED_EVALUATORS_VARIABLE = "COLLAFUSE_TRUSTED_EVALUATORS"
-TRUST_RUN_EVALUATOR_KEY = "trust-run-evaluator"  # node config key
-TRUST_RUN_EVALUATOR_VARIABLE = "COLLAFUSE_TRUST_RUN_EVALUATOR"
-MIN_RELEASE_IMAGES_KEY = "min-release-images"  # node config key
-MIN_RELEASE_IMAGES_VARIABLE = "COLLAFUSE_MIN_RELEASE_IMAGES"
+# node config keys, and the environment variables of simulated SuperNodes (state.NODE_CONFIG_KEYS)
+TRUSTED_EVALUATORS_KEY = "trusted-evaluators"
+TRUSTED_EVALUATORS_VARIABLE = NODE_CONFIG_KEYS[TRUSTED_EVALUATORS_KEY]
+TRUST_RUN_EVALUATOR_KEY = "trust-run-evaluator"
+TRUST_RUN_EVALUATOR_VARIABLE = NODE_CONFIG_KEYS[TRUST_RUN_EVALUATOR_KEY]
+MIN_RELEASE_IMAGES_KEY = "min-release-images"
+MIN_RELEASE_IMAGES_VARIABLE = NODE_CONFIG_KEYS[MIN_RELEASE_IMAGES_KEY]
 # Fewest images of which a client releases a figure by default (moments: more than features).
 MIN_SCALAR_IMAGES = 32
 # The client's own weights files: node config key -> environment variable (both sides' key names)
-WEIGHTS_KEYS = {"fid-weights": BACKBONES["inception"].env_var, "fcd-weights": BACKBONES["clip"].env_var,
-                "text-weights": TEXT_WEIGHTS_VARIABLE}
+WEIGHTS_KEYS = {key: NODE_CONFIG_KEYS[key] for key in ("fid-weights", "fcd-weights", "text-weights")}
 NETWORK_OF_KEY = {"fid-weights": "inception", "fcd-weights": "clip"}
 DIGEST_SUFFIX = "-sha256"  # evaluate message config: "<weights key>-sha256" = the server's file's SHA-256
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -69,7 +69,7 @@ def own_context(context: Context) -> Context:
     replaced by this client's node config values ("" when unset: then its environment and
     caches, weights.py): the run config as this client reads it, so no path the server
     names is ever opened on the client."""
-    own = {key: str(context.node_config.get(key, "")).strip() for key in WEIGHTS_KEYS}
+    own = {key: node_value(context.node_config, key).strip() for key in WEIGHTS_KEYS}
     return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
                    state=context.state, run_config={**context.run_config, **own})
 
@@ -77,7 +77,7 @@ def own_context(context: Context) -> Context:
 def trusted_evaluators(node_config) -> frozenset[str]:
     """The SHA-256 digests of the fd_classifier networks this client accepts; a value that is
     not comma-separated 64-hex digests is a `ClientStateError` naming it."""
-    name, value = node_setting(node_config, TRUSTED_EVALUATORS_KEY, TRUSTED_EVALUATORS_VARIABLE)
+    name, value = node_setting(node_config, TRUSTED_EVALUATORS_KEY)
     digests = [part.strip().lower() for part in value.split(",") if part.strip()]
     if not all(SHA256.fullmatch(d) for d in digests):
         raise ClientStateError(f"{name}={value!r}: use comma-separated SHA-256 digests (64 hex digits each)")
@@ -87,7 +87,7 @@ def trusted_evaluators(node_config) -> frozenset[str]:
 def min_release_images(node_config) -> int | None:
     """This client's explicit minimum of images per released statistic (an int >= 2), or None
     for the defaults (module docstring); a malformed value is a `ClientStateError`."""
-    name, value = node_setting(node_config, MIN_RELEASE_IMAGES_KEY, MIN_RELEASE_IMAGES_VARIABLE)
+    name, value = node_setting(node_config, MIN_RELEASE_IMAGES_KEY)
     if not value:
         return None
     if not (value.isascii() and value.isdigit()) or int(value) < 2:
@@ -132,7 +132,7 @@ def evaluation_release(node_config, client: ClientRound, content: RecordDict) ->
     held-out images and the eval-num-samples images it would generate must reach its minimum."""
     minimum = min_release_images(node_config)
     trusted = trusted_evaluators(node_config)
-    trust_run = node_flag(node_config, TRUST_RUN_EVALUATOR_KEY, TRUST_RUN_EVALUATOR_VARIABLE)
+    trust_run = node_flag(node_config, TRUST_RUN_EVALUATOR_KEY)
     record = content.array_records.get(wire.FEATURE_NETWORK)
     if record is None:
         raise wire.UploadRejected(f"evaluate message without a {wire.FEATURE_NETWORK} record")

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 from flwr.app import ConfigRecord, Context, Message
+from flwr.common.constant import NUM_PARTITIONS_KEY
 
 from collafuse_flwr import privacy, wire
 from collafuse_flwr.clients.state import (
     RESET_LEDGER_KEY,
-    RESET_LEDGER_VARIABLE,
     ClientState,
     ClientStateError,
     holder_directory,
@@ -26,7 +26,7 @@ from collafuse_flwr.clients.state import (
     privacy_budget,
     shares_conditions,
 )
-from collafuse_flwr.config import ConfigError, RunConfig
+from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import ClientData, client_data, own_client_data, simulated_group
 from collafuse_flwr.diffusion.conditions import Conditioning, run_conditioning
 from collafuse_flwr.diffusion.losses import client_loss
@@ -138,12 +138,9 @@ class ClientRound:
         config = RunConfig.from_flower(context.run_config)
         if config.client_data == "own":
             config = own_data_config(config, context.node_config)
-        num_partitions = int(context.node_config.get("num-partitions", config.num_clients))
-        if num_partitions != config.num_clients:
-            raise ConfigError(
-                f"num-clients={config.num_clients} but the federation has {num_partitions} "
-                "SuperNodes; run with --federation-config 'num-supernodes=<num-clients>'"
-            )
+        supernodes = context.node_config.get(NUM_PARTITIONS_KEY)  # a simulation's; none in a deployment
+        config = config.for_federation(supernodes if isinstance(supernodes, int) else None)
+        num_partitions = config.num_clients
         message_config = msg.content.config_records.get("config")
         if message_config is None:
             raise wire.UploadRejected("message without a config record")
@@ -151,7 +148,7 @@ class ClientRound:
         partition_id = wire.config_int(message_config, "partition-id", 0, num_partitions - 1)
         run_key = message_config.get("run-key")
         state = ClientState(holder_directory(config, context.node_config, partition_id),
-                            reset_ledger=node_flag(context.node_config, RESET_LEDGER_KEY, RESET_LEDGER_VARIABLE))
+                            reset_ledger=node_flag(context.node_config, RESET_LEDGER_KEY))
         state.run_dir(run_key)  # checks the key's form
         budget = privacy_budget(context.node_config)
         if config.sends_conditions and not shares_conditions(context.node_config):

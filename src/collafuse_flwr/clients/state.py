@@ -41,6 +41,12 @@ no one else, and none of its files is opened through a symlink (lock, secret, le
 over an existing file (O_NOFOLLOW, O_EXCL). An empty node-config value never hides the
 environment variable of the same setting.
 
+Every node-config key a client reads is listed in `NODE_CONFIG_KEYS`, with the environment
+variable that stands in for it where a SuperNode has no node config of its own. The readers
+`node_value`, `node_setting` and `node_flag` refuse any other key; docs/configuration.md lists
+them all, and tests/test_docs.py checks that it does and that every other read of a node config
+in src/ names a listed key.
+
 The server's messages carry a run key (32 hex digits, made by the ServerApp when it creates a
 run): the client checks its form and uses it only as a directory name below its own root, so a
 resumed run finds its denoisers and a new run starts fresh ones. The secret does not depend on
@@ -65,11 +71,14 @@ from logging import WARNING
 from pathlib import Path
 
 import torch
+from flwr.common.constant import NUM_PARTITIONS_KEY
 from flwr.common.logger import log
 
 from collafuse_flwr.clients.ledger import DamagedLedger, Ledger
 from collafuse_flwr.config import RunConfig
+from collafuse_flwr.diffusion.text import TEXT_WEIGHTS_VARIABLE
 from collafuse_flwr.seeds import stream_seed
+from collafuse_flwr.weights import BACKBONES
 from collafuse_flwr.wire import RUN_KEY
 
 STATE_DIR_KEY = "state-dir"  # node config key
@@ -83,6 +92,27 @@ PRIVACY_BUDGET_KEY = "privacy-budget"  # node config key
 PRIVACY_BUDGET_VARIABLE = "COLLAFUSE_PRIVACY_BUDGET"
 RESET_LEDGER_KEY = "reset-privacy-ledger"  # node config key
 RESET_LEDGER_VARIABLE = "COLLAFUSE_RESET_PRIVACY_LEDGER"
+# Every node-config key a client reads -> the environment variable that stands in for it where the
+# SuperNode has no node config of its own (simulated SuperNodes), None where nothing does. The
+# readers below refuse any other key, so no key is read without being listed here.
+NODE_CONFIG_KEYS: dict[str, str | None] = {
+    STATE_DIR_KEY: STATE_DIR_VARIABLE,
+    DATA_DIR_KEY: None,
+    ATTRIBUTE_GROUP_KEY: None,
+    SHARE_CONDITIONS_KEY: SHARE_CONDITIONS_VARIABLE,
+    PRIVACY_BUDGET_KEY: PRIVACY_BUDGET_VARIABLE,
+    RESET_LEDGER_KEY: RESET_LEDGER_VARIABLE,
+    # what the client releases when it evaluates (release.py)
+    "trusted-evaluators": "COLLAFUSE_TRUSTED_EVALUATORS",
+    "trust-run-evaluator": "COLLAFUSE_TRUST_RUN_EVALUATOR",
+    "min-release-images": "COLLAFUSE_MIN_RELEASE_IMAGES",
+    # the client's own pretrained weights files (release.py, weights.py, diffusion/text.py)
+    "fid-weights": BACKBONES["inception"].env_var,
+    "fcd-weights": BACKBONES["clip"].env_var,
+    "text-weights": TEXT_WEIGHTS_VARIABLE,
+    # Flower's: the size of a simulation's federation, in every simulated SuperNode's node config
+    NUM_PARTITIONS_KEY: None,
+}
 LEDGER = "privacy-ledger.json"
 YES, NO = ("true", "1", "yes"), ("false", "0", "no", "")
 SECRET_BYTES = 32
@@ -94,7 +124,7 @@ class ClientStateError(RuntimeError):
 
 def state_root(node_config) -> Path:
     """The client's state root, chosen on the client's side only (see the module docstring)."""
-    configured = node_config.get(STATE_DIR_KEY) or os.environ.get(STATE_DIR_VARIABLE)
+    configured = node_value(node_config, STATE_DIR_KEY) or os.environ.get(STATE_DIR_VARIABLE)
     if configured:
         return Path(str(configured)).expanduser().resolve()
     data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
@@ -112,7 +142,7 @@ def own_data_config(config: RunConfig, node_config) -> RunConfig:
     """The run config as a client with its own data (client-data = own) reads it: data-dir from
     its node config (every image of the folder, never downloaded), the rest as the server sent
     it; a `ClientStateError` when the node config names no data-dir."""
-    data_dir = str(node_config.get(DATA_DIR_KEY, "")).strip()
+    data_dir = node_value(node_config, DATA_DIR_KEY).strip()
     if not data_dir:
         raise ClientStateError(
             "client-data='own': this client's node config names no data-dir; start its SuperNode with "
@@ -128,7 +158,7 @@ def own_attribute_group(config: RunConfig, node_config) -> int | None:
     attribute-group, in [0, num-clients)); None otherwise."""
     if config.condition_attributes != "group":
         return None
-    value = str(node_config.get(ATTRIBUTE_GROUP_KEY, "")).strip()
+    value = node_value(node_config, ATTRIBUTE_GROUP_KEY).strip()
     if not value.isdigit() or not int(value) < config.num_clients:
         raise ClientStateError(
             f"condition-attributes='group': node config {ATTRIBUTE_GROUP_KEY}={value!r} must name this client's "
@@ -137,21 +167,31 @@ def own_attribute_group(config: RunConfig, node_config) -> int | None:
     return int(value)
 
 
-def node_setting(node_config, key: str, variable: str) -> tuple[str, str]:
+def node_value(node_config, key: str) -> str:
+    """The value of node-config `key` as a string ("" when unset), unstripped; a `LookupError`
+    for a key not in `NODE_CONFIG_KEYS` (every key the client reads is listed there)."""
+    if key not in NODE_CONFIG_KEYS:
+        raise LookupError(f"node config key {key!r} is not in clients/state.py NODE_CONFIG_KEYS")
+    value = node_config.get(key)
+    return "" if value is None else str(value)
+
+
+def node_setting(node_config, key: str) -> tuple[str, str]:
     """A client's own setting and where it came from: its node config `key` when that holds a
-    value, else the environment variable `variable` (simulated SuperNodes have no node config of
-    their own), else "". An empty node-config value hides nothing: the variable still applies.
-    Returns (its name for messages, its value stripped)."""
-    value = str(node_config.get(key, "")).strip()
-    if value:
+    value, else the environment variable `NODE_CONFIG_KEYS` names for it (simulated SuperNodes
+    have no node config of their own), else "". An empty node-config value hides nothing: the
+    variable still applies. Returns (its name for messages, its value stripped)."""
+    value = node_value(node_config, key).strip()
+    variable = NODE_CONFIG_KEYS[key]
+    if value or variable is None:
         return f"node config {key}", value
     return f"${variable}", os.environ.get(variable, "").strip()
 
 
-def node_flag(node_config, key: str, variable: str) -> bool:
+def node_flag(node_config, key: str) -> bool:
     """A yes/no setting of the client's (`node_setting`; unset: no); a value that is neither
     is a `ClientStateError` naming it."""
-    name, value = node_setting(node_config, key, variable)
+    name, value = node_setting(node_config, key)
     if value.lower() not in YES + NO:
         raise ClientStateError(f"{name}={value!r}: use true or false (1 or 0)")
     return value.lower() in YES
@@ -159,13 +199,13 @@ def node_flag(node_config, key: str, variable: str) -> bool:
 
 def shares_conditions(node_config) -> bool:
     """Whether this client allows its images' conditions to leave it (see the module docstring)."""
-    return node_flag(node_config, SHARE_CONDITIONS_KEY, SHARE_CONDITIONS_VARIABLE)
+    return node_flag(node_config, SHARE_CONDITIONS_KEY)
 
 
 def privacy_budget(node_config) -> tuple[float, float] | None:
     """The client's (epsilon, delta) limit on what its uploads disclose, over every run (see
     the module docstring), or None; a malformed value is a `ClientStateError`."""
-    name, value = node_setting(node_config, PRIVACY_BUDGET_KEY, PRIVACY_BUDGET_VARIABLE)
+    name, value = node_setting(node_config, PRIVACY_BUDGET_KEY)
     if not value:
         return None
     try:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     values = dict(get_project_config(args.project)["tool"]["flwr"]["app"]["config"])
     for item in args.run_config:
         values.update(parse_config_args([item]))
-    clients, reference = export_partitions(RunConfig.from_flower(values), args.out)
+    clients, reference = export_partitions(RunConfig.from_flower(values).for_launchers(), args.out)
     for folder in [*clients, reference]:
         print(folder)
     return 0

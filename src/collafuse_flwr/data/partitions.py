@@ -1,7 +1,7 @@
 """Non-IID partitions of a dataset across clients: which image indices each client owns.
 
 Every scheme is deterministic given the seed and puts each image in exactly one client:
-    label-groups      pathological: `classes-per-client` classes per client
+    label-groups      pathological: `classes-per-client` classes per client (0: ceil(classes / clients))
     dirichlet         per-class client shares ~ Dirichlet(alpha) (flwr-datasets)
     iid               uniform (flwr-datasets)
     attribute-groups  client k owns images carrying an attribute of its group k
@@ -50,10 +50,12 @@ def partition(table: ImageTable, config: RunConfig, pool: np.ndarray | None = No
 
 def label_groups(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int):
     """Pathological non-IID split: classes are shuffled by `seed` and dealt out in turn,
-    `classes_per_client` to each client; a class held by several clients is split evenly
-    among them. Returns one index array per client.
+    `classes_per_client` to each client (0: ceil(C / num_clients) of the C classes, the fewest
+    that give every class an owner); a class held by several clients is split evenly among
+    them. Returns one index array per client.
     """
     classes = np.unique(labels)
+    classes_per_client = classes_per_client or -(-len(classes) // num_clients)
     if classes_per_client > len(classes):
         raise ConfigError(
             f"classes-per-client={classes_per_client}: the dataset has only {len(classes)} classes"

@@ -1,6 +1,7 @@
-"""Setting up a run on the server's side, before the first round: every check that can fail
-(config, weights files, data, output directory, the checkpoint to resume), the run directory,
-the evaluation's feature network and notes, and the strategy of the run's protocol."""
+"""Setting up a run on the server's side, before the first round: the federation's size, every
+check that can fail (config, weights files, data, output directory, the checkpoint to resume),
+the run directory, the evaluation's feature network and notes, and the strategy of the run's
+protocol."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
+from flwr.app import Message, RecordDict
+from flwr.common.constant import NUM_PARTITIONS_KEY
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from collafuse_flwr.checkpoint import Checkpoint, latest_checkpoint, resumable_run
-from collafuse_flwr.config import RunConfig
+from collafuse_flwr.config import KEYS, RunConfig
 from collafuse_flwr.data import client_indices, condition_sizes, image_shape, load_table, partition_key
 from collafuse_flwr.data.clients import reference_images
 from collafuse_flwr.data.report import write_partition_report
@@ -135,6 +138,48 @@ class Run:
             timeout=config.round_timeout_seconds,
         )
         log(INFO, "%s finished in %.0fs; results in %s", config.strategy, time.perf_counter() - start, self.run_dir)
+
+
+FEDERATION_QUERY = "query.federation"  # the ClientApp's answer: its node config's num-partitions
+
+
+def wait_for_clients(grid: Grid, count: int, seconds: float) -> list[int]:
+    """Block until `count` SuperNodes registered; fail with a clear message after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while len(nodes := sorted(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"num-clients={count} but only {len(nodes)} SuperNode(s) registered within "
+                f"{seconds:.0f}s (wait-for-clients-seconds): start the missing SuperNodes"
+            )
+        time.sleep(0.5)
+    return nodes
+
+
+def federation_size(grid: Grid, seconds: float) -> int | None:
+    """How many SuperNodes the federation has, as the first SuperNode to register says: the
+    `num-partitions` that a simulation puts into every SuperNode's node config. None where it
+    says none (a deployment's SuperNodes) or its reply is not one integer within num-clients'
+    range (decoded values; a bad reply never crashes the server). Waits at most `seconds` for
+    a SuperNode and then for its reply."""
+    deadline = time.monotonic() + seconds
+    first = wait_for_clients(grid, 1, seconds)[0]
+    query = Message(RecordDict(), dst_node_id=first, message_type=FEDERATION_QUERY)
+    replies = list(grid.send_and_receive([query], timeout=max(deadline - time.monotonic(), 1.0)))
+    if len(replies) != 1 or replies[0].has_error():
+        return None
+    record = replies[0].content.config_records.get("federation")
+    size = record.get(NUM_PARTITIONS_KEY) if record is not None else None
+    return size if type(size) is int and size >= 1 and KEYS["num-clients"].admits(size) else None
+
+
+def federated_run(grid: Grid, run_config: dict, flower_run_id: int) -> Run:
+    """The ServerApp's start: the run config checked (`RunConfig.from_flower`), its num-clients
+    met by the federation of `grid` (`federation_size`, `RunConfig.for_federation`: a mismatch
+    fails here, before any run directory exists), then `prepare_run`."""
+    config = RunConfig.from_flower(run_config)
+    config = config.for_federation(federation_size(grid, config.wait_for_clients_seconds))
+    return prepare_run(config, flower_run_id)
 
 
 def prepare_run(config: RunConfig, flower_run_id: int) -> Run:

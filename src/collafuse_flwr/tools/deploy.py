@@ -260,7 +260,17 @@ class Deployment(ProcessGroup):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="collafuse-deploy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="collafuse-deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run CollaFuse as a real Flower deployment on this machine: a SuperLink and one\n"
+                    "SuperNode per client as separate processes, with TLS and SuperNode authentication,\n"
+                    "each client reading only its own image folder (client-data = own).",
+        epilog="example:\n"
+               "  collafuse-deploy . --work-dir /tmp/cf --run-config simulations/cifar10-cpu.toml \\\n"
+               "      --client-dir /data/hospital-a --client-dir /data/hospital-b --reference-dir /data/public\n"
+               "    two clients on their own folders; without --client-dir the simulation's partitions are\n"
+               "    written as folders first; logs in <work-dir>/logs/ (docs/deployment.md)",
+    )
     parser.add_argument("project_dir", nargs="?", default=".", type=Path)
     parser.add_argument("--work-dir", type=Path, required=True, help="keys, state, logs, data and runs go here")
     parser.add_argument("--run-config", action="append", default=[], help="TOML files and key=value strings")
@@ -278,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--client-dir needs --reference-dir (the server's own images)")
         clients, reference = [d.resolve() for d in args.client_dir], args.reference_dir.resolve()
     else:  # the simulation's partitions, one folder per client
-        simulated = RunConfig.from_flower(dict(values, **{"client-data": "partition"}))
+        simulated = RunConfig.from_flower(dict(values, **{"client-data": "partition"})).for_launchers()
         clients, reference = export_partitions(simulated, work / "data")
     values.update({"client-data": "own", "data-dir": str(reference), "num-clients": len(clients)})
     RunConfig.from_flower(values)  # a bad key stops here, before any process starts

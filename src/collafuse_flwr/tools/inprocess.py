@@ -1,7 +1,7 @@
 """A run without Flower's runtime: the ServerApp's setup and strategy loop and the ClientApp's
 handlers, with each message handed from one to the other inside this process.
 
-`run_in_process` does what the ServerApp does (`prepare_run`, then the strategy's `start`, the
+`run_in_process` does what the ServerApp does (`federated_run`, then the strategy's `start`, the
 loop Flower runs) on an `InProcessGrid`, whose `send_and_receive` calls the ClientApp (with its
 mods, as a SuperNode would) on every message and returns the replies. No SuperLink, SuperNode,
 Ray actor, serialisation or network takes part: the difference in wall time from a `flwr run`
@@ -12,8 +12,8 @@ actors at once, each with as many threads as CPUs (Ray sets OMP_NUM_THREADS). Cl
 one after another because they share the process's global torch RNG (the denoiser's
 initialisation, KID's subsets), which a Ray actor has to itself. The clients are simulated
 ones (`client-data` "partition") with their state below `state_root`, as SuperNodes of a
-simulation with `num-partitions` = `num-clients`. A ClientApp that raises gives the error reply Flower's
-simulation gives. Measurement and tests only: `flwr run` is how the project runs.
+simulation with `num-partitions` = the number of nodes. A ClientApp that raises gives the
+error reply Flower's simulation gives. Measurement and tests only: `flwr run` is how the project runs.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from collafuse_flwr import client_app
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.run_dir import RunDirectory
-from collafuse_flwr.strategies.setup import prepare_run
+from collafuse_flwr.strategies.setup import federated_run
 from collafuse_flwr.tools.launch import own_clients_settings
 
 FIRST_NODE_ID = 1001  # node ids as a SuperLink gives them: arbitrary, not partition ids
@@ -145,13 +145,14 @@ def _server_task(run_id: int) -> Iterator[None]:
 
 
 def run_in_process(run_config: dict[str, Any], state_root: Path, client_threads: int | None = None,
-                   run_id: int = 1) -> RunDirectory:
-    """Run (or resume) the run of `run_config` as the ServerApp would (`prepare_run`, then the
-    strategy's `start`) on an `InProcessGrid` of `num-clients` nodes whose private state lives
-    below `state_root` (clients on `client_threads` torch threads); return its run directory."""
-    config = RunConfig.from_flower(run_config)
-    grid = InProcessGrid(run_config, state_root, config.num_clients, client_threads, run_id)
+                   run_id: int = 1, num_supernodes: int | None = None) -> RunDirectory:
+    """Run (or resume) the run of `run_config` as the ServerApp would (`federated_run`, then the
+    strategy's `start`) on an `InProcessGrid` of `num_supernodes` nodes (None: as the
+    launchers', `RunConfig.for_launchers`) whose private state lives below `state_root`
+    (clients on `client_threads` torch threads); return its run directory."""
+    nodes = num_supernodes or RunConfig.from_flower(run_config).for_launchers().num_clients
+    grid = InProcessGrid(run_config, state_root, nodes, client_threads, run_id)
     with _server_task(run_id):
-        run = prepare_run(config, run_id)
+        run = federated_run(grid, run_config, run_id)
         run.start(grid)
     return run.run_dir

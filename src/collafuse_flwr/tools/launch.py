@@ -22,7 +22,10 @@ below it (SuperExec, the simulation with the ServerApp, Ray), when the run ends,
 interrupted (`stopping_local_superlink`); one that was running before is left alone.
 
     collafuse-run [PROJECT_DIR] [--run-config "t-zeta=200 ..."] [--run-config simulations/x.toml]
-                  [--num-supernodes 5] [--cpus-per-client 1] [--gpus-per-client 0]
+                  [--num-supernodes N] [--cpus-per-client 1] [--gpus-per-client 0]
+
+The federation has --num-supernodes SuperNodes, else the run config's num-clients where it sets
+one, else `LAUNCHER_SUPERNODES`; the ServerApp takes num-clients = 0 from it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from pathlib import Path
 from flwr.common.config import get_project_config, parse_config_args
 
 from collafuse_flwr.clients.release import TRUST_RUN_EVALUATOR_KEY, TRUST_RUN_EVALUATOR_VARIABLE, WEIGHTS_KEYS
+from collafuse_flwr.config import LAUNCHER_SUPERNODES
 from collafuse_flwr.run_dir import RunDirectory
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -373,23 +377,39 @@ def stopping_local_superlink(env: Mapping[str, str] | None = None) -> Iterator[N
         end_processes(table[pid].identity for pid in descendants(table, started))
 
 
+EXAMPLE = """example:
+  collafuse-run . --run-config simulations/cifar10-cpu.toml --run-config "data-dir='/data/cifar10' t-zeta=500"
+    CIFAR-10 on 2 CPU cores, 5 simulated clients; prints the run directory, exits 0 only when
+    the run finished:completed (docs/running.md)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("project_dir", nargs="?", default=".")
+    parser = argparse.ArgumentParser(
+        prog="collafuse-run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE,
+        description="Run CollaFuse as one `flwr run` in a local simulation: merge TOML overlays and\n"
+                    "key=value strings into one run config, wait for the run, print its final status\n"
+                    "and run directory, and stop the local SuperLink the run started.",
+    )
+    parser.add_argument("project_dir", nargs="?", default=".", help="the Flower app (default: .)")
     parser.add_argument(
         "--run-config", action="append", default=[],
-        help="passed to flwr run --run-config (repeatable: TOML files and key=value strings)",
+        help="passed to flwr run --run-config (repeatable: TOML files and key=value strings, later ones win)",
     )
-    parser.add_argument("--num-supernodes", type=int, default=5)
+    parser.add_argument(
+        "--num-supernodes", type=int, default=None,
+        help=f"simulated SuperNodes (default: num-clients if the run config sets it, else {LAUNCHER_SUPERNODES})",
+    )
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0, help="e.g. 0.25: four clients per GPU")
     args = parser.parse_args(argv)
+    run_config = merge_run_configs(args.run_config)
+    supernodes = args.num_supernodes or parse_config_args([run_config]).get("num-clients") or LAUNCHER_SUPERNODES
     federation = (
-        f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client} "
+        f"num-supernodes={supernodes} client-resources-num-cpus={args.cpus_per_client} "
         f"client-resources-num-gpus={args.gpus_per_client:g}"
     )
     with stopping_local_superlink():
-        outcome = flwr_run(Path(args.project_dir), merge_run_configs(args.run_config), federation, echo=True)
+        outcome = flwr_run(Path(args.project_dir), run_config, federation, echo=True)
     print(f"\nrun {outcome.run_id}: {outcome.status}")
     if outcome.run_dir:
         print(f"results: {outcome.run_dir}")

@@ -1,6 +1,6 @@
 """Sweeps: datasets x variants x strategies x t_zeta x seeds, each a real `flwr run`, then one table.
 
-    collafuse-sweep simulations/sweep-digits.toml [--out DIR] [--project .]
+    collafuse-sweep simulations/sweep-digits-privacy.toml [--out DIR] [--project .]
 
 A sweep file (TOML):
 
@@ -9,7 +9,7 @@ A sweep file (TOML):
     strategies = ["collafuse"]         # ... strategy ...
     t-zeta = [0, 200, 1000]            # ... cut point ...
     seeds = [0, 1]                     # ... and seed
-    num-supernodes = 5                 # the simulation federation (= num-clients)
+    num-supernodes = 5                 # the simulation federation (num-clients: 0 or the same)
     overlay = "cifar10.toml"           # optional: a run-config overlay (relative to this file)
 
     [run-config]                       # run config of every run
@@ -78,10 +78,15 @@ from typing import Any
 import pandas as pd
 
 from collafuse_flwr.clients.state import SHARE_CONDITIONS_VARIABLE, ClientStateError, shares_conditions
-from collafuse_flwr.config import PATH_KEYS, ConfigError, RunConfig
+from collafuse_flwr.config import LAUNCHER_SUPERNODES, PATH_KEYS, ConfigError, RunConfig
 from collafuse_flwr.outputs import write_atomically
 from collafuse_flwr.run_dir import RunDirectory
-from collafuse_flwr.tools.launch import flwr_run, format_run_config, own_clients_settings, stopping_local_superlink
+from collafuse_flwr.tools.launch import (
+    flwr_run,
+    format_run_config,
+    own_clients_settings,
+    stopping_local_superlink,
+)
 
 SWEEP_KEYS = {"datasets", "strategies", "t-zeta", "seeds", "num-supernodes", "overlay"}
 # [sweep]'s lists and the type of their entries
@@ -161,7 +166,7 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
                           f"num-supernodes, overlay); got {sorted(sweep)}")
     for key, kind in SWEEP_LISTS.items():
         _distinct(path, "sweep", key, sweep[key], kind)
-    supernodes = sweep.get("num-supernodes", RunConfig().num_clients)
+    supernodes = sweep.get("num-supernodes", LAUNCHER_SUPERNODES)
     if isinstance(supernodes, bool) or not isinstance(supernodes, int) or supernodes < 1:
         raise ConfigError(f"{path}: [sweep] num-supernodes={supernodes!r}: must be an integer >= 1")
     tables = {"run-config": _table(path, "run-config", spec.get("run-config", {}))}
@@ -201,12 +206,9 @@ def load_sweep(path: Path, out: Path) -> tuple[list[SweepRun], int]:
             label = f"{dataset}-{variant}-{strategy}" if variant else f"{dataset}-{strategy}"
             for t_zeta in cuts:
                 name = f"{label}-seed{seed}" if strategy == "fedavg" else f"{label}-tz{t_zeta}-seed{seed}"
-                runs.append(_sweep_run(path, out, name, variant, {**base, "t-zeta": t_zeta}))
+                runs.append(_sweep_run(path, out, name, variant, {**base, "t-zeta": t_zeta}, supernodes))
     runs.sort(key=lambda r: (sweep["datasets"].index(r.dataset), list(variants).index(r.variant),
                              sweep["strategies"].index(r.strategy), r.t_zeta, r.seed))
-    mismatched = [r.name for r in runs if r.num_clients != supernodes]
-    if mismatched:
-        raise ConfigError(f"{path}: num-clients differs from num-supernodes={supernodes} in {mismatched[0]}")
     return runs, supernodes
 
 
@@ -274,12 +276,14 @@ def _distinct(path: Path, table: str, key: str, value: Any, kind: type) -> None:
         raise ConfigError(f"{path}: [{table}] {key} lists {twice} more than once; each value names one run")
 
 
-def _sweep_run(path: Path, out: Path, name: str, variant: str, config: dict) -> SweepRun:
-    """One validated run of sweep file `path` (relative paths resolved, output below `out`)."""
+def _sweep_run(path: Path, out: Path, name: str, variant: str, config: dict, supernodes: int) -> SweepRun:
+    """One validated run of sweep file `path` (relative paths resolved, output below `out`) in
+    a federation of `supernodes` SuperNodes (its num-clients 0, or equal to it)."""
     run_out = (out / "runs" / name).resolve()
     config = {**config, "output-dir": str(run_out)}
     try:
-        checked = RunConfig.from_flower(config)  # before resolving: refuses NUL bytes, unknown homes
+        # before resolving: refuses NUL bytes, unknown homes
+        checked = RunConfig.from_flower(config).for_federation(supernodes)
     except ConfigError as err:
         raise ConfigError(f"{path}, run {name}: {err}") from err
     for key in PATH_KEYS:  # runs start elsewhere: relative paths are resolved here
@@ -368,7 +372,16 @@ def write_tables(runs: list[SweepRun], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="collafuse-sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every combination of a sweep file (datasets x variants x strategies x t_zeta x\n"
+                    "seeds), each a real `flwr run`, skipping runs already completed, then write one\n"
+                    "table of mean and sd over seeds, and its figures.",
+        epilog="example:\n"
+               "  collafuse-sweep simulations/sweep-digits-privacy.toml\n"
+               "    writes results/sweeps/sweep-digits-privacy/: runs/, summary.csv, results.md, figures/;\n"
+               "    the sweep file format: docs/experiments.md",
+    )
     parser.add_argument("sweep_file", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: results/sweeps/<sweep file name>")
     parser.add_argument("--project", type=Path, default=Path("."))
