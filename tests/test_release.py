@@ -30,7 +30,7 @@ from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.tools.inprocess import client_reply
 from collafuse_flwr.weights import file_digest, resolve_weights
 from conftest import TINY
-from exchange import Grid, send
+from exchange import Grid, answer, send
 from test_evaluation_privacy import _content, _evaluate
 from test_wire import RUN_KEY, client_context, server_message
 
@@ -69,9 +69,13 @@ def _run_config(tmp_path: Path, **overrides) -> dict:
     return dict(TINY, **{"t-zeta": 0, "disclosure-num-images": 0, "output-dir": str(tmp_path / "runs"), **overrides})
 
 
-def _reason(reply) -> str:
-    assert reply.has_error(), "the client released a reply"
-    return reply.error.reason
+def _reason(reply, reason: str | None = None) -> str:
+    """The explanation of a client's declining reply (`wire.unpack_declined`), whose reason code
+    is `reason` when given."""
+    assert not reply.has_error() and wire.DECLINED in reply.content.keys(), "the client released a reply"
+    _, code, detail = wire.unpack_declined(reply.content)
+    assert reason in (None, code)
+    return detail
 
 
 # ----------------------------------------------------------------- too few images
@@ -96,7 +100,7 @@ def test_two_held_out_images_are_never_released(tmp_path, task_identity, default
     monkeypatch.setattr(evaluation, "cached_features", lambda *args: computed.append(args))
     reply = client_reply(client_app.evaluate, sent[10],
                          client_context(run_config, tmp_path / "clients", trust_run_evaluator=True))
-    assert "statistics only of sets of at least 32 images" in _reason(reply)
+    assert "statistics only of sets of at least 32 images" in _reason(reply, "too-few-images")
     assert "nothing was computed" in _reason(reply)
     assert computed == []
 
@@ -106,7 +110,7 @@ def test_two_held_out_images_are_never_released(tmp_path, task_identity, default
     strategy.aggregate_evaluate(1, [reply, control])
     metrics = pd.read_csv(tmp_path / "server" / "metrics.csv", dtype={"client": str})
     assert set(metrics[metrics["client"] == "0"]["metric"]) == {"bytes-down-sample", "bytes-down-evaluation",
-                                                                "evaluate-fault-raised"}
+                                                                "evaluate-declined-too-few-images"}
     assert metrics[(metrics["client"] == "pooled") & (metrics["metric"] == "num-real")]["value"].tolist() == [2]
     held_out = client_data(config, 1).held_out
     content = control.content
@@ -172,18 +176,61 @@ def test_a_crafted_head_recovers_no_label_histogram_from_a_client_that_trusts_on
     trusted = client_context(run_config, tmp_path / "clients", trusted_evaluators=weights_digest(honest.state_dict()),
                              min_release_images=2)
     trusting = client_context(run_config, tmp_path / "clients", trust_run_evaluator=True, min_release_images=2)
-    assert not client_reply(client_app.evaluate, _evaluate_messages(strategy, [10])[10], trusted).has_error()
+    assert wire.METRICS in client_reply(client_app.evaluate, _evaluate_messages(strategy, [10])[10], trusted).content
     recovered, control = [], []
     for k in range(10):
         crafted = _constant_head(honest, k)
         message = _evaluate_messages(strategy, [10])[10]
         message.content[wire.FEATURE_NETWORK] = wire.pack_weights(crafted.state_dict())
         reply = client_reply(client_app.evaluate, message, trusted)
-        assert f"fd_classifier network (SHA-256 {weights_digest(crafted.state_dict())}) is not one" in _reason(reply)
-        recovered += [] if reply.has_error() else [reply.content[wire.METRICS]["condition-accuracy-real"]]
+        assert f"fd_classifier network (SHA-256 {weights_digest(crafted.state_dict())}) is not one" in \
+            _reason(reply, "untrusted-evaluator")
+        recovered += [reply.content[wire.METRICS]["condition-accuracy-real"]] if wire.METRICS in reply.content else []
         control.append(client_app.evaluate(message, trusting).content[wire.METRICS]["condition-accuracy-real"])
     assert recovered == []
     torch.testing.assert_close(torch.tensor(control, dtype=torch.float64), histogram)
+
+
+def test_a_client_that_does_not_trust_the_evaluator_declines_and_the_run_goes_on(tmp_path, task_identity):
+    """A client without trusted-evaluators or trust-run-evaluator (a plain `flwr run` of a fresh
+    clone) answers with a declining reply: nothing computed, its reason and its words. The server
+    records it as the client's answer, not a fault (a round of declines meets min-replies), and
+    says in the log and summary.json what would lift it, naming the evaluator's digest."""
+    run_config = _run_config(tmp_path)
+    classifier = _classifier()
+    strategy = _server(run_config, tmp_path, classifier)
+    sent = _evaluate_messages(strategy, [10])
+    reply = client_reply(client_app.evaluate, sent[10], client_context(run_config, tmp_path / "clients"))
+    assert "is not one this client trusts" in _reason(reply, "untrusted-evaluator")
+    strategy.aggregate_evaluate(1, [reply])
+    metrics = pd.read_csv(tmp_path / "server" / "metrics.csv", dtype={"client": str})
+    assert set(metrics[metrics["client"] == "0"]["metric"]) == {
+        "bytes-down-sample", "bytes-down-evaluation", "evaluate-declined-untrusted-evaluator"}
+    note = json.loads((tmp_path / "server" / "summary.json").read_text())["notes"]["evaluation-declined"]["0"]
+    assert weights_digest(classifier.state_dict()) in note and "COLLAFUSE_TRUST_RUN_EVALUATOR=1" in note
+
+
+@pytest.mark.parametrize("record", [
+    {"partition-id": 0, "reason": "bored", "detail": "x"},
+    {"partition-id": 0, "reason": "too-few-images"},
+    {"partition-id": 0, "reason": "too-few-images", "detail": "x", "num-real": 3},
+    {"partition-id": "0", "reason": "too-few-images", "detail": "x"},
+    {"partition-id": 1, "reason": "too-few-images", "detail": "x"},
+    {"partition-id": 0, "reason": "too-few-images", "detail": "x" * 1001},
+    {"partition-id": 0, "reason": "too-few-images", "detail": "\x1b[2Jcleared"},
+    {"partition-id": 0, "reason": "too-few-images", "detail": b"bytes"},
+])
+def test_a_malformed_decline_is_a_fault(record, tmp_path, task_identity):
+    """A decline is validated by its decoded values like any reply: unknown reasons, missing or
+    extra keys, another partition, an oversized or non-printable detail are rejected."""
+    strategy = _server(_run_config(tmp_path), tmp_path, _classifier())
+    sent = _evaluate_messages(strategy, [10, 11])
+    hostile = answer(sent[10], RecordDict({wire.DECLINED: ConfigRecord(record)}))
+    valid = answer(sent[11], wire.pack_declined(1, "too-few-images", "fewer than my minimum"))
+    strategy.aggregate_evaluate(1, [hostile, valid])
+    metrics = pd.read_csv(tmp_path / "server" / "metrics.csv", dtype={"client": str})
+    assert "evaluate-fault-rejected" in set(metrics[metrics["client"] == "0"]["metric"])
+    assert "evaluate-declined-too-few-images" in set(metrics[metrics["client"] == "1"]["metric"])
 
 
 # ----------------------------------------------------------------- paths the run config names
@@ -293,10 +340,10 @@ def test_a_text_conditional_client_reads_its_own_text_tower(tmp_path, task_ident
         reply = client_reply(client_app.evaluate, server_message(
             "evaluate", 0, config={"sample-seed": 1, "text-weights-sha256": digest}, handover=handover,
             **{wire.FEATURE_NETWORK: wire.pack_weights(classifier.state_dict())}), context)
-        assert reply.has_error() != accepted
+        assert (wire.METRICS in reply.content) == accepted
         if not accepted:
             assert f"text-weights file of SHA-256 {digest}; this client has no such file (its node config" \
-                   in _reason(reply)
+                   in _reason(reply, "missing-weights")
     assert _ACCESSES == []
 
 
@@ -385,5 +432,5 @@ def test_a_malformed_release_setting_refuses_naming_it(key, value, message, tmp_
     run_config = _run_config(tmp_path)
     strategy = _server(run_config, tmp_path, _classifier())
     context = client_context(run_config, tmp_path / "clients", **{key.replace("-", "_"): value})
-    reason = _reason(client_reply(client_app.evaluate, _evaluate_messages(strategy, [10])[10], context))
-    assert f"node config {key}={value!r}: {message}" in reason
+    reply = client_reply(client_app.evaluate, _evaluate_messages(strategy, [10])[10], context)
+    assert reply.has_error() and f"node config {key}={value!r}: {message}" in reply.error.reason  # its own fault

@@ -1,20 +1,24 @@
 """The ClientApp: Flower glue only. The federation query answers with the number of SuperNodes
-a simulation gives this node (nothing in a deployment). Each other handler reads the round context from the message
-(clients/round.py; for evaluation with what the client releases, clients/evaluation.py) on the
-run config as the client reads it (its own weights files, clients/release.py), calls the
-configured client behaviour (clients/collafuse.py or clients/fedavg.py) and replies; injected
-faults are a mod around training (clients/faults.py)."""
+a simulation gives this node (nothing in a deployment). Each other handler reads the round
+context from the message (clients/round.py; for evaluation with what the client releases,
+clients/evaluation.py) on the run config as the client reads it (its own weights files,
+clients/release.py), calls the configured client behaviour (clients/collafuse.py or
+clients/fedavg.py) and replies (a client that declines to evaluate says why:
+clients/release.py); injected faults are a mod around training (clients/faults.py)."""
 
 from __future__ import annotations
+
+from logging import WARNING
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import NUM_PARTITIONS_KEY
+from flwr.common.logger import log
 
 from collafuse_flwr.clients import collafuse, fedavg
 from collafuse_flwr.clients.evaluation import EvaluationRound
 from collafuse_flwr.clients.faults import inject_faults
-from collafuse_flwr.clients.release import own_context
+from collafuse_flwr.clients.release import ReleaseDeclined, own_context
 from collafuse_flwr.clients.round import ClientRound
 
 app = ClientApp()
@@ -42,5 +46,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    client = EvaluationRound.from_message(msg, context)
-    return Message(content=behaviour(client).evaluate(client, msg.content), reply_to=msg)
+    try:
+        client = EvaluationRound.from_message(msg, context)
+        content = behaviour(client).evaluate(client, msg.content)
+    except ReleaseDeclined as declined:  # the client's own choice, settled before any work
+        log(WARNING, "declined to evaluate: %s", declined)
+        content = declined.reply()
+    return Message(content=content, reply_to=msg)

@@ -23,6 +23,9 @@ client -> server, evaluation (not part of the protocol; measurement only):
                              "generated" (num-generated); "moments" only with pooled-metrics,
                              holding the networks whose moments the client releases (possibly
                              none: clients/release.py)
+                             or, when the client declines to release anything,
+                             RecordDict {"declined": ConfigRecord {partition-id, reason, detail}}
+                             (reason one of DECLINE_REASONS, detail its own words: clients/release.py)
 
 x_cut holds one cut-point sample x_{t_zeta} per training image and nothing else: no x0,
 eps, t or weights; labels only in "conditions", and only when the run's server-condition is
@@ -38,7 +41,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 UPLOADS = "uploads"
@@ -49,6 +52,11 @@ REQUESTED_KEY = "c_requested"
 HANDOVER = "handover"
 HANDOVER_KEY = "x_handover"
 METRICS = "metrics"
+DECLINED = "declined"
+# why a client declines an evaluate message (clients/release.py): a feature network it does not
+# trust, a pretrained file the server names that it lacks, or sets below its release minimum
+DECLINE_REASONS = ("untrusted-evaluator", "missing-weights", "too-few-images")
+MAX_DETAIL_CHARS = 1_000
 # Every server message carries the run key: 32 hex digits naming the run (no secret)
 RUN_KEY = re.compile(r"[0-9a-f]{32}")
 MOMENTS = "moments"
@@ -338,6 +346,30 @@ def _evaluation_schema(
                        f"{kid_name}_std": (float, 0.0, None)})
     schema.update({name: (float, 0.0, 1.0) for name in shares})
     return schema
+
+
+def pack_declined(partition_id: int, reason: str, detail: str) -> RecordDict:
+    """A client's evaluation reply that releases nothing: why (one of `DECLINE_REASONS`) and its
+    explanation, cut to `MAX_DETAIL_CHARS`."""
+    return RecordDict({DECLINED: ConfigRecord({"partition-id": partition_id, "reason": reason,
+                                               "detail": detail[:MAX_DETAIL_CHARS]})})
+
+
+def unpack_declined(content: RecordDict) -> tuple[int, str, str] | None:
+    """(partition id, reason, detail) of a declining evaluation reply (`pack_declined`), None
+    for any reply without a "declined" record. Rejects a "declined" record beside any other,
+    with keys other than exactly those three, a partition id that is no int, a reason outside
+    `DECLINE_REASONS`, a detail that is no printable string of at most `MAX_DETAIL_CHARS`."""
+    if DECLINED not in content.keys():
+        return None
+    record = content.config_records.get(DECLINED)
+    if len(content.keys()) != 1 or record is None or set(record.keys()) != {"partition-id", "reason", "detail"}:
+        raise UploadRejected(f"a declining reply holds exactly a {DECLINED} record of partition-id, reason, detail")
+    pid, reason, detail = record["partition-id"], record["reason"], record["detail"]
+    if type(pid) is not int or reason not in DECLINE_REASONS or not isinstance(detail, str) or \
+            len(detail) > MAX_DETAIL_CHARS or not detail.isprintable():
+        raise UploadRejected(f"declined record: partition-id, reason in {DECLINE_REASONS} or detail malformed")
+    return pid, reason, detail
 
 
 def unpack_evaluation(

@@ -95,24 +95,39 @@ def min_release_images(node_config) -> int | None:
     return int(value)
 
 
+class ReleaseDeclined(ClientStateError):
+    """The client declines an evaluate message before computing anything: `reason` is one of
+    `wire.DECLINE_REASONS`, the message its explanation. The ClientApp answers with a declining
+    reply (`wire.pack_declined`) that the server records, not a fault: the client answered."""
+
+    def __init__(self, partition_id: int, reason: str, detail: str):
+        super().__init__(detail)
+        self.partition_id, self.reason = partition_id, reason
+
+    def reply(self) -> RecordDict:
+        return wire.pack_declined(self.partition_id, self.reason, str(self))
+
+
 @dataclass(frozen=True)
 class Release:
     """What this client releases in one evaluation reply, settled before any work: the
     fd_classifier network it accepted (and its SHA-256), its own pretrained weights for the
     networks the server named (`Weights` without a path for the others) and its explicit
-    minimum of images (None: the defaults)."""
+    minimum of images (None: the defaults), for its partition `partition_id`."""
 
     classifier: FeatureClassifier
     classifier_digest: str
     weights: dict[str, Weights]
     min_images: int | None
+    partition_id: int
 
     def check_counts(self, num_real: int, num_generated: int) -> None:
-        """Refuse (`ClientStateError`) to release anything about `num_real` held-out and
-        `num_generated` generated images when either set is below the minimum."""
+        """Decline (`ReleaseDeclined`, "too-few-images") to release anything about `num_real`
+        held-out and `num_generated` generated images when either set is below the minimum."""
         minimum = self.min_images or MIN_SCALAR_IMAGES
         if min(num_real, num_generated) < minimum:
-            raise ClientStateError(
+            raise ReleaseDeclined(
+                self.partition_id, "too-few-images",
                 f"evaluation on {num_real} held-out and {num_generated} generated images: this client releases "
                 f"statistics only of sets of at least {minimum} images (node config {MIN_RELEASE_IMAGES_KEY}, "
                 f"${MIN_RELEASE_IMAGES_VARIABLE}); nothing was computed")
@@ -125,8 +140,9 @@ class Release:
 
 
 def evaluation_release(node_config, client: ClientRound, content: RecordDict) -> Release:
-    """This client's `Release` for the evaluate message `content`, or a refusal before any work
-    (`ClientStateError`; `wire.UploadRejected` for a malformed message): the fd_classifier network
+    """This client's `Release` for the evaluate message `content`, or, before any work, a
+    `ReleaseDeclined` (or `ClientStateError` for a setting it cannot read, `wire.UploadRejected`
+    for a malformed message): the fd_classifier network
     it carries must be trusted, each pretrained file the message config names by SHA-256 must be
     one of this client's own (and, for condition "text", its text tower the server's), and its
     held-out images and the eval-num-samples images it would generate must reach its minimum."""
@@ -139,7 +155,8 @@ def evaluation_release(node_config, client: ClientRound, content: RecordDict) ->
     state = wire.unpack_feature_network(record, client.image_shape[0])
     digest = weights_digest(state)
     if digest not in trusted and not trust_run:
-        raise ClientStateError(
+        raise ReleaseDeclined(
+            client.partition_id, "untrusted-evaluator",
             f"the evaluate message's fd_classifier network (SHA-256 {digest}) is not one this client trusts; "
             f"list its digest in node config {TRUSTED_EVALUATORS_KEY} (${TRUSTED_EVALUATORS_VARIABLE}), or, in a "
             f"simulation where one user runs every party, set node config {TRUST_RUN_EVALUATOR_KEY}=true "
@@ -149,13 +166,14 @@ def evaluation_release(node_config, client: ClientRound, content: RecordDict) ->
     for key, wanted in _named_digests(client).items():
         own = _own_file(client.config, key)
         if own is None or file_digest(own) != wanted:
-            raise ClientStateError(
+            raise ReleaseDeclined(
+                client.partition_id, "missing-weights",
                 f"the server evaluates with the {key} file of SHA-256 {wanted}; this client has no such file (its node "
                 f"config {key}, else ${WEIGHTS_KEYS[key]}, else the standard cache): give it a copy of that file "
                 "there; nothing was computed")
         if key in NETWORK_OF_KEY:
             weights[NETWORK_OF_KEY[key]] = Weights(BACKBONES[NETWORK_OF_KEY[key]], own, f"node config {key}")
-    released = Release(classifier_from_state(state), digest, weights, minimum)
+    released = Release(classifier_from_state(state), digest, weights, minimum, client.partition_id)
     released.check_counts(len(client.data.held_out), client.config.eval_num_samples)
     return released
 

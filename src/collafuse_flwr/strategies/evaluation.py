@@ -8,7 +8,7 @@ releases them (clients/release.py), and the pooled Fréchet distances follow fro
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -32,15 +32,27 @@ def evaluation_rows(
 ) -> tuple[list[tuple], dict[str, list[float]]]:
     """metrics.csv rows of every accepted evaluation reply (then the pooled row) and each
     metric's values over the clients. A failed, invalid or missing reply gives one row
-    `evaluate-fault-<kind>` (parties.py) and nothing else. `notes` (summary.json's) gets
-    "pooled-not-computable", {Fréchet distance: why}, when some pooled distance cannot be
-    computed this round (`pooled_quality`), and loses it otherwise."""
+    `evaluate-fault-<kind>` (parties.py) and nothing else; a client that declined
+    (`wire.DECLINE_REASONS`) one row `evaluate-declined-<reason>` and its explanation in the log
+    and in `notes` ("evaluation-declined"); like a missing client it has no part in the pooled row.
+    `notes` (summary.json's) gets "pooled-not-computable", {Fréchet distance: why}, when some
+    pooled distance cannot be computed this round (`pooled_quality`), and loses it otherwise."""
     shares = conditioning_metric_names(config, condition_sizes(config)[0])
     received, rows = parties.receive(
         server_round, "evaluate", replies, lambda reply: _evaluation_reply(reply, parties, networks, config, shares),
     )
+    declined = {str(reply.partition_id): reply.payload[1] for reply in received if reply.payload[0] is None}
+    evaluated = [reply for reply in received if reply.payload[0] is not None]
+    notes.pop("evaluation-declined", None)
+    if declined:
+        notes["evaluation-declined"] = {pid: _declined_note(reason, detail, networks) for pid, (reason, detail)
+                                        in declined.items()}
+    for pid, (reason, _) in declined.items():
+        log(WARNING, "round %s: client %s declined to evaluate: %s", server_round, pid,
+            notes["evaluation-declined"][pid])
+        rows.append((server_round, pid, f"evaluate-declined-{reason}", 1.0))
     per_metric = {}
-    for reply in received:
+    for reply in evaluated:
         metrics, _ = reply.payload
         rows.append((server_round, str(reply.partition_id), "bytes-up-evaluation", float(reply.nbytes)))
         for key, value in metrics.items():
@@ -48,7 +60,7 @@ def evaluation_rows(
                 rows.append((server_round, str(reply.partition_id), key, float(value)))
                 per_metric.setdefault(key, []).append(float(value))
     pooled, missing = pooled_quality(
-        networks, {str(reply.partition_id): reply.payload[1] for reply in received if config.pooled_metrics},
+        networks, {str(reply.partition_id): reply.payload[1] for reply in evaluated if config.pooled_metrics},
         config.eval_num_samples)
     notes.pop("pooled-not-computable", None)
     if missing:
@@ -59,12 +71,31 @@ def evaluation_rows(
     return rows, per_metric
 
 
+def _declined_note(reason: str, detail: str, networks: list[FeatureNetwork]) -> str:
+    """The server's own words for a decline `reason` and what would lift it, then the client's
+    `detail` (its text, validated: `wire.unpack_declined`)."""
+    what = {
+        "untrusted-evaluator": (
+            f"it does not trust the fd_classifier network of SHA-256 {networks[0].identity}: it evaluates once the "
+            "digest is in its node config trusted-evaluators or, in a simulation where one user runs every party, "
+            "with COLLAFUSE_TRUST_RUN_EVALUATOR=1 in the environment the SuperLink starts in (docs/threat-model.md)"),
+        "missing-weights": "it has no copy of a pretrained weights file the server named by SHA-256",
+        "too-few-images": "its held-out or generated set is below the minimum of images it releases statistics of",
+    }[reason]
+    return f"{what} (the client: {detail!r})"
+
+
 def _evaluation_reply(
     reply: Message, parties: Parties, networks: list[FeatureNetwork], config: RunConfig, shares: tuple[str, ...],
 ) -> tuple[int, tuple[dict, dict[str, Moments]]]:
     """The partition id, validated metrics (with the conditioning metrics `shares`) and feature
     moments ({"<network>-<real|generated>": Moments}, empty without pooled-metrics) of one
-    evaluation reply (`wire.unpack_evaluation`)."""
+    evaluation reply (`wire.unpack_evaluation`); of a declining reply (`wire.unpack_declined`)
+    the partition id, None and (reason, detail)."""
+    declined = wire.unpack_declined(reply.content)
+    if declined is not None:
+        pid = parties.check_partition(reply.metadata.src_node_id, {"partition-id": declined[0]})
+        return pid, (None, declined[1:])
     metrics, moments = wire.unpack_evaluation(
         reply.content, {n.name: (n.fd_name, n.kid_name, n.module.num_features) for n in networks},
         config.eval_num_samples, config.max_uploads_per_client, config.sampling_steps, config.pooled_metrics,
