@@ -10,6 +10,7 @@ OVERLAY ?=
 OUTPUT_DIR ?= $(CURDIR)/results/runs
 export HF_HUB_OFFLINE = 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
+export FLWR_DISABLE_UPDATE_CHECK = 1
 
 .PHONY: install federation run test
 
@@ -21,11 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Make the local simulation federation match num-clients = 5, so that a plain `flwr run .`
-# also gets 5 SuperNodes of 1 CPU each (stored by the local SuperLink in $$FLWR_HOME; this
-# starts that SuperLink if none runs, and leaves it running for the `flwr run .` to come).
-# `make run` does not need it: collafuse-run passes the federation with every run. The simulated
-# clients of that SuperLink trust the evaluator their runs' server trains (one user is every party).
+# Give the local simulation federation 5 SuperNodes of 1 CPU each, as `make run` has, so that a
+# plain `flwr run .` runs 5 clients (num-clients 0 takes the federation's size; Flower's default
+# is 2). Stored by the local SuperLink in $$FLWR_HOME; this starts that SuperLink if none runs and
+# leaves it running for the `flwr run .` to come. Its simulated clients trust the evaluator their
+# runs' server trains (one user is every party); without that they decline to evaluate.
 federation: install
 	COLLAFUSE_TRUST_RUN_EVALUATOR=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/flwr federation simulation-config \
 	    --num-supernodes 5 --client-resources-num-cpus 1

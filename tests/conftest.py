@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # every flwr process would ask the internet
 # One thread per torch process: the tiny models gain nothing from more, and with two pytest
 # workers each running a simulation on 2 cores, two tiny runs side by side took 83-86 s each
 # with torch's default threads (166-171 CPU-s per pair, most likely OpenMP threads waiting on

@@ -97,7 +97,8 @@ def test_flwr_run_writes_the_run_directory(flwr_env, digits_run):
     outcome, base = digits_run
     run_dir = outcome.run_dir
     assert run_dir.is_absolute() and run_dir.parent == base / "a" / "runs"
-    assert (run_dir / "config.json").exists()
+    config = json.loads((run_dir / "config.json").read_text())  # num-clients 0 took the federation's 5
+    assert config["num-clients"] == 5 and "num-clients" not in DIGITS
     metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"client": str})
     assert list(metrics.columns) == ["round", "client", "metric", "value"]
     accuracy = metrics[metrics["metric"] == "feature-network-accuracy"]["value"]
@@ -225,6 +226,18 @@ def test_a_missing_weights_file_fails_the_run_before_any_work(flwr_env, tmp_path
                        FEDERATION, env=env, cwd=cwd)
     assert not outcome.ok and outcome.status.startswith("finished:failed")
     assert "no such file" in outcome.log and f"{tmp_path}/none.pth" in outcome.log
+    assert not (tmp_path / "runs").exists()
+
+
+def test_num_clients_the_federation_cannot_meet_fails_before_any_run_directory(flwr_env, tmp_path):
+    """num-clients=4 in a federation of 3 SuperNodes: the run fails as soon as the ServerApp has
+    the federation's size, naming the fix in one line, and writes nothing."""
+    env, cwd = flwr_env
+    outcome = flwr_run(PROJECT, f"num-clients=4 output-dir='{tmp_path}/runs'",
+                       FEDERATION.replace("num-supernodes=5", "num-supernodes=3"), env=env, cwd=cwd)
+    assert not outcome.ok and outcome.status.startswith("finished:failed")
+    assert ("num-clients=4 but the federation has 3 SuperNode(s): run with --federation-config "
+            "'num-supernodes=4', or leave num-clients at 0 to take the federation's") in outcome.log
     assert not (tmp_path / "runs").exists()
 
 

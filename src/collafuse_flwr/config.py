@@ -177,7 +177,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """All knobs of one CollaFuse run (see the README's table for their meaning)."""
+    """All knobs of one CollaFuse run (docs/configuration.md: their defaults, ranges and meaning)."""
 
     num_server_rounds: int = 4
     num_clients: int = 0

@@ -1,4 +1,4 @@
-"""The uploads' differential-privacy guarantee (PROTOCOL.md, "A formal guarantee").
+"""The uploads' differential-privacy guarantee (docs/threat-model.md, "A formal guarantee").
 
 A client's upload of image x0 is x_r = sqrt(abar_r) B(x0) + sqrt(1 - abar_r) eps, eps ~ N(0, I)
 from the client's secret stream, where B bounds the image: its pixels clamped to [-1, 1] (a

@@ -1,4 +1,4 @@
-"""What crosses the wire, and its validation on arrival (PROTOCOL.md, "What crosses the wire").
+"""What crosses the wire, and its validation on arrival (docs/protocol.md, docs/threat-model.md).
 
 client -> server, training:  RecordDict {"uploads": ArrayRecord {"x_cut": (n, C, H, W)},
                                          "metrics": MetricRecord {partition-id, num-examples, ...}}

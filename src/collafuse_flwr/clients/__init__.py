@@ -7,5 +7,7 @@ collafuse.py    the CollaFuse client: private denoiser for t <= t_zeta, cut-poin
                 finishing the handed-over samples
 fedavg.py       the FedAvg client: full-chain denoiser from the averaged weights
 evaluation.py   the evaluation reply of every client: quality, cost, feature moments
+release.py      what the client releases when it evaluates, and on which networks (or declines)
+ledger.py       the per-image privacy ledger: views spent, the budget check before a new one
 faults.py       injected faults, a client mod
 """

@@ -1,5 +1,5 @@
 """A client's privacy ledger: every distinct view of each of its images it has uploaded, in any
-run, and the budget check before a new one (privacy.py, "A formal guarantee" in the README).
+run, and the budget check before a new one (privacy.py, "A formal guarantee" in docs/threat-model.md).
 
     <holder>/privacy-ledger.json = {
       "format": 2,

@@ -1,4 +1,4 @@
-"""What each side of the cut conditions on, and classifier-free guidance (PROTOCOL.md, "Conditions").
+"""What each side of the cut conditions on, and classifier-free guidance (docs/protocol.md, "Conditions and guidance").
 
 A condition is a vector c: (n, d) added to a denoiser's time embedding (`models.ConditionalUNet`);
 c = 0 is the null condition. Four kinds of condition space:

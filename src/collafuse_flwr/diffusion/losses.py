@@ -1,4 +1,4 @@
-"""The two training objectives of the split chain (PROTOCOL.md, "Training, exact version")."""
+"""The two training objectives of the split chain (docs/protocol.md, "The split chain")."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def server_loss(
         x_t = sqrt(abar_t / abar_r) x_r + sqrt(1 - abar_t / abar_r) eps',
         loss = w_t || c_t * net(x_t, t) - eps' ||^2,   c_t = sqrt((1 - abar_t/abar_r) / (1 - abar_t)).
 
-    The network thus learns the full-chain eps-predictor (PROTOCOL.md, option 2), so it is
+    The network thus learns the full-chain eps-predictor (docs/protocol.md, "The server's training (exact)"), so it is
     an ordinary diffusers denoiser at sampling time. `weighting` picks w_t:
     "eps-prime" (w_t = 1, the unweighted eps' loss) or "full-chain" (w_t = 1 / c_t^2, the
     weighting of the full-chain loss || net - eps ||^2).

@@ -3,7 +3,7 @@
 Three variants, one object (`Protocol.of(config)`); nothing else reads `strategy` to decide
 how the chain is cut, trained or sampled:
 
-- "exact" (strategy "collafuse", PROTOCOL.md): the chain is cut at t_zeta; the server trains
+- "exact" (strategy "collafuse", docs/protocol.md): the chain is cut at t_zeta; the server trains
   on the sub-chain from the received x_r (`losses.server_loss`); sampling hands over at
   t_zeta; the handed-over state is never clipped.
 - "published" (the authors' code, for comparison only): the same cut, but the server noises

@@ -1,4 +1,4 @@
-"""Samplers that run unchanged across the cut (PROTOCOL.md, "Sampling across the cut").
+"""Samplers that run unchanged across the cut (docs/protocol.md, "Sampling across the cut").
 
 The sampler's grid uses diffusers' "trailing" spacing, so with N steps it visits protocol
 times T, T - T/N, ..., T/N (diffusers indices k = t - 1). A step whose starting protocol

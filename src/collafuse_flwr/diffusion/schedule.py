@@ -1,4 +1,4 @@
-"""The diffusion chain of T steps and its cut at `t_zeta` (PROTOCOL.md, "Training, exact version").
+"""The diffusion chain of T steps and its cut at `t_zeta` (docs/protocol.md, "The split chain").
 
 Time convention. Protocol time t runs over 0..T with abar_0 = 1 (clean data) and
 abar_t = prod_{s<=t} (1 - beta_s). diffusers indexes the same chain by k = t - 1 in 0..T-1
@@ -97,7 +97,7 @@ class CutSchedule:
         """c_t = sqrt((1 - abar_t / abar_r) / (1 - abar_t)), shape (n,), float64, for t > r.
 
         The optimal eps'-predictor is c_t times the optimal full-chain predictor:
-        eps_full(x_t, t) = eps_s(x_t, t) / c_t (PROTOCOL.md, denoising score matching identity).
+        eps_full(x_t, t) = eps_s(x_t, t) / c_t (docs/protocol.md: the denoising score-matching identity).
         The server's network outputs eps_full, so its training loss compares c_t * net to eps'.
         """
         abar_t = self.alpha_bar[t]

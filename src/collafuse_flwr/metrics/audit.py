@@ -1,5 +1,5 @@
 """The server as an attacker: what its cut-point uploads and its own model reveal about each
-client's training images (PROTOCOL.md, "Information disclosure, measured").
+client's training images (docs/metrics.md, "Disclosure audit").
 
 The attacks use only what the server holds: every view it received and its denoiser. Scoring
 them needs the truth, the clients' training images, which the audit reads from the dataset:

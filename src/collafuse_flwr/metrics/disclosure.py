@@ -1,5 +1,5 @@
 """What the server can learn about a client's images from its cut-point uploads
-(PROTOCOL.md, "Information disclosure, measured").
+(docs/metrics.md, "Disclosure audit").
 
 The server received, for every training image x0_i of a client, K views
 v_i^(k) = a x0_i + b eps_i^(k) with a = sqrt(abar_r), b = sqrt(1 - abar_r), r = t_zeta

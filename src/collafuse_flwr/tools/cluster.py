@@ -181,7 +181,9 @@ class RayCluster(ProcessGroup):
 def main(argv: list[str] | None = None) -> int:
     """`python -m collafuse_flwr.tools.cluster HEAD:PORT`: the cluster's alive nodes and how many
     ClientApp executions each ran, from Ray's own records."""
-    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[1].strip())
+    parser = argparse.ArgumentParser(
+        prog="python -m collafuse_flwr.tools.cluster",
+        description="The Ray cluster's alive nodes and how many ClientApp executions each ran, from Ray's records.")
     parser.add_argument("address", help="the head node's HOST:PORT (never 'auto')")
     args = parser.parse_args(argv)
     ran = client_app_nodes(ray_records(args.address, "timeline"))

@@ -59,6 +59,7 @@ from flwr.common.config import get_project_config, parse_config_args
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data.export import export_partitions
 from collafuse_flwr.tools.launch import (
+    FLOWER_DEFAULTS,
     ProcessGroup,
     RunOutcome,
     alive,
@@ -240,9 +241,8 @@ class Deployment(ProcessGroup):
         node.process.wait()
 
     def _base_env(self) -> dict:
-        env = dict(os.environ if self.env is None else self.env)
+        env = {**FLOWER_DEFAULTS, **(os.environ if self.env is None else self.env)}
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
         return env
 
     def stop(self) -> None:

@@ -52,6 +52,10 @@ from collafuse_flwr.config import LAUNCHER_SUPERNODES
 from collafuse_flwr.run_dir import RunDirectory
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
+# What every Flower process the launchers start runs with unless the caller's environment says
+# otherwise: no dependency installation per run (uv sync of torch: gigabytes, the package index),
+# no update check (Flower 1.42's CLI, SuperLink and SuperNode would ask the internet)
+FLOWER_DEFAULTS = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 SUPERLINK_PORT = "39091"  # flwr's default FLWR_LOCAL_SUPERLINK_HTTP_API_PORT
 # The environment variables of the clients' own settings, for simulated SuperNodes (no node config)
 CLIENT_VARIABLES = {TRUST_RUN_EVALUATOR_KEY: TRUST_RUN_EVALUATOR_VARIABLE, **WEIGHTS_KEYS}
@@ -97,8 +101,7 @@ def flwr_run(
         command += ["--run-config", format_run_config(config)]
     if federation_config:
         command += ["--federation-config", federation_config]
-    env = dict(os.environ if env is None else env)
-    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    env = {**FLOWER_DEFAULTS, **(os.environ if env is None else env)}
     if not superlink:  # a local simulation: its SuperLink passes this environment to the simulated clients
         env.update({CLIENT_VARIABLES[key]: value for key, value in own_clients_settings(config, env).items()})
     # the local SuperLink is started as `flower-superlink` from PATH: use this environment's
@@ -169,7 +172,7 @@ def isolated_env(home: Path) -> dict[str, str]:
         FLWR_HOME=str(home),
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        **FLOWER_DEFAULTS,
         HF_HUB_OFFLINE="1",
         RAY_DEDUP_LOGS="0",
         TORCH_HOME=str(Path(home) / "torch"),

@@ -1,7 +1,7 @@
 """The keys and certificates of a Flower deployment: a local certificate authority, the
 SuperLink's TLS certificate signed by it, and one authentication key pair per SuperNode.
 
-Flower 1.41 needs, for TLS, the CA certificate, the server certificate and its key on the
+Flower 1.42 needs, for TLS, the CA certificate, the server certificate and its key on the
 SuperLink (`--ssl-ca-certfile`, `--ssl-certfile`, `--ssl-keyfile`) and the CA certificate on
 every SuperNode and on the `flwr` CLI (`--root-certificates`, `root-certificates`); the server
 certificate must name every address it is reached at (the SuperLink's own SuperExec connects to
