@@ -23,6 +23,7 @@ from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.metrics.classifier import load_classifier
 from collafuse_flwr.metrics.distances import feature_moments, frechet_distance, named_distances
 from collafuse_flwr.metrics.features import FeatureNetwork, load_feature_networks, pretrained_weights, weights_digest
+from collafuse_flwr.metrics.manifold import manifold_metrics, manifold_names
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies import setup
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
@@ -112,6 +113,7 @@ def _content(pid: int) -> RecordDict:
         "partition-id": pid, "num-generated": len(fake), "num-real": len(real), "client-sampling-steps": 2,
         "sample-seconds": 0.5, "nfe-sample": 2.0 * len(fake), "flops-sample": 1e6,
         **named_distances(NETWORK.fd_name, NETWORK.kid_name, real, fake), "eval-seconds": 0.1,
+        **manifold_metrics(NETWORK.name, real, fake),  # client 1's sets (7, 8) are large enough
         "own-class-share": 0.25 * (pid + 1),  # the digits have classes: always reported
     }
     moments = {f"pixels-{kind}": (m.mean, m.covariance)
@@ -180,6 +182,15 @@ def _metric(key: str, value):
 def _without(key: str):
     def change(content: RecordDict) -> None:
         del content[wire.METRICS][key]
+    return change
+
+
+def _manifold(**values):
+    """Claim 7 held-out images, which makes the four manifold metrics due, with `values`."""
+    def change(content: RecordDict) -> None:
+        content[wire.METRICS]["num-real"] = 7
+        for name in manifold_names(NETWORK.name):
+            content[wire.METRICS][name] = values.get(name.split("_")[0], 0.5)
     return change
 
 
@@ -258,6 +269,12 @@ HOSTILE = {
     "no own-class share": (_without("own-class-share"), "missing ['own-class-share']"),
     "a conditioning figure of unconditional clients": (_metric("condition-accuracy", 1.0), "condition-accuracy"),
     "another node's partition": (_metric("partition-id", 0), "partition-id 0"),
+    "precision of too few images": (_metric("precision_pixels", 0.5), "unexpected ['precision_pixels']"),
+    "no manifold metrics of 7 images": (_metric("num-real", 7), "missing ['coverage_pixels', 'density_pixels'"),
+    "a precision above 1": (_manifold(precision=1.5), "precision_pixels=1.5"),
+    "a negative density": (_manifold(density=-0.1), "density_pixels=-0.1"),
+    "a density above the held-out count": (_manifold(density=1e6), "density_pixels=1000000.0"),
+    "a NaN coverage": (_manifold(coverage=math.nan), "coverage_pixels=nan"),
 }
 
 

@@ -106,6 +106,10 @@ def test_flwr_run_writes_the_run_directory(flwr_env, digits_run):
     final = metrics[(metrics["round"] == 2) & (metrics["metric"] == "fd_classifier")]
     assert sorted(final["client"].astype(str)) == ["0", "1", "2", "3", "4", "pooled"]
     assert final["value"].notna().all() and (final["value"] >= 0).all()
+    for name in ("precision_classifier", "recall_classifier", "coverage_classifier", "density_classifier"):
+        values = metrics[(metrics["round"] == 2) & (metrics["metric"] == name)]  # per client, never pooled
+        assert sorted(values["client"]) == ["0", "1", "2", "3", "4"] and (values["value"] >= 0).all(), name
+        assert name == "density_classifier" or (values["value"] <= 1).all()
     uploaded = metrics[metrics["metric"] == "bytes-up-train"]
     assert len(uploaded) == 10  # 5 clients x 2 rounds
     upload_count = metrics[metrics["metric"] == "num-examples"]["value"].to_numpy()
@@ -135,6 +139,7 @@ def test_flwr_run_writes_the_run_directory(flwr_env, digits_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["t_zeta"] == 20
     assert set(summary["quality"]["clients"]) == {"0", "1", "2", "3", "4"}
+    assert {"precision_classifier", "coverage_classifier"} <= set(summary["quality"]["clients"]["0"])
     assert "fd_classifier" in summary["quality"]["pooled"]
     assert set(summary["notes"]["skipped"]) == {"inception", "clip"}
     assert "fid" not in set(metrics["metric"]) and "fcd" not in set(metrics["metric"])

@@ -18,6 +18,7 @@ from collafuse_flwr.metrics.distances import (
     pooled_moments,
 )
 from collafuse_flwr.metrics.features import FeatureNetwork, cached_features
+from collafuse_flwr.metrics.manifold import MIN_MANIFOLD_IMAGES, NEAREST_K, manifold_metrics
 
 
 def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -157,3 +158,45 @@ def test_a_checkpoint_loaded_from_anywhere_is_counted_as_its_architecture(tmp_pa
     assert dict(loaded[0].config)["_name_or_path"] != dict(loaded[1].config)["_name_or_path"]
     assert [cost.train_cost(net, (1, 8, 8), 2)["flops-train"] for net in loaded] == [14.0, 14.0]
     assert len(counted) == 1
+
+
+def _manifold_by_hand(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
+    """Precision, recall, density and coverage written out from their definitions
+    (Kynkäänniemi et al. 2019; Naeem et al. 2020), independently of prdc."""
+    def radii(x):  # distance to the k-th nearest other point of the same set
+        return torch.cdist(x, x).sort(dim=1).values[:, k]
+    r_real, r_fake, d = radii(real), radii(fake), torch.cdist(real, fake)  # d[i, j] = |X_i - Y_j|
+    inside_real = d < r_real[:, None]  # Y_j in the ball of X_i
+    return {
+        "precision": inside_real.any(dim=0).double().mean().item(),
+        "recall": (d < r_fake[None, :]).any(dim=1).double().mean().item(),
+        "density": inside_real.sum(dim=0).double().mean().item() / k,
+        "coverage": (d.min(dim=1).values < r_real).double().mean().item(),
+    }
+
+
+@pytest.mark.parametrize("shift,spread", [(0.0, 1.0), (0.5, 1.0), (0.0, 0.3), (2.0, 2.0)])
+def test_precision_recall_density_coverage_match_their_definitions(shift, spread):
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(60, 4, generator=generator, dtype=torch.float64)
+    fake = shift + spread * torch.randn(50, 4, generator=generator, dtype=torch.float64)
+    got = manifold_metrics("net", real, fake)
+    want = _manifold_by_hand(real, fake, NEAREST_K)
+    assert set(got) == {f"{m}_net" for m in want}
+    for metric, value in want.items():
+        assert got[f"{metric}_net"] == pytest.approx(value, abs=1e-12)
+
+
+def test_precision_recall_density_coverage_on_known_sets():
+    """The generated set equal to the real one lies on it and covers it (precision, recall,
+    coverage 1); one far away shares nothing (all 0); ten copies of one real point (mode
+    collapse) are all on the real manifold but recall none of it; below k + 2 images nothing."""
+    real = torch.randn(40, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    same = manifold_metrics("n", real, real.clone())
+    assert (same["precision_n"], same["recall_n"], same["coverage_n"]) == (1.0, 1.0, 1.0)
+    far = manifold_metrics("n", real, real + 100.0)
+    assert all(value == 0.0 for value in far.values())
+    collapsed = manifold_metrics("n", real, real[:1].repeat(10, 1))
+    assert (collapsed["precision_n"], collapsed["recall_n"]) == (1.0, 0.0) and collapsed["coverage_n"] < 0.5
+    assert manifold_metrics("n", real[:MIN_MANIFOLD_IMAGES - 1], real) == {}
+    assert manifold_metrics("n", real[:MIN_MANIFOLD_IMAGES], real) != {}

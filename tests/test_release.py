@@ -25,6 +25,7 @@ from collafuse_flwr.diffusion.models import Denoiser, build_denoiser
 from collafuse_flwr.metrics.classifier import FeatureClassifier
 from collafuse_flwr.metrics.distances import Moments, feature_moments, frechet_distance, pooled_moments
 from collafuse_flwr.metrics.features import FeatureNetwork, weights_digest
+from collafuse_flwr.metrics.manifold import manifold_names
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.strategies.collafuse import CollaFuseStrategy
 from collafuse_flwr.tools.inprocess import client_reply
@@ -370,6 +371,7 @@ def test_one_client_claiming_100000_held_out_images_gets_no_more_than_its_capped
     hostile[wire.MOMENTS]["pixels-real-mean"] = wire.pack_moments({"x": (m.mean, m.covariance)})["x-mean"]
     hostile[wire.MOMENTS]["pixels-real-covariance"] = wire.pack_moments({"x": (m.mean, m.covariance)})["x-covariance"]
     hostile[wire.METRICS]["num-real"] = 100_000
+    hostile[wire.METRICS].update({name: 0.5 for name in manifold_names("pixels")})  # due for 100,000 images
     metrics, _, _ = _evaluate(eval_config, tmp_path, {10: _content(0), 11: _content(1), 12: hostile})
     assert not metrics["metric"].str.contains("fault").any()
     pooled = metrics[metrics["client"] == "pooled"].set_index("metric")["value"]
@@ -407,6 +409,8 @@ def test_replies_carry_exactly_the_moments_the_release_rule_implies(eval_config,
     few = {pid: _content(pid) for pid in (0, 1)}
     for content in few.values():  # 2 held-out images: d = 4 is not below both counts
         content[wire.METRICS]["num-real"] = 2
+        for name in manifold_names("pixels"):  # nor are the manifold metrics due (client 1 had 7)
+            content[wire.METRICS].pop(name, None)
     (tmp_path / "few").mkdir()
     metrics, summary, _ = _evaluate(eval_config, tmp_path / "few", {10: few[0], 11: few[1]})
     assert not metrics["metric"].str.contains("fault").any() and "fd_pixels" in set(metrics["metric"])

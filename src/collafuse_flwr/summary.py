@@ -25,12 +25,14 @@ import math
 import pandas as pd
 
 from collafuse_flwr.config import RunConfig
+from collafuse_flwr.metrics.manifold import manifold_names
 from collafuse_flwr.outputs import write_atomically
 from collafuse_flwr.run_dir import RunDirectory
 
 QUALITY = ("fd_classifier", "kid_classifier", "kid_classifier_std", "fid", "kid", "kid_std", "fcd",
            "kid_clip", "kid_clip_std", "num-generated", "num-real", "condition-accuracy", "condition-accuracy-real",
-           "condition-accuracy-blind", "own-class-share")
+           "condition-accuracy-blind", "own-class-share",
+           *(name for network in ("classifier", "inception", "clip") for name in manifold_names(network)))
 DISCLOSURE_PREFIXES = ("upload-", "server-only-", "reconstruction-", "linkage-", "membership-")
 DISCLOSURE = ("views-per-image", "effective-snr", "conditions-received")
 COST_SUMS = {

@@ -44,6 +44,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from collafuse_flwr.metrics.manifold import MIN_MANIFOLD_IMAGES, manifold_names
+
 UPLOADS = "uploads"
 UPLOAD_KEY = "x_cut"
 CONDITIONS = "conditions"
@@ -324,13 +326,15 @@ def _covariance(values: np.ndarray, name: str) -> torch.Tensor:
 
 
 def _evaluation_schema(
-    distances: list[tuple[str, str]], num_generated: int, max_real: int, max_steps: int, shares: tuple[str, ...],
+    networks: Mapping[str, tuple[str, str, int]], num_generated: int, max_real: int, max_steps: int,
+    shares: tuple[str, ...], manifold: bool,
 ) -> dict[str, tuple[type, float, float | None]]:
     """The `check_metrics` schema of an evaluation reply: sample sizes, the client's sampling
-    cost, its evaluation time, the quality of every feature network the server knows,
-    `distances` = their (Fréchet distance, KID) names: FD >= 0, KID finite (its unbiased
-    estimate dips below 0), KID's standard deviation >= 0, and the conditioning metrics
-    `shares` (metrics/conditioning.py), each in [0, 1]."""
+    cost, its evaluation time, the quality of every feature network the server knows
+    (`networks`: {name: (Fréchet distance, KID, d)}): FD >= 0, KID finite (its unbiased
+    estimate dips below 0), KID's standard deviation >= 0, exactly when `manifold` its
+    precision, recall and coverage in [0, 1] and density in [0, max_real] (metrics/manifold.py:
+    at most N/k), and the conditioning metrics `shares` (metrics/conditioning.py), each in [0, 1]."""
     schema = {
         "partition-id": (int, 0, None),
         "num-generated": (int, num_generated, num_generated),
@@ -341,9 +345,13 @@ def _evaluation_schema(
         "flops-sample": (float, 0.0, None),
         "eval-seconds": (float, 0.0, None),
     }
-    for fd_name, kid_name in distances:
+    for name, (fd_name, kid_name, _) in networks.items():
         schema.update({fd_name: (float, 0.0, None), kid_name: (float, -math.inf, None),
                        f"{kid_name}_std": (float, 0.0, None)})
+        if manifold:
+            precision, recall, density, coverage = manifold_names(name)
+            schema.update({precision: (float, 0.0, 1.0), recall: (float, 0.0, 1.0), coverage: (float, 0.0, 1.0),
+                           density: (float, 0.0, float(max_real))})
     schema.update({name: (float, 0.0, 1.0) for name in shares})
     return schema
 
@@ -380,7 +388,8 @@ def unpack_evaluation(
     {} unless `pooled`).
 
     networks: {name: (Fréchet distance name, KID name, feature size d)} of every feature network
-    the server knows; the reply must report exactly these, and the conditioning metrics `shares`.
+    the server knows; the reply must report exactly these (with precision, recall, density and
+    coverage when both sets hold `MIN_MANIFOLD_IMAGES`), and the conditioning metrics `shares`.
     Rejects: records other than "metrics" and, exactly when `pooled`, "moments"; metrics failing
     `check_metrics` against `_evaluation_schema` (every key required, nothing else: num-generated
     equal to `num_generated`, num-real in [2, max_real], client-sampling-steps in [0, max_steps],
@@ -394,8 +403,9 @@ def unpack_evaluation(
     if set(content.keys()) != wanted or METRICS not in content.metric_records or \
             (pooled and MOMENTS not in content.array_records):
         raise UploadRejected(f"records {sorted(content.keys())}; expected {sorted(wanted)}")
-    schema = _evaluation_schema([(fd, kid) for fd, kid, _ in networks.values()], num_generated, max_real, max_steps,
-                                shares)
+    claimed = content.metric_records[METRICS].get("num-real")  # its range is checked with the schema
+    manifold = type(claimed) is int and claimed <= max_real and min(claimed, num_generated) >= MIN_MANIFOLD_IMAGES
+    schema = _evaluation_schema(networks, num_generated, max_real, max_steps, shares, manifold)
     metrics = check_metrics(content.metric_records[METRICS], schema)
     if metrics["nfe-sample"] != metrics["num-generated"] * metrics["client-sampling-steps"]:
         raise UploadRejected(

@@ -25,6 +25,7 @@ from collafuse_flwr.metrics.conditioning import conditioning_metric_names, condi
 from collafuse_flwr.metrics.cost import sampling_cost
 from collafuse_flwr.metrics.distances import feature_moments, named_distances
 from collafuse_flwr.metrics.features import cached_features, load_feature_networks
+from collafuse_flwr.metrics.manifold import manifold_metrics
 from collafuse_flwr.outputs import save_grid, save_labelled_grid
 
 
@@ -106,8 +107,9 @@ def _quality(
     client: EvaluationRound, images: torch.Tensor, requested: torch.Tensor | None
 ) -> tuple[dict[str, float], dict[str, tuple]]:
     """Distances between the generated images and the held-out images on every network of the
-    client's release (the held-out features are cached), the conditioning metrics on the
-    fd_classifier network, and for the pooled row the moments {"<network>-<real|generated>":
+    client's release (the held-out features are cached) and their precision, recall, density
+    and coverage (metrics/manifold.py: four numbers, of sets large enough), the conditioning
+    metrics on the fd_classifier network, and for the pooled row the moments {"<network>-<real|generated>":
     (mean (d,), covariance (d, d))} of both sets' features of each network whose moments the
     client releases."""
     config, release = client.config, client.release
@@ -119,6 +121,7 @@ def _quality(
         real = cached_features(network, client.data.held_out, cache_dir, key)
         fake = network.features(images)
         quality.update(named_distances(network.fd_name, network.kid_name, real, fake))
+        quality.update(manifold_metrics(network.name, real, fake))
         if release.releases_moments(network.module.num_features, len(real), len(fake)):
             for kind, features in (("real", real), ("generated", fake)):
                 m = feature_moments(features)
