@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
 from collafuse_flwr.tools.launch import (
-    absolute_output_dir,
+    absolute_path,
+    absolute_paths,
     alive,
     descendants,
     end_processes,
@@ -37,11 +39,16 @@ def test_a_string_with_a_single_quote_survives():
     assert parse_config_args([merge_run_configs(["data-dir=\"/data/o'brien\""])]) == {"data-dir": "/data/o'brien"}
 
 
-def test_a_relative_output_dir_is_taken_from_the_launchers_directory(tmp_path, monkeypatch):
+def test_relative_paths_are_taken_from_the_launchers_directory(tmp_path, monkeypatch):
+    """Not from the SuperLink's, which keeps the directory it was first started in."""
     monkeypatch.chdir(tmp_path)
-    assert absolute_output_dir("runs") == tmp_path / "runs"
-    assert absolute_output_dir(str(tmp_path / "a" / ".." / "b")) == tmp_path / "b"
-    assert absolute_output_dir("") is None and absolute_output_dir("a\0b") is None  # the ServerApp refuses them
+    assert absolute_path("runs") == tmp_path / "runs"
+    assert absolute_path(str(tmp_path / "a" / ".." / "b")) == tmp_path / "b"
+    assert absolute_path("") is None and absolute_path("a\0b") is None  # the ServerApp refuses them
+    project = Path(__file__).resolve().parents[1]
+    config = absolute_paths({"data-dir": "../shared/data/x", "fid-weights": "", "t-zeta": 3}, project)
+    assert config == {"data-dir": str(tmp_path.parent / "shared" / "data" / "x"), "fid-weights": "", "t-zeta": 3,
+                      "output-dir": str(tmp_path / "results" / "runs")}  # the project's default, from here
 
 
 def _fake_superlink(port: str) -> subprocess.Popen:

@@ -148,3 +148,33 @@ def test_partition_report_lists_the_kept_aside_reference_images(tmp_path):
     assert images["count"].sum() == len(load_table(config))
     assert images[images["client"] == "reference"]["split"].tolist() == ["kept-aside"]
     assert (tmp_path / "partition.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("scale,overlay,folder,clients,reference", [
+    ("cifar10-cpu", "data-cifar10-full", "cifar10-full", [(8000, 2000)] * 5, 9500),
+    ("celeba-cpu", "data-celeba-10k", "celeba-10k", [(1245, 311), (1234, 308), (1209, 302), (1229, 307), (1228, 307)],
+     1920),
+])
+def test_the_full_data_overlays_give_five_clients_thousands_of_images(shared_data, scale, overlay, folder, clients,
+                                                                     reference):
+    """simulations/data-cifar10-full.toml and data-celeba-10k.toml on their CPU scale: the
+    launchers' 5 clients each hold thousands of images (training, held-out); the server's
+    feature network learns from images none of them holds (CIFAR-10's test split; CelebA's
+    kept-aside share)."""
+    import tomllib
+    from pathlib import Path
+
+    from collafuse_flwr.data import client_indices
+    from collafuse_flwr.data.clients import reference_images
+
+    simulations = Path(__file__).resolve().parents[1] / "simulations"
+    values = {**tomllib.loads((simulations / f"{scale}.toml").read_text()),
+              **tomllib.loads((simulations / f"{overlay}.toml").read_text()), "data-dir": str(shared_data / folder)}
+    config = RunConfig.from_flower(values).for_launchers()
+    splits = client_indices(config)
+    assert [(len(train), len(held)) for train, held in splits] == clients
+    held_by_clients = np.concatenate([np.concatenate(pair) for pair in splits])
+    found = reference_images(config)
+    assert len(found.indices) == reference
+    if found.kept_aside:  # drawn from the clients' own table: none of them holds one
+        assert not set(found.indices.tolist()) & set(held_by_clients.tolist())

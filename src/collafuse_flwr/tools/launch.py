@@ -11,9 +11,10 @@ non-zero unless the status is `finished:completed`.
 
 The run directory: the wrapper makes output-dir absolute before the run (a relative one, and
 the project's default "results/runs", are taken relative to the directory the wrapper runs
-in, not to the SuperLink's); the ServerApp records the run directory it writes into under
-Flower's run id in that output directory (`RunDirectory.record_flower_run`), and the wrapper
-reads it from there after the run (`RunDirectory.of_flower_run`) and prints it.
+in, not to the SuperLink's, and so are a relative data-dir and weights files); the ServerApp
+records the run directory it writes into under Flower's run id in that output directory
+(`RunDirectory.record_flower_run`), and the wrapper reads it from there after the run
+(`RunDirectory.of_flower_run`) and prints it.
 
 The local SuperLink: `flwr run` starts one in the background (`flower-superlink --simulation`
 on FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, default 39091) when none answers there, and leaves it
@@ -48,7 +49,7 @@ from pathlib import Path
 from flwr.common.config import get_project_config, parse_config_args
 
 from collafuse_flwr.clients.release import TRUST_RUN_EVALUATOR_KEY, TRUST_RUN_EVALUATOR_VARIABLE, WEIGHTS_KEYS
-from collafuse_flwr.config import LAUNCHER_SUPERNODES
+from collafuse_flwr.config import LAUNCHER_SUPERNODES, PATH_KEYS
 from collafuse_flwr.run_dir import RunDirectory
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -85,17 +86,14 @@ def flwr_run(
     superlink: str = "",
 ) -> RunOutcome:
     """Run `flwr run PROJECT [SUPERLINK] --stream` with the given configs ("key=value ..."
-    strings) and output-dir made absolute (`absolute_output_dir`); return its `RunOutcome`.
+    strings) and their paths made absolute (`absolute_paths`); return its `RunOutcome`.
     `superlink` names a connection of the CLI's config.toml ("": the local simulation one, whose
     simulated clients get `own_clients_settings` through the environment: a SuperLink that
     `flwr run` starts passes it on, one already running keeps its own). A local SuperLink that
     `flwr run` starts is left running (`stopping_local_superlink` stops it)."""
     project_dir = Path(project_dir).resolve()
-    config = parse_config_args([run_config])
-    output_dir = absolute_output_dir(config["output-dir"] if "output-dir" in config
-                                     else _default_output_dir(project_dir))
-    if output_dir:
-        config["output-dir"] = str(output_dir)
+    config = absolute_paths(parse_config_args([run_config]), project_dir)
+    output_dir = absolute_path(config["output-dir"])
     command = [venv_command(), "run", str(project_dir), *([superlink] if superlink else []), "--stream"]
     if config:
         command += ["--run-config", format_run_config(config)]
@@ -121,10 +119,23 @@ def flwr_run(
     return RunOutcome(run_id, status, run_dir.path if run_dir else None, log)
 
 
-def absolute_output_dir(value) -> Path | None:
-    """The output-dir `value` as an absolute path (a relative one is relative to this
-    process's working directory), or None if it names no directory (empty, not a string, NUL
-    bytes, a symlink loop): it is passed on as it is, and the ServerApp refuses it."""
+def absolute_paths(config: dict, project_dir: Path) -> dict:
+    """`config` with every path key (`PATH_KEYS`: data-dir, the weights files, output-dir, the
+    latter defaulting to the project's) absolute, taken relative to this process's working
+    directory; an empty or unusable value is passed on as it is (the ServerApp and the clients
+    judge it)."""
+    config = {**config, "output-dir": config.get("output-dir", _default_output_dir(project_dir))}
+    for key in PATH_KEYS:
+        path = absolute_path(config.get(key))
+        if path:
+            config[key] = str(path)
+    return config
+
+
+def absolute_path(value) -> Path | None:
+    """The path `value` as an absolute path (a relative one is relative to this process's
+    working directory), or None if it names nothing (empty, not a string, NUL bytes, a symlink
+    loop)."""
     if not isinstance(value, str) or not value.strip():
         return None
     try:
