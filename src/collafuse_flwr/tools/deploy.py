@@ -43,7 +43,6 @@ wall time, and exits non-zero unless the run completed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -63,6 +62,7 @@ from collafuse_flwr.tools.launch import (
     ProcessGroup,
     RunOutcome,
     alive,
+    command_parser,
     descendants,
     flwr_run,
     format_run_config,
@@ -260,16 +260,15 @@ class Deployment(ProcessGroup):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="collafuse-deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run CollaFuse as a real Flower deployment on this machine: a SuperLink and one\n"
-                    "SuperNode per client as separate processes, with TLS and SuperNode authentication,\n"
-                    "each client reading only its own image folder (client-data = own).",
-        epilog="example:\n"
-               "  collafuse-deploy . --work-dir /tmp/cf --run-config simulations/cifar10-cpu.toml \\\n"
-               "      --client-dir /data/hospital-a --client-dir /data/hospital-b --reference-dir /data/public\n"
-               "    two clients on their own folders; without --client-dir the simulation's partitions are\n"
-               "    written as folders first; logs in <work-dir>/logs/ (docs/deployment.md)",
+    parser = command_parser(
+        "collafuse-deploy",
+        "Run CollaFuse as a real Flower deployment on this machine: a SuperLink and one\n"
+        "SuperNode per client as separate processes, with TLS and SuperNode authentication,\n"
+        "each client reading only its own image folder (client-data = own).",
+        "  collafuse-deploy . --work-dir /tmp/cf --run-config simulations/cifar10-cpu.toml \\\n"
+        "      --client-dir /data/hospital-a --client-dir /data/hospital-b --reference-dir /data/public\n"
+        "    two clients on their own folders; without --client-dir the simulation's partitions are\n"
+        "    written as folders first; logs in <work-dir>/logs/ (docs/deployment.md)",
     )
     parser.add_argument("project_dir", nargs="?", default=".", type=Path)
     parser.add_argument("--work-dir", type=Path, required=True, help="keys, state, logs, data and runs go here")

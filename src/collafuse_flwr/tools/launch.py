@@ -391,18 +391,23 @@ def stopping_local_superlink(env: Mapping[str, str] | None = None) -> Iterator[N
         end_processes(table[pid].identity for pid in descendants(table, started))
 
 
-EXAMPLE = """example:
-  collafuse-run . --run-config simulations/cifar10-cpu.toml --run-config "data-dir='/data/cifar10' t-zeta=500"
-    CIFAR-10 on 2 CPU cores, 5 simulated clients; prints the run directory, exits 0 only when
-    the run finished:completed (docs/running.md)"""
+def command_parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
+    """The argument parser of a project command whose --help says, in lines kept as written,
+    what it does (`description`) and shows one `example` (a command and what it gives)."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=f"example:\n{example}",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="collafuse-run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE,
-        description="Run CollaFuse as one `flwr run` in a local simulation: merge TOML overlays and\n"
-                    "key=value strings into one run config, wait for the run, print its final status\n"
-                    "and run directory, and stop the local SuperLink the run started.",
+    parser = command_parser(
+        "collafuse-run",
+        "Run CollaFuse as one `flwr run` in a local simulation: merge TOML overlays and\n"
+        "key=value strings into one run config, wait for the run, print its final status\n"
+        "and run directory, and stop the local SuperLink the run started.",
+        "  collafuse-run . --run-config simulations/cifar10-cpu.toml \\\n"
+        "      --run-config \"data-dir='/data/cifar10' t-zeta=500\"\n"
+        "    CIFAR-10 on 2 CPU cores, 5 simulated clients; prints the run directory, exits 0 only when\n"
+        "    the run finished:completed (docs/running.md)",
     )
     parser.add_argument("project_dir", nargs="?", default=".", help="the Flower app (default: .)")
     parser.add_argument(

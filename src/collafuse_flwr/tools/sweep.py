@@ -63,7 +63,6 @@ completed so far (a sweep in progress, or one whose runs were made by several la
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -82,6 +81,7 @@ from collafuse_flwr.config import LAUNCHER_SUPERNODES, PATH_KEYS, ConfigError, R
 from collafuse_flwr.outputs import write_atomically
 from collafuse_flwr.run_dir import RunDirectory
 from collafuse_flwr.tools.launch import (
+    command_parser,
     flwr_run,
     format_run_config,
     own_clients_settings,
@@ -372,15 +372,14 @@ def write_tables(runs: list[SweepRun], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="collafuse-sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run every combination of a sweep file (datasets x variants x strategies x t_zeta x\n"
-                    "seeds), each a real `flwr run`, skipping runs already completed, then write one\n"
-                    "table of mean and sd over seeds, and its figures.",
-        epilog="example:\n"
-               "  collafuse-sweep simulations/sweep-digits-privacy.toml\n"
-               "    writes results/sweeps/sweep-digits-privacy/: runs/, summary.csv, results.md, figures/;\n"
-               "    the sweep file format: docs/experiments.md",
+    parser = command_parser(
+        "collafuse-sweep",
+        "Run every combination of a sweep file (datasets x variants x strategies x t_zeta x\n"
+        "seeds), each a real `flwr run`, skipping runs already completed, then write one\n"
+        "table of mean and sd over seeds, and its figures.",
+        "  collafuse-sweep simulations/sweep-digits-privacy.toml\n"
+        "    writes results/sweeps/sweep-digits-privacy/: runs/, summary.csv, results.md, figures/;\n"
+        "    the sweep file format: docs/experiments.md",
     )
     parser.add_argument("sweep_file", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: results/sweeps/<sweep file name>")
