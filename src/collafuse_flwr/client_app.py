@@ -20,6 +20,7 @@ from collafuse_flwr.clients.evaluation import EvaluationRound
 from collafuse_flwr.clients.faults import inject_faults
 from collafuse_flwr.clients.release import ReleaseDeclined, own_context
 from collafuse_flwr.clients.round import ClientRound
+from collafuse_flwr.clients.state import simulation_size
 
 app = ClientApp()
 
@@ -33,8 +34,8 @@ def behaviour(client: ClientRound):
 def federation(msg: Message, context: Context) -> Message:
     """The `num-partitions` of this SuperNode's node config (the size of a simulation's
     federation), or an empty record where the node config has none."""
-    size = context.node_config.get(NUM_PARTITIONS_KEY)
-    record = ConfigRecord({NUM_PARTITIONS_KEY: size} if isinstance(size, int) else {})
+    size = simulation_size(context.node_config)
+    record = ConfigRecord({NUM_PARTITIONS_KEY: size} if size is not None else {})
     return Message(content=RecordDict({"federation": record}), reply_to=msg)
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 from flwr.app import ConfigRecord, Context, Message
-from flwr.common.constant import NUM_PARTITIONS_KEY
 
 from collafuse_flwr import privacy, wire
 from collafuse_flwr.clients.state import (
@@ -25,6 +24,7 @@ from collafuse_flwr.clients.state import (
     own_data_config,
     privacy_budget,
     shares_conditions,
+    simulation_size,
 )
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import ClientData, client_data, own_client_data, simulated_group
@@ -138,8 +138,7 @@ class ClientRound:
         config = RunConfig.from_flower(context.run_config)
         if config.client_data == "own":
             config = own_data_config(config, context.node_config)
-        supernodes = context.node_config.get(NUM_PARTITIONS_KEY)  # a simulation's; none in a deployment
-        config = config.for_federation(supernodes if isinstance(supernodes, int) else None)
+        config = config.for_federation(simulation_size(context.node_config))
         num_partitions = config.num_clients
         message_config = msg.content.config_records.get("config")
         if message_config is None:

@@ -176,6 +176,14 @@ def node_value(node_config, key: str) -> str:
     return "" if value is None else str(value)
 
 
+def simulation_size(node_config) -> int | None:
+    """The number of SuperNodes of the simulation this SuperNode belongs to (the integer
+    `num-partitions` Flower puts into a simulated SuperNode's node config), None where there is
+    none (a deployment)."""
+    size = node_config.get(NUM_PARTITIONS_KEY)
+    return size if isinstance(size, int) else None
+
+
 def node_setting(node_config, key: str) -> tuple[str, str]:
     """A client's own setting and where it came from: its node config `key` when that holds a
     value, else the environment variable `NODE_CONFIG_KEYS` names for it (simulated SuperNodes
